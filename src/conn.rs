@@ -1,0 +1,449 @@
+//! The proxied connection: one client socket, one backend socket, two
+//! flows, and the state machine that ties them together.
+//!
+//! ```text
+//!   accept ──► Connecting ──(writable, no error)──► Relaying ──► closed
+//!                 │  ▲                                  │
+//!   refused/timeout│  └── next backend                  ├─ both flows done (FIN each way)
+//!                 ▼                                     ├─ idle_timeout
+//!          ConnectFailed (all tried)                    └─ reset / error (RST the other peer)
+//! ```
+//!
+//! The worker owns connections in a slab and routes each mio event here
+//! with the side it came from. The connection remembers each socket's
+//! readiness (edge-triggered: a flag stays set until a syscall says
+//! WouldBlock), runs both flows, and answers with `Some(End)` when it is
+//! over; the worker then calls `close`, which logs the access line and
+//! updates the counters.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use crate::pump::{Fallback, Flow, FlowError, FlowParams, Pools, Ready};
+use crate::route::RouteRt;
+use crate::stats::Counters;
+
+/// Which socket of a connection an event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client = 0,
+    Backend = 1,
+}
+
+/// How a connection ended (the access log's `end=` field and the
+/// `sluice_connections_ended_total{reason}` counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions finished; the client sent its FIN first.
+    ClientClosed = 0,
+    /// Both directions finished; the backend sent its FIN first.
+    BackendClosed = 1,
+    IdleTimeout = 2,
+    /// Every backend refused or timed out.
+    ConnectFailed = 3,
+    /// No backend was up to try.
+    NoBackend = 4,
+    ClientReset = 5,
+    BackendReset = 6,
+    ClientError = 7,
+    BackendError = 8,
+    /// Closed by a graceful stop that ran out of time.
+    Shutdown = 9,
+    /// Refused by a connection limit.
+    Limited = 10,
+    /// Refused by allow/deny.
+    Denied = 11,
+}
+
+impl End {
+    pub const ALL: [End; crate::stats::END_KINDS] = [
+        End::ClientClosed,
+        End::BackendClosed,
+        End::IdleTimeout,
+        End::ConnectFailed,
+        End::NoBackend,
+        End::ClientReset,
+        End::BackendReset,
+        End::ClientError,
+        End::BackendError,
+        End::Shutdown,
+        End::Limited,
+        End::Denied,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::ClientClosed => "client_closed",
+            End::BackendClosed => "backend_closed",
+            End::IdleTimeout => "idle_timeout",
+            End::ConnectFailed => "connect_failed",
+            End::NoBackend => "no_backend",
+            End::ClientReset => "client_reset",
+            End::BackendReset => "backend_reset",
+            End::ClientError => "client_error",
+            End::BackendError => "backend_error",
+            End::Shutdown => "shutdown",
+            End::Limited => "limit",
+            End::Denied => "denied",
+        }
+    }
+}
+
+/// What the worker lends a connection while it handles an event.
+pub struct Ctx<'a> {
+    pub pools: Pools<'a>,
+    pub registry: &'a Registry,
+    pub now: Instant,
+    pub worker: usize,
+    pub rng: &'a mut u64,
+}
+
+/// Token for one side of the connection stored at slab `key`.
+pub fn token(key: usize, side: Side) -> Token {
+    Token(key * 2 + side as usize)
+}
+
+pub struct ProxyConn {
+    route: Arc<RouteRt>,
+    key: usize,
+    client: TcpStream,
+    peer: SocketAddr,
+    cr: Ready,
+    backend: Option<TcpStream>,
+    br: Ready,
+    /// Index of the backend connected or being connected to.
+    bidx: Option<usize>,
+    connecting: bool,
+    /// Balance order bookkeeping (see `RouteRt::pick`).
+    first: Option<usize>,
+    next: usize,
+    /// Why the last connect attempt failed, for the log.
+    last_err: Option<io::Error>,
+    up: Flow,
+    down: Flow,
+    started: Instant,
+    /// When the connect (while connecting) or idle timer fires.
+    pub deadline: Instant,
+    /// Which side sent the first FIN.
+    first_fin: Option<Side>,
+}
+
+impl ProxyConn {
+    /// Start a connection for an accepted client: register it and begin
+    /// connecting to a backend. `Err` means it ended already (no backend).
+    pub fn start(
+        route: Arc<RouteRt>,
+        key: usize,
+        client: TcpStream,
+        peer: SocketAddr,
+        ctx: &mut Ctx,
+    ) -> Result<ProxyConn, (ProxyConn, End)> {
+        let p = route.proxy().expect("proxy route");
+        let params = FlowParams {
+            strategy: p.strategy,
+            pipe_size: p.pipe_size,
+            buffer_size: p.buffer_size,
+        };
+        let mut conn = ProxyConn {
+            key,
+            client,
+            peer,
+            cr: Ready::default(),
+            backend: None,
+            br: Ready::default(),
+            bidx: None,
+            connecting: false,
+            first: None,
+            next: 0,
+            last_err: None,
+            up: Flow::new(params),
+            down: Flow::new(params),
+            started: ctx.now,
+            deadline: ctx.now,
+            first_fin: None,
+            route,
+        };
+        let _ = conn.client.set_nodelay(true);
+        if let Err(e) = ctx.registry.register(
+            &mut conn.client,
+            token(key, Side::Client),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("route {}: cannot register client {peer}: {e}", conn.route.cfg.name);
+            return Err((conn, End::ClientError));
+        }
+        match conn.connect_next(ctx) {
+            Ok(()) => Ok(conn),
+            Err(end) => Err((conn, end)),
+        }
+    }
+
+    pub fn route(&self) -> &Arc<RouteRt> {
+        &self.route
+    }
+
+    /// Try backends in balance order until a non-blocking connect starts.
+    fn connect_next(&mut self, ctx: &mut Ctx) -> Result<(), End> {
+        let connect_timeout = self.route.proxy().expect("proxy route").connect_timeout;
+        while let Some(i) = self.route.pick(self.peer.ip(), &mut self.first, &mut self.next, ctx.rng) {
+            let b = &self.route.backends[i];
+            match TcpStream::connect(b.addr) {
+                Ok(mut s) => {
+                    if let Err(e) = ctx.registry.register(
+                        &mut s,
+                        token(self.key, Side::Backend),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        self.connect_failed(i, e, ctx);
+                        continue;
+                    }
+                    b.active.fetch_add(1, Ordering::Relaxed);
+                    self.backend = Some(s);
+                    self.bidx = Some(i);
+                    self.br = Ready::default();
+                    self.connecting = true;
+                    self.deadline = ctx.now + connect_timeout;
+                    return Ok(());
+                }
+                Err(e) => self.connect_failed(i, e, ctx),
+            }
+        }
+        if self.last_err.is_some() {
+            Err(End::ConnectFailed)
+        } else {
+            Err(End::NoBackend)
+        }
+    }
+
+    /// Record a failed attempt on backend `i` (passive health) and drop
+    /// the socket, if any.
+    fn connect_failed(&mut self, i: usize, e: io::Error, ctx: &mut Ctx) {
+        let b = &self.route.backends[i];
+        log::warn!(
+            "route {}: backend {} ({}) connect failed for client {}: {e}",
+            self.route.cfg.name,
+            b.name,
+            b.addr,
+            self.peer
+        );
+        b.failures.fetch_add(1, Ordering::Relaxed);
+        Counters::inc(&self.route.shared.stats.slot(ctx.worker).connect_failures);
+        crate::health::passive_failure(&self.route, i);
+        self.last_err = Some(e);
+    }
+
+    /// Abandon the backend being connected to and try the next one.
+    fn retry(&mut self, e: io::Error, ctx: &mut Ctx) -> Option<End> {
+        if let (Some(mut s), Some(i)) = (self.backend.take(), self.bidx.take()) {
+            let _ = ctx.registry.deregister(&mut s);
+            self.route.backends[i].active.fetch_sub(1, Ordering::Relaxed);
+            self.connect_failed(i, e, ctx);
+        }
+        self.connecting = false;
+        self.connect_next(ctx).err()
+    }
+
+    /// Handle readiness on one side. `Some(end)` means: close now.
+    pub fn on_event(&mut self, side: Side, ev: &mio::event::Event, ctx: &mut Ctx) -> Option<End> {
+        let r = match side {
+            Side::Client => &mut self.cr,
+            Side::Backend => &mut self.br,
+        };
+        // An error or hang-up makes both directions "ready": the next
+        // syscall reports what happened.
+        let err = ev.is_error();
+        r.read |= ev.is_readable() || ev.is_read_closed() || err;
+        r.write |= ev.is_writable() || ev.is_write_closed() || err;
+        r.hup |= ev.is_read_closed();
+
+        if side == Side::Backend && self.connecting {
+            let s = self.backend.as_ref()?;
+            match s.take_error() {
+                Ok(Some(e)) | Err(e) => return self.retry(e, ctx),
+                Ok(None) => {}
+            }
+            match s.peer_addr() {
+                Ok(_) => {
+                    self.connecting = false;
+                    let _ = s.set_nodelay(true);
+                    if let Some(i) = self.bidx {
+                        crate::health::passive_success(&self.route, i);
+                        self.route.backends[i].total.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.deadline = ctx.now + self.route.cfg.idle_timeout;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    if err || ev.is_write_closed() {
+                        let e = io::Error::from(io::ErrorKind::ConnectionRefused);
+                        return self.retry(e, ctx);
+                    }
+                    return None; // still connecting
+                }
+                Err(e) => return self.retry(e, ctx),
+            }
+        }
+        if self.connecting || self.backend.is_none() {
+            return None;
+        }
+        self.relay(ctx)
+    }
+
+    /// Run both flows until neither can progress.
+    fn relay(&mut self, ctx: &mut Ctx) -> Option<End> {
+        let backend = self.backend.as_ref()?;
+        let mut pools = Pools {
+            pipes: ctx.pools.pipes,
+            bufs: ctx.pools.bufs,
+        };
+        let up = self
+            .up
+            .run(&self.client, &mut self.cr, backend, &mut self.br, &mut pools);
+        let up = match up {
+            Ok(n) => n,
+            Err(FlowError::Read(e)) => return Some(self.fail(Side::Client, &e)),
+            Err(FlowError::Write(e)) => return Some(self.fail(Side::Backend, &e)),
+        };
+        let down = self
+            .down
+            .run(backend, &mut self.br, &self.client, &mut self.cr, &mut pools);
+        let down = match down {
+            Ok(n) => n,
+            Err(FlowError::Read(e)) => return Some(self.fail(Side::Backend, &e)),
+            Err(FlowError::Write(e)) => return Some(self.fail(Side::Client, &e)),
+        };
+        if up + down > 0 {
+            self.deadline = ctx.now + self.route.cfg.idle_timeout;
+        }
+        if self.first_fin.is_none() {
+            if self.up.eof {
+                self.first_fin = Some(Side::Client);
+            } else if self.down.eof {
+                self.first_fin = Some(Side::Backend);
+            }
+        }
+        if self.up.done() && self.down.done() {
+            return Some(match self.first_fin {
+                Some(Side::Backend) => End::BackendClosed,
+                _ => End::ClientClosed,
+            });
+        }
+        None
+    }
+
+    /// An I/O error on `side`: say how the connection ends, and make the
+    /// other peer see a reset too when this one reset us.
+    fn fail(&mut self, side: Side, e: &io::Error) -> End {
+        let reset = matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+        );
+        log::debug!("route {}: client {}: {:?} side error: {e}", self.route.cfg.name, self.peer, side);
+        if reset {
+            let other = match side {
+                Side::Client => self.backend.as_ref(),
+                Side::Backend => Some(&self.client),
+            };
+            if let Some(s) = other {
+                let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+            }
+        }
+        match (side, reset) {
+            (Side::Client, true) => End::ClientReset,
+            (Side::Backend, true) => End::BackendReset,
+            (Side::Client, false) => End::ClientError,
+            (Side::Backend, false) => End::BackendError,
+        }
+    }
+
+    /// The timer fired at `now`. `Some(end)` means: close now.
+    pub fn on_timeout(&mut self, ctx: &mut Ctx) -> Option<End> {
+        if ctx.now < self.deadline {
+            return None;
+        }
+        if self.connecting {
+            let e = io::Error::new(io::ErrorKind::TimedOut, "connect_timeout expired");
+            return self.retry(e, ctx);
+        }
+        Some(End::IdleTimeout)
+    }
+
+    /// Close both sockets, release pipes and buffers, count and log.
+    pub fn close(mut self, end: End, ctx: &mut Ctx) {
+        let mut pools = Pools {
+            pipes: ctx.pools.pipes,
+            bufs: ctx.pools.bufs,
+        };
+        self.up.finish(&mut pools);
+        self.down.finish(&mut pools);
+        let _ = ctx.registry.deregister(&mut self.client);
+        if let Some(b) = self.backend.as_mut() {
+            let _ = ctx.registry.deregister(b);
+        }
+        if let Some(i) = self.bidx {
+            self.route.backends[i].active.fetch_sub(1, Ordering::Relaxed);
+        }
+        if end == End::IdleTimeout || end == End::Shutdown {
+            // Nobody is waiting for a graceful FIN exchange any more.
+            let _ = socket2::SockRef::from(&self.client).set_linger(Some(std::time::Duration::ZERO));
+        }
+        let c = self.route.shared.stats.slot(ctx.worker);
+        Counters::add(&c.bytes_in, self.up.spliced + self.up.copied);
+        Counters::add(&c.bytes_out, self.down.spliced + self.down.copied);
+        Counters::add(&c.bytes_splice, self.up.spliced + self.down.spliced);
+        Counters::add(&c.bytes_copy, self.up.copied + self.down.copied);
+        let fallback = self.up.fallback.or(self.down.fallback);
+        match fallback {
+            Some(Fallback::NoPipe) => Counters::inc(&c.fallback_no_pipe),
+            Some(Fallback::Refused) => Counters::inc(&c.fallback_refused),
+            None => {}
+        }
+        if matches!(end, End::ConnectFailed | End::NoBackend) {
+            Counters::inc(&c.no_backend);
+        }
+        Counters::inc(&c.ends[end as usize]);
+        let backend = match self.bidx {
+            Some(i) => self.route.backends[i].addr.to_string(),
+            None => "-".to_string(),
+        };
+        let why = match (&self.last_err, end) {
+            (Some(e), End::ConnectFailed) => format!(" error=\"{e}\""),
+            _ => String::new(),
+        };
+        log::info!(
+            target: "access",
+            "route={} client={} backend={} strategy={} up_strategy={} down_strategy={} bytes_in={} bytes_out={} spliced={} copied={} fallback={} duration_ms={} end={}{}",
+            self.route.cfg.name,
+            self.peer,
+            backend,
+            strategy_of(&self.up, &self.down),
+            self.up.strategy_used(),
+            self.down.strategy_used(),
+            self.up.spliced + self.up.copied,
+            self.down.spliced + self.down.copied,
+            self.up.spliced + self.down.spliced,
+            self.up.copied + self.down.copied,
+            fallback.map(Fallback::as_str).unwrap_or("-"),
+            ctx.now.saturating_duration_since(self.started).as_millis(),
+            end.as_str(),
+            why,
+        );
+    }
+}
+
+/// The strategy the whole connection ran, for the access log.
+fn strategy_of(up: &Flow, down: &Flow) -> &'static str {
+    let s = up.spliced + down.spliced > 0;
+    let c = up.copied + down.copied > 0;
+    match (s, c) {
+        (true, true) => "splice+copy",
+        (true, false) => "splice",
+        (false, true) => "copy",
+        (false, false) => "none",
+    }
+}

@@ -1,0 +1,324 @@
+//! Moving bytes in one direction of a proxied connection.
+//!
+//! A `Flow` is one direction (client → backend or backend → client). It
+//! owns whatever holds the bytes in flight — a pipe (`splice`) or a buffer
+//! (`copy`) — and drives it with the edge-triggered readiness the
+//! connection remembers for each socket: read while the source is ready
+//! and there is room, write while the destination is ready and bytes are
+//! held, and stop only when neither can make progress. The flow returns to
+//! the event loop with the readiness flags telling which event will resume
+//! it, so a stopped direction never spins.
+//!
+//! Bytes live in at most one holder at a time; a flow only switches between
+//! splice and copy when the holder is empty, so order is always kept. The
+//! holder goes back to its pool the moment it is empty.
+//!
+//! The strategies themselves (`splice`, `copy`) each implement the small
+//! `Pump` interface; file routes have their own in `file`.
+
+pub mod copy;
+pub mod splice;
+
+use std::io;
+use std::net::Shutdown;
+
+use mio::net::TcpStream;
+
+use crate::config::ProxyStrategy;
+use crate::pipe_pool::{BufPool, PipePool};
+use copy::CopyPump;
+use splice::SplicePump;
+
+/// What every socket-to-socket strategy offers the flow.
+pub trait Pump {
+    /// Bytes read from the source and not yet written out.
+    fn pending(&self) -> usize;
+    /// How many more bytes the holder can take.
+    fn room(&self) -> usize;
+    /// Read from `src` into the holder; Ok(0) is end of stream.
+    fn fill(&mut self, src: &TcpStream) -> io::Result<usize>;
+    /// Write held bytes to `dst`.
+    fn flush(&mut self, dst: &TcpStream) -> io::Result<usize>;
+}
+
+/// Per-route settings a flow needs.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowParams {
+    pub strategy: ProxyStrategy,
+    pub pipe_size: usize,
+    pub buffer_size: usize,
+}
+
+/// The worker's pools a flow borrows holders from.
+pub struct Pools<'a> {
+    pub pipes: &'a mut PipePool,
+    pub bufs: &'a mut BufPool,
+}
+
+/// Why a flow that wanted to splice moved bytes by copying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The pipe pool was empty (budget spent or the kernel refused a pipe).
+    NoPipe,
+    /// splice(2) returned EINVAL/ENOSYS for this socket.
+    Refused,
+}
+
+impl Fallback {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::NoPipe => "no_pipe",
+            Fallback::Refused => "splice_refused",
+        }
+    }
+}
+
+/// The error that ended a flow, and on which side it happened.
+#[derive(Debug)]
+pub enum FlowError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// One side's readiness as the connection remembers it between events.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Ready {
+    pub read: bool,
+    pub write: bool,
+    /// The peer has shut its write side (EPOLLRDHUP seen): a short read no
+    /// longer proves the socket is drained, read on until 0.
+    pub hup: bool,
+}
+
+enum Held {
+    Idle,
+    Splice(SplicePump),
+    Copy(CopyPump),
+}
+
+/// One direction of a relay.
+pub struct Flow {
+    held: Held,
+    params: FlowParams,
+    /// End of stream read from the source.
+    pub eof: bool,
+    /// End of stream forwarded to the destination (shutdown(SHUT_WR)).
+    pub shut: bool,
+    /// splice was refused for this socket pair: copy from now on.
+    splice_refused: bool,
+    /// `auto`: a read filled a whole buffer, so this is a bulk transfer.
+    bulk: bool,
+    /// splice said EAGAIN while the pipe held bytes: maybe the pipe is
+    /// full, maybe the socket is empty. Retry reading after a flush.
+    pipe_maybe_full: bool,
+    pub spliced: u64,
+    pub copied: u64,
+    /// First reason this flow had to copy although it wanted to splice.
+    pub fallback: Option<Fallback>,
+}
+
+impl Flow {
+    pub fn new(params: FlowParams) -> Self {
+        Flow {
+            held: Held::Idle,
+            params,
+            eof: false,
+            shut: false,
+            splice_refused: false,
+            bulk: false,
+            pipe_maybe_full: false,
+            spliced: 0,
+            copied: 0,
+            fallback: None,
+        }
+    }
+
+    /// Bytes read but not yet delivered.
+    pub fn pending(&self) -> usize {
+        match &self.held {
+            Held::Idle => 0,
+            Held::Splice(p) => p.pending(),
+            Held::Copy(p) => p.pending(),
+        }
+    }
+
+    /// Whether this direction has finished: its end of stream reached the
+    /// other side after every byte.
+    pub fn done(&self) -> bool {
+        self.shut
+    }
+
+    /// Move bytes from `src` to `dst` until neither side can make
+    /// progress. Returns the bytes delivered during this call.
+    pub fn run(
+        &mut self,
+        src: &TcpStream,
+        sr: &mut Ready,
+        dst: &TcpStream,
+        dr: &mut Ready,
+        pools: &mut Pools,
+    ) -> Result<u64, FlowError> {
+        let mut delivered = 0u64;
+        loop {
+            let mut progress = false;
+
+            if self.pending() > 0 && dr.write {
+                let want = self.pending();
+                let res = match &mut self.held {
+                    Held::Splice(p) => p.flush(dst),
+                    Held::Copy(p) => p.flush(dst),
+                    Held::Idle => Ok(0),
+                };
+                match res {
+                    Ok(n) => {
+                        progress = n > 0;
+                        delivered += n as u64;
+                        match self.held {
+                            Held::Splice(_) => self.spliced += n as u64,
+                            _ => self.copied += n as u64,
+                        }
+                        self.pipe_maybe_full = false;
+                        if n < want {
+                            // A short write means the socket buffer is full;
+                            // EPOLLOUT will fire when it drains.
+                            dr.write = false;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dr.write = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+                    Err(e) => return Err(FlowError::Write(e)),
+                }
+                if self.pending() == 0 {
+                    self.release(pools);
+                }
+            }
+
+            if !self.eof && sr.read && !self.pipe_maybe_full && self.room(pools) > 0 {
+                match self.fill(src, sr, pools) {
+                    Ok(p) => progress |= p,
+                    Err(e) => return Err(FlowError::Read(e)),
+                }
+            }
+
+            if !progress {
+                break;
+            }
+        }
+        if self.eof && self.pending() == 0 && !self.shut {
+            self.release(pools);
+            // The peer may already be gone (ENOTCONN); the flow is over
+            // either way, and a real write error shows on the other flow.
+            let _ = dst.shutdown(Shutdown::Write);
+            self.shut = true;
+        }
+        Ok(delivered)
+    }
+
+    /// Room in the current holder, taking a holder from the pools when the
+    /// flow holds nothing.
+    fn room(&mut self, pools: &mut Pools) -> usize {
+        if let Held::Idle = self.held {
+            self.held = self.choose(pools);
+        }
+        match &self.held {
+            Held::Idle => 0,
+            Held::Splice(p) => p.room(),
+            Held::Copy(p) => p.room(),
+        }
+    }
+
+    fn choose(&mut self, pools: &mut Pools) -> Held {
+        let wants_splice = match self.params.strategy {
+            ProxyStrategy::Splice => true,
+            ProxyStrategy::Auto => self.bulk,
+            ProxyStrategy::Copy => false,
+        };
+        if wants_splice {
+            if self.splice_refused {
+                self.fallback.get_or_insert(Fallback::Refused);
+            } else if let Some(pipe) = pools.pipes.get(self.params.pipe_size) {
+                return Held::Splice(SplicePump { pipe, len: 0 });
+            } else {
+                self.fallback.get_or_insert(Fallback::NoPipe);
+            }
+        }
+        Held::Copy(CopyPump::new(pools.bufs.get(self.params.buffer_size)))
+    }
+
+    /// Read once into the holder; returns whether anything changed.
+    fn fill(&mut self, src: &TcpStream, sr: &mut Ready, pools: &mut Pools) -> io::Result<bool> {
+        let (res, spliced_before, room) = match &mut self.held {
+            Held::Splice(p) => (p.fill(src), p.len, p.room()),
+            Held::Copy(p) => {
+                let room = p.room();
+                (p.fill(src), 0, room)
+            }
+            Held::Idle => return Ok(false),
+        };
+        let is_splice = matches!(self.held, Held::Splice(_));
+        match res {
+            Ok(0) => {
+                self.eof = true;
+                sr.read = false;
+                Ok(true)
+            }
+            Ok(n) => {
+                if !is_splice {
+                    if n == room && self.pending() == n {
+                        self.bulk = true;
+                    } else if n < room && !sr.hup {
+                        // A short read drained the socket; the next byte to
+                        // arrive raises a new edge.
+                        sr.read = false;
+                    }
+                }
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if is_splice && spliced_before > 0 {
+                    self.pipe_maybe_full = true;
+                } else {
+                    sr.read = false;
+                }
+                Ok(false)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+            Err(e)
+                if is_splice
+                    && spliced_before == 0
+                    && matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) =>
+            {
+                // This socket cannot be spliced: copy from now on.
+                self.splice_refused = true;
+                self.release(pools);
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Return an empty holder to its pool.
+    fn release(&mut self, pools: &mut Pools) {
+        match std::mem::replace(&mut self.held, Held::Idle) {
+            Held::Idle => {}
+            Held::Splice(p) => pools.pipes.put(p.pipe, p.len == 0),
+            Held::Copy(p) => pools.bufs.put(p.buf),
+        }
+    }
+
+    /// Give back whatever the flow holds when the connection ends. A pipe
+    /// that still holds bytes is closed, never pooled.
+    pub fn finish(&mut self, pools: &mut Pools) {
+        self.release(pools);
+    }
+
+    /// The strategy that actually moved this flow's bytes.
+    pub fn strategy_used(&self) -> &'static str {
+        match (self.spliced > 0, self.copied > 0) {
+            (true, true) => "splice+copy",
+            (true, false) => "splice",
+            (false, true) => "copy",
+            (false, false) => "none",
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! The main thread: binds listeners, starts workers, and runs the process
+//! life cycle — signals, live reload, graceful stop, systemd notification.
+//!
+//! The main thread never touches a client byte. It owns the listening
+//! sockets (keyed by address, so a reload keeps every socket whose address
+//! did not change), builds a `Generation` per configuration, and tells the
+//! workers about it over a channel. SIGHUP reloads, SIGTERM/SIGINT drain
+//! (a second one exits at once).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token, Waker};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use socket2::{Domain, Socket, Type};
+
+use crate::config::{self, Config};
+use crate::pipe_pool::PipeBudget;
+use crate::route::RouteRt;
+use crate::worker::{self, Cmd, Generation, Shared, SharedListener, Worker};
+
+const SIGNALS: Token = Token(0);
+
+/// Process-wide counters the main thread keeps.
+#[derive(Default)]
+pub struct ProcessStats {
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+}
+
+struct WorkerHandle {
+    tx: Sender<Cmd>,
+    waker: Waker,
+    thread: Option<JoinHandle<()>>,
+}
+
+pub struct Server {
+    path: PathBuf,
+    cfg: Config,
+    shared: Arc<Shared>,
+    generation: Arc<Generation>,
+    /// Every listening socket, by address; survives reloads.
+    sockets: HashMap<SocketAddr, Arc<std::net::TcpListener>>,
+    workers: Vec<WorkerHandle>,
+    pub stats: Arc<ProcessStats>,
+    /// RUST_LOG set: it wins over `log_level` on reloads too.
+    env_log: bool,
+}
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Server {
+    pub fn start(path: PathBuf, cfg: Config, env_log: bool) -> Result<Server, StartError> {
+        match crate::sys::raise_nofile_limit() {
+            Ok(n) => log::debug!("file descriptor limit: {n}"),
+            Err(e) => log::warn!("cannot raise the file descriptor limit: {e}"),
+        }
+        let shared = Arc::new(Shared {
+            active: AtomicUsize::new(0),
+            pipes: PipeBudget::new(cfg.global.max_pipes),
+            draining: AtomicBool::new(false),
+        });
+        let mut sockets = HashMap::new();
+        let generation = build_generation(&cfg, 1, None, &mut sockets).map_err(StartError)?;
+        let generation = Arc::new(generation);
+        let mut workers = Vec::new();
+        for id in 0..cfg.global.workers {
+            let poll = Poll::new().map_err(|e| StartError(format!("cannot create a poll: {e}")))?;
+            let waker = worker::waker(&poll).map_err(|e| StartError(format!("cannot create a waker: {e}")))?;
+            let (tx, rx) = mpsc::channel();
+            let w = Worker::new(id, poll, rx, shared.clone(), generation.clone())
+                .map_err(|e| StartError(format!("worker {id}: {e}")))?;
+            let thread = std::thread::Builder::new()
+                .name(format!("sluice-w{id}"))
+                .spawn(move || w.run())
+                .map_err(|e| StartError(format!("cannot start worker {id}: {e}")))?;
+            workers.push(WorkerHandle {
+                tx,
+                waker,
+                thread: Some(thread),
+            });
+        }
+        log::info!(
+            "sluice {} started: {} routes, {} listeners, {} workers, pipe budget {}",
+            env!("CARGO_PKG_VERSION"),
+            generation.routes.len(),
+            generation.listeners.len(),
+            workers.len(),
+            cfg.global.max_pipes
+        );
+        Ok(Server {
+            path,
+            cfg,
+            shared,
+            generation,
+            sockets,
+            workers,
+            stats: Arc::new(ProcessStats::default()),
+            env_log,
+        })
+    }
+
+    /// Serve until stopped. Returns the process exit code.
+    pub fn run(mut self) -> i32 {
+        let mut poll = match Poll::new() {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("cannot create the main poll: {e}");
+                return 1;
+            }
+        };
+        let mut signals = match Signals::new([SIGHUP, SIGTERM, SIGINT]) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot install signal handlers: {e}");
+                return 1;
+            }
+        };
+        if let Err(e) = poll.registry().register(&mut signals, SIGNALS, Interest::READABLE) {
+            log::error!("cannot watch signals: {e}");
+            return 1;
+        }
+        notify(&[sd_notify::NotifyState::Ready]);
+        let mut events = Events::with_capacity(64);
+        let mut stopping: Option<Instant> = None;
+        loop {
+            let timeout = stopping.map(|_| Duration::from_millis(50));
+            if let Err(e) = poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!("main poll failed: {e}");
+                    return 1;
+                }
+            }
+            for ev in events.iter() {
+                if ev.token() == SIGNALS {
+                    for sig in signals.pending() {
+                        match sig {
+                            SIGHUP if stopping.is_none() => self.reload(),
+                            SIGTERM | SIGINT if stopping.is_none() => {
+                                stopping = Some(self.drain());
+                            }
+                            SIGTERM | SIGINT => {
+                                log::warn!("second stop signal: exiting now");
+                                return 0;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            if stopping.is_some() && self.workers.iter().all(|w| w.thread.as_ref().is_none_or(|t| t.is_finished())) {
+                for w in &mut self.workers {
+                    if let Some(t) = w.thread.take() {
+                        let _ = t.join();
+                    }
+                }
+                log::info!("all connections finished; exiting");
+                return 0;
+            }
+        }
+    }
+
+    fn send(&self, make: impl Fn() -> Cmd) {
+        for w in &self.workers {
+            if w.tx.send(make()).is_ok() {
+                let _ = w.waker.wake();
+            }
+        }
+    }
+
+    /// SIGHUP: re-read the file; keep serving the old config if it is bad.
+    fn reload(&mut self) {
+        let usec = sd_notify::NotifyState::monotonic_usec_now();
+        let mut msg = vec![sd_notify::NotifyState::Reloading];
+        if let Ok(u) = usec {
+            msg.push(u);
+        }
+        notify(&msg);
+        log::info!("reloading {}", self.path.display());
+        let result = config::load(&self.path)
+            .map_err(|e| e.to_string())
+            .and_then(|cfg| {
+                let generation = build_generation(&cfg, self.generation.id + 1, Some(&self.generation), &mut self.sockets)?;
+                Ok((cfg, generation))
+            });
+        match result {
+            Ok((cfg, generation)) => {
+                if cfg.global.workers != self.cfg.global.workers {
+                    log::warn!("reload: `workers` changed; it takes effect on restart only");
+                }
+                if !self.env_log {
+                    log::set_max_level(cfg.global.log_level);
+                }
+                let generation = Arc::new(generation);
+                self.send(|| Cmd::Load(generation.clone()));
+                // Sockets no route listens on any more: close ours; the
+                // workers drop their duplicates as they load the new set.
+                let keep: Vec<SocketAddr> = generation.listeners.iter().map(|l| l.addr).collect();
+                self.sockets.retain(|a, _| keep.contains(a));
+                log::info!(
+                    "reload ok: generation {}, {} routes, {} listeners",
+                    generation.id,
+                    generation.routes.len(),
+                    generation.listeners.len()
+                );
+                self.generation = generation;
+                self.cfg = cfg;
+                self.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                log::error!("reload failed, still serving the previous configuration: {e}");
+                self.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        notify(&[sd_notify::NotifyState::Ready]);
+    }
+
+    /// SIGTERM/SIGINT: stop accepting and let connections finish.
+    fn drain(&mut self) -> Instant {
+        notify(&[sd_notify::NotifyState::Stopping]);
+        let deadline = Instant::now() + self.cfg.global.shutdown_timeout;
+        log::info!(
+            "stopping: no new connections; waiting up to {:?} for {} open ones",
+            self.cfg.global.shutdown_timeout,
+            self.shared.active.load(Ordering::Relaxed)
+        );
+        self.shared.draining.store(true, Ordering::Relaxed);
+        self.send(|| Cmd::Drain(deadline));
+        // Workers have deregistered their duplicates once they see the
+        // command; closing ours lets the kernel refuse new clients.
+        self.sockets.clear();
+        deadline
+    }
+}
+
+/// Build a generation from a config, reusing sockets bound to the same
+/// address and route state of routes with the same name.
+fn build_generation(
+    cfg: &Config,
+    id: u64,
+    prev: Option<&Generation>,
+    sockets: &mut HashMap<SocketAddr, Arc<std::net::TcpListener>>,
+) -> Result<Generation, String> {
+    let workers = cfg.global.workers;
+    let mut routes = Vec::new();
+    let mut listeners = Vec::new();
+    let mut fresh: Vec<SocketAddr> = Vec::new();
+    for (ri, r) in cfg.routes.iter().enumerate() {
+        let old = prev.and_then(|g| g.routes.iter().find(|o| o.cfg.name == r.name));
+        routes.push(Arc::new(RouteRt::new(r.clone(), workers, old.map(|a| &**a))));
+        for addr in &r.listen {
+            let sock = match sockets.get(addr) {
+                Some(s) => s.clone(),
+                None => match bind(*addr) {
+                    Ok(s) => {
+                        let s = Arc::new(s);
+                        sockets.insert(*addr, s.clone());
+                        fresh.push(*addr);
+                        s
+                    }
+                    Err(e) => {
+                        // Undo what this attempt bound, so a failed reload
+                        // leaves nothing behind.
+                        for a in &fresh {
+                            sockets.remove(a);
+                        }
+                        return Err(format!(
+                            "{}: route \"{}\": cannot listen on {addr}: {e}",
+                            cfg.path.display(),
+                            r.name
+                        ));
+                    }
+                },
+            };
+            listeners.push(SharedListener {
+                addr: *addr,
+                route: ri,
+                sock,
+            });
+        }
+    }
+    Ok(Generation {
+        id,
+        routes,
+        listeners,
+        max_connections: cfg.global.max_connections,
+    })
+}
+
+/// A non-blocking listening socket with the options a proxy wants.
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    Ok(sock.into())
+}
+
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        log::warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// `sluice run`: load, start, serve. Returns the exit code.
+pub fn main(path: &Path) -> i32 {
+    let cfg = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return 2;
+        }
+    };
+    let env_log = std::env::var_os("RUST_LOG").is_some();
+    let mut b = env_logger::Builder::new();
+    b.filter_level(cfg.global.log_level);
+    b.parse_default_env();
+    b.format_timestamp_millis();
+    b.init();
+    match Server::start(path.to_path_buf(), cfg, env_log) {
+        Ok(s) => s.run(),
+        Err(e) => {
+            log::error!("{e}");
+            1
+        }
+    }
+}

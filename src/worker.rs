@@ -1,0 +1,486 @@
+//! A worker: one thread, one mio `Poll`, one slab of sessions.
+//!
+//! The worker accepts on every listener of the current configuration
+//! generation (each worker registers its own duplicate of the shared
+//! listening socket, so connections spread over workers and a reload
+//! never closes a listening socket), admits or refuses each client
+//! (drain, allow/deny, limits), and drives sessions on their events.
+//!
+//! Timers cost nothing per tick: each session has one deadline and one
+//! entry in a binary heap. Activity only moves the deadline inside the
+//! session (no syscall, no heap operation); when the heap entry comes due
+//! the worker looks at the real deadline and either fires or re-files it.
+//!
+//! Commands from the main thread (new generation, drain, stop) arrive on
+//! a channel with a mio `Waker`.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use mio::event::Event;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+
+use crate::conn::{Ctx, End, ProxyConn, Side};
+use crate::pipe_pool::{BufPool, PipeBudget, PipePool};
+use crate::pump::Pools;
+use crate::route::RouteRt;
+use crate::stats::Counters;
+
+/// Tokens at and above this value are not connections.
+const LISTENER_BASE: usize = usize::MAX / 2;
+pub const WAKER: Token = Token(usize::MAX);
+/// Connections accepted per listener per loop turn before others get a go.
+const ACCEPT_BATCH: usize = 128;
+/// How long a listener rests after the process ran out of descriptors.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// One listening socket of a generation, shared by all workers.
+pub struct SharedListener {
+    pub addr: SocketAddr,
+    pub route: usize,
+    pub sock: Arc<std::net::TcpListener>,
+}
+
+/// A configuration generation: what a reload replaces as a whole.
+pub struct Generation {
+    pub id: u64,
+    pub routes: Vec<Arc<RouteRt>>,
+    pub listeners: Vec<SharedListener>,
+    pub max_connections: usize,
+}
+
+/// State shared by every worker for the life of the process.
+pub struct Shared {
+    /// Client connections open, all routes and workers together.
+    pub active: AtomicUsize,
+    pub pipes: Arc<PipeBudget>,
+    /// Set when a graceful stop begins (for /healthz).
+    pub draining: AtomicBool,
+}
+
+pub enum Cmd {
+    /// Serve this generation from now on (new connections only).
+    Load(Arc<Generation>),
+    /// Stop accepting; finish open connections until the deadline.
+    Drain(Instant),
+}
+
+struct Listener {
+    sock: TcpListener,
+    route: Arc<RouteRt>,
+    /// Resting after EMFILE/ENFILE until then.
+    paused_until: Option<Instant>,
+}
+
+/// A session in the slab: one state machine per kind of connection.
+enum Session {
+    Proxy(ProxyConn),
+}
+
+struct Entry {
+    /// Unique per session, so a stale timer never hits a reused slab key.
+    id: u64,
+    /// The time of this session's one heap entry.
+    scheduled: Instant,
+    peer: SocketAddr,
+    sess: Session,
+}
+
+impl Entry {
+    fn deadline(&self) -> Instant {
+        match &self.sess {
+            Session::Proxy(c) => c.deadline,
+        }
+    }
+    fn route(&self) -> &Arc<RouteRt> {
+        match &self.sess {
+            Session::Proxy(c) => c.route(),
+        }
+    }
+}
+
+pub struct Worker {
+    id: usize,
+    poll: Poll,
+    rx: Receiver<Cmd>,
+    shared: Arc<Shared>,
+    generation: Arc<Generation>,
+    listeners: Vec<Listener>,
+    /// Listeners that hit the accept batch limit and still have clients.
+    backlog: Vec<usize>,
+    slab: Slab<Entry>,
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    next_id: u64,
+    pipes: PipePool,
+    bufs: BufPool,
+    rng: u64,
+    drain: Option<Instant>,
+}
+
+impl Worker {
+    pub fn new(id: usize, poll: Poll, rx: Receiver<Cmd>, shared: Arc<Shared>, generation: Arc<Generation>) -> io::Result<Self> {
+        let pipes = PipePool::new(shared.pipes.clone());
+        let mut w = Worker {
+            id,
+            poll,
+            rx,
+            shared,
+            generation: generation.clone(),
+            listeners: Vec::new(),
+            backlog: Vec::new(),
+            slab: Slab::new(),
+            timers: BinaryHeap::new(),
+            next_id: 0,
+            pipes,
+            bufs: BufPool::default(),
+            rng: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
+            drain: None,
+        };
+        w.load(generation)?;
+        Ok(w)
+    }
+
+    /// Swap in a generation's listeners. Sockets are shared, so nothing is
+    /// closed or re-bound: only this worker's registrations change.
+    fn load(&mut self, generation: Arc<Generation>) -> io::Result<()> {
+        self.unlisten();
+        for (i, l) in generation.listeners.iter().enumerate() {
+            let mut sock = TcpListener::from_std(l.sock.try_clone()?);
+            self.poll
+                .registry()
+                .register(&mut sock, Token(LISTENER_BASE + i), Interest::READABLE)?;
+            self.listeners.push(Listener {
+                sock,
+                route: generation.routes[l.route].clone(),
+                paused_until: None,
+            });
+            // A client may already wait in the backlog: no edge will say so.
+            self.backlog.push(i);
+        }
+        self.generation = generation;
+        Ok(())
+    }
+
+    fn unlisten(&mut self) {
+        for mut l in self.listeners.drain(..) {
+            // Deregister explicitly: the socket lives on in other
+            // descriptors, so closing ours would not remove it from epoll.
+            let _ = self.poll.registry().deregister(&mut l.sock);
+        }
+        self.backlog.clear();
+    }
+
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let now = Instant::now();
+            let timeout = if self.backlog.is_empty() {
+                self.next_wakeup().map(|t| t.saturating_duration_since(now))
+            } else {
+                Some(Duration::ZERO)
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!("worker {}: poll failed: {e}", self.id);
+                    return;
+                }
+            }
+            let now = Instant::now();
+            for ev in events.iter() {
+                match ev.token() {
+                    WAKER => {
+                        if !self.commands(now) {
+                            return;
+                        }
+                    }
+                    Token(t) if t >= LISTENER_BASE => {
+                        let i = t - LISTENER_BASE;
+                        if !self.backlog.contains(&i) {
+                            self.backlog.push(i);
+                        }
+                    }
+                    Token(t) => self.conn_event(t, ev, now),
+                }
+            }
+            self.accept_backlog(now);
+            self.fire_timers(now);
+            if let Some(deadline) = self.drain {
+                if self.slab.is_empty() {
+                    log::debug!("worker {}: drained", self.id);
+                    return;
+                }
+                if now >= deadline {
+                    self.close_all(now);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handle commands; false = exit now.
+    fn commands(&mut self, now: Instant) -> bool {
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Cmd::Load(generation) => {
+                    if let Err(e) = self.load(generation) {
+                        log::error!("worker {}: cannot take the new listeners: {e}", self.id);
+                    }
+                }
+                Cmd::Drain(deadline) => {
+                    self.unlisten();
+                    self.drain = Some(deadline);
+                    if now >= deadline {
+                        self.close_all(now);
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        let t = self.timers.peek().map(|Reverse((t, _, _))| *t);
+        let p = self.listeners.iter().filter_map(|l| l.paused_until).min();
+        let d = self.drain;
+        [t, p, d].into_iter().flatten().min()
+    }
+
+    fn accept_backlog(&mut self, now: Instant) {
+        for i in 0..self.listeners.len() {
+            if let Some(until) = self.listeners[i].paused_until {
+                if now < until {
+                    continue;
+                }
+                self.listeners[i].paused_until = None;
+                if !self.backlog.contains(&i) {
+                    self.backlog.push(i);
+                }
+            }
+        }
+        let pending = std::mem::take(&mut self.backlog);
+        for i in pending {
+            if i < self.listeners.len() && self.listeners[i].paused_until.is_none() && self.accept(i, now) {
+                self.backlog.push(i);
+            }
+        }
+    }
+
+    /// Accept up to a batch from listener `i`; true = more may be waiting.
+    fn accept(&mut self, i: usize, now: Instant) -> bool {
+        for _ in 0..ACCEPT_BATCH {
+            match self.listeners[i].sock.accept() {
+                Ok((stream, peer)) => self.admit(i, stream, peer, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                        // Out of descriptors: the client stays in the backlog
+                        // and no new edge will come, so rest and retry on a
+                        // timer instead of spinning or giving up.
+                        log::warn!(
+                            "route {}: accept failed: {e}; pausing this listener for {ACCEPT_PAUSE:?}",
+                            self.listeners[i].route.cfg.name
+                        );
+                        self.listeners[i].paused_until = Some(now + ACCEPT_PAUSE);
+                        return false;
+                    }
+                    // The client gave up before we accepted: next.
+                    _ => log::debug!("accept: {e}"),
+                },
+            }
+        }
+        true
+    }
+
+    fn admit(&mut self, li: usize, stream: TcpStream, peer: SocketAddr, now: Instant) {
+        let route = self.listeners[li].route.clone();
+        let c = route.shared.stats.slot(self.id);
+        Counters::inc(&c.conns);
+        if let Some(end) = self.refuse(&route, peer) {
+            match end {
+                End::Denied => Counters::inc(&c.denied),
+                _ => Counters::inc(&c.limited),
+            }
+            Counters::inc(&c.ends[end as usize]);
+            log::info!(target: "access", "route={} client={} end={}", route.cfg.name, peer, end.as_str());
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            return;
+        }
+        c.active.fetch_add(1, Ordering::Relaxed);
+        let key = self.slab.vacant_key();
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut ctx = Ctx {
+            pools: Pools {
+                pipes: &mut self.pipes,
+                bufs: &mut self.bufs,
+            },
+            registry: self.poll.registry(),
+            now,
+            worker: self.id,
+            rng: &mut self.rng,
+        };
+        let sess = match ProxyConn::start(route.clone(), key, stream, peer, &mut ctx) {
+            Ok(conn) => Session::Proxy(conn),
+            Err((conn, end)) => {
+                conn.close(end, &mut ctx);
+                self.release(&route, peer);
+                return;
+            }
+        };
+        let mut entry = Entry {
+            id,
+            scheduled: now,
+            peer,
+            sess,
+        };
+        entry.scheduled = entry.deadline();
+        self.timers.push(Reverse((entry.scheduled, key, id)));
+        self.slab.insert(entry);
+    }
+
+    /// Why a new client must be turned away, if it must. On `None` the
+    /// client has been counted against every limit.
+    fn refuse(&self, route: &RouteRt, peer: SocketAddr) -> Option<End> {
+        let ip = peer.ip();
+        let cfg = &route.cfg;
+        if cfg.deny.iter().any(|n| n.contains(&ip)) || (!cfg.allow.is_empty() && !cfg.allow.iter().any(|n| n.contains(&ip))) {
+            return Some(End::Denied);
+        }
+        if self.shared.active.fetch_add(1, Ordering::AcqRel) >= self.generation.max_connections {
+            self.shared.active.fetch_sub(1, Ordering::AcqRel);
+            return Some(End::Limited);
+        }
+        if route.shared.active.fetch_add(1, Ordering::AcqRel) >= cfg.max_connections {
+            route.shared.active.fetch_sub(1, Ordering::AcqRel);
+            self.shared.active.fetch_sub(1, Ordering::AcqRel);
+            return Some(End::Limited);
+        }
+        if cfg.max_connections_per_ip > 0 {
+            let mut m = route.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let n = m.entry(ip).or_insert(0);
+            if *n >= cfg.max_connections_per_ip {
+                drop(m);
+                route.shared.active.fetch_sub(1, Ordering::AcqRel);
+                self.shared.active.fetch_sub(1, Ordering::AcqRel);
+                return Some(End::Limited);
+            }
+            *n += 1;
+        }
+        None
+    }
+
+    /// Undo what `refuse` counted when a session ends.
+    fn release(&self, route: &RouteRt, peer: SocketAddr) {
+        self.shared.active.fetch_sub(1, Ordering::AcqRel);
+        route.shared.active.fetch_sub(1, Ordering::AcqRel);
+        route.shared.stats.slot(self.id).active.fetch_sub(1, Ordering::Relaxed);
+        if route.cfg.max_connections_per_ip > 0 {
+            let mut m = route.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = m.get_mut(&peer.ip()) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&peer.ip());
+                }
+            }
+        }
+    }
+
+    fn ctx(&mut self, now: Instant) -> Ctx<'_> {
+        Ctx {
+            pools: Pools {
+                pipes: &mut self.pipes,
+                bufs: &mut self.bufs,
+            },
+            registry: self.poll.registry(),
+            now,
+            worker: self.id,
+            rng: &mut self.rng,
+        }
+    }
+
+    fn conn_event(&mut self, t: usize, ev: &Event, now: Instant) {
+        let key = t / 2;
+        let side = if t % 2 == 0 { Side::Client } else { Side::Backend };
+        let Some(mut entry) = self.slab.try_remove(key) else { return };
+        let mut ctx = self.ctx(now);
+        let end = match &mut entry.sess {
+            Session::Proxy(c) => c.on_event(side, ev, &mut ctx),
+        };
+        self.settle(key, entry, end, now);
+    }
+
+    /// Put a session back after it ran, or close it.
+    fn settle(&mut self, key: usize, mut entry: Entry, end: Option<End>, now: Instant) {
+        match end {
+            Some(end) => self.close(entry, end, now),
+            None => {
+                let d = entry.deadline();
+                if d < entry.scheduled {
+                    entry.scheduled = d;
+                    self.timers.push(Reverse((d, key, entry.id)));
+                }
+                let k = self.slab.insert(entry);
+                debug_assert_eq!(k, key);
+            }
+        }
+    }
+
+    fn close(&mut self, entry: Entry, end: End, now: Instant) {
+        let route = entry.route().clone();
+        let mut ctx = self.ctx(now);
+        match entry.sess {
+            Session::Proxy(c) => c.close(end, &mut ctx),
+        }
+        self.release(&route, entry.peer);
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((t, key, id))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let live = matches!(self.slab.get(key), Some(e) if e.id == id && e.scheduled == t);
+            if !live {
+                continue; // stale: the session ended or was re-filed
+            }
+            let mut entry = self.slab.remove(key);
+            let d = entry.deadline();
+            let end = if d > now {
+                None
+            } else {
+                let mut ctx = self.ctx(now);
+                match &mut entry.sess {
+                    Session::Proxy(c) => c.on_timeout(&mut ctx),
+                }
+            };
+            if end.is_none() {
+                entry.scheduled = entry.deadline();
+                self.timers.push(Reverse((entry.scheduled, key, entry.id)));
+            }
+            self.settle(key, entry, end, now);
+        }
+    }
+
+    fn close_all(&mut self, now: Instant) {
+        let keys: Vec<usize> = self.slab.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            let entry = self.slab.remove(k);
+            self.close(entry, End::Shutdown, now);
+        }
+    }
+}
+
+/// Make a waker for a worker's poll (before the worker thread starts).
+pub fn waker(poll: &Poll) -> io::Result<Waker> {
+    Waker::new(poll.registry(), WAKER)
+}

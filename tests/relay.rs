@@ -1,0 +1,408 @@
+//! The core relay through the real binary: bytes exact in both directions
+//! for every strategy, half-close, failover, timeouts, the pipe pool, and
+//! balancing — asserted from checksums and from sluice's own access log.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+fn proxy_config(port: u16, backends: &[String], extra: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    format!(
+        "[global]\nlog_level = \"info\"\n\n[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nbackends = [{}]\n{extra}\n",
+        list.join(", ")
+    )
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A backend that sends `len` bytes (seed 2) while hashing everything it
+/// receives; its result is "len:hex(sha)" of what it received.
+fn bulk_backend(len: u64) -> Backend {
+    Backend::spawn(move |s| {
+        let (_sent, got) = exchange(s, 2, len);
+        format!("{}:{:x?}", got.len, got.sha)
+    })
+}
+
+fn relay_both_ways(strategy: &str, len: u64) {
+    let b = bulk_backend(len);
+    let port = free_port();
+    let sl = Sluice::start(
+        &format!("relay-{strategy}"),
+        &proxy_config(port, &[b.addr.to_string()], &format!("strategy = \"{strategy}\"")),
+    );
+    let (sent, got) = exchange(connect(addr(port)), 1, len);
+    // What the client received is what the backend sent (seed 2).
+    let expect_down = send_data(&mut std::io::sink(), 2, len);
+    assert_eq!(got, expect_down, "{strategy}: backend → client bytes differ");
+    let r = b.wait_results(1, Duration::from_secs(60));
+    assert_eq!(r[0], format!("{}:{:x?}", sent.len, sent.sha), "{strategy}: client → backend bytes differ");
+
+    let a = sl.wait_access(1, Duration::from_secs(10));
+    let line = &a[0];
+    assert_eq!(line["bytes_in"], len.to_string());
+    assert_eq!(line["bytes_out"], len.to_string());
+    assert_eq!(line["backend"], b.addr.to_string());
+    assert!(
+        line["end"] == "client_closed" || line["end"] == "backend_closed",
+        "end={}",
+        line["end"]
+    );
+    let spliced: u64 = line["spliced"].parse().unwrap();
+    let copied: u64 = line["copied"].parse().unwrap();
+    match strategy {
+        "splice" => {
+            assert_eq!(line["strategy"], "splice");
+            assert_eq!(spliced, 2 * len, "every byte spliced");
+            assert_eq!(copied, 0);
+        }
+        "copy" => {
+            assert_eq!(line["strategy"], "copy");
+            assert_eq!(spliced, 0, "a copy route never splices");
+            assert_eq!(copied, 2 * len);
+        }
+        "auto" => {
+            // Bulk in both directions: auto must switch to splice.
+            assert!(spliced > len, "auto spliced only {spliced} of {}", 2 * len);
+            assert_eq!(spliced + copied, 2 * len);
+        }
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn splice_relays_64_mib_each_way_byte_exact() {
+    relay_both_ways("splice", 64 * MIB);
+}
+
+#[test]
+fn copy_relays_64_mib_each_way_byte_exact() {
+    relay_both_ways("copy", 64 * MIB);
+}
+
+#[test]
+fn auto_relays_64_mib_each_way_byte_exact() {
+    relay_both_ways("auto", 64 * MIB);
+}
+
+/// The client sends a little and shuts down writing; the backend only
+/// starts sending after it saw that EOF. Everything must still arrive.
+fn half_close_client_first(strategy: &str) {
+    let b = Backend::spawn(|mut s| {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        // The client's FIN arrived; now answer with 4 MiB.
+        send_data(&mut s, 7, 4 * MIB);
+        s.shutdown(Shutdown::Write).unwrap();
+        String::from_utf8(got).unwrap()
+    });
+    let port = free_port();
+    let sl = Sluice::start(
+        "half-client",
+        &proxy_config(port, &[b.addr.to_string()], &format!("strategy = \"{strategy}\"")),
+    );
+    let mut c = connect(addr(port));
+    c.write_all(b"request then FIN").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let got = recv_data(&mut c);
+    assert_eq!(got, send_data(&mut std::io::sink(), 7, 4 * MIB));
+    assert_eq!(b.wait_results(1, Duration::from_secs(10))[0], "request then FIN");
+    let a = sl.wait_access(1, Duration::from_secs(10));
+    assert_eq!(a[0]["end"], "client_closed");
+    assert_eq!(a[0]["bytes_out"], (4 * MIB).to_string());
+}
+
+/// The backend sends and shuts down first; the client keeps sending after
+/// it saw EOF, and the backend must receive all of it.
+fn half_close_backend_first(strategy: &str) {
+    let b = Backend::spawn(|mut s| {
+        s.write_all(b"banner then FIN").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let d = recv_data(&mut s);
+        format!("{}:{:x?}", d.len, d.sha)
+    });
+    let port = free_port();
+    let sl = Sluice::start(
+        "half-backend",
+        &proxy_config(port, &[b.addr.to_string()], &format!("strategy = \"{strategy}\"")),
+    );
+    let mut c = connect(addr(port));
+    let mut banner = Vec::new();
+    c.read_to_end(&mut banner).unwrap();
+    assert_eq!(banner, b"banner then FIN");
+    let sent = send_data(&mut c, 9, 4 * MIB);
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(
+        b.wait_results(1, Duration::from_secs(20))[0],
+        format!("{}:{:x?}", sent.len, sent.sha)
+    );
+    let a = sl.wait_access(1, Duration::from_secs(10));
+    assert_eq!(a[0]["end"], "backend_closed");
+    assert_eq!(a[0]["bytes_in"], (4 * MIB).to_string());
+}
+
+#[test]
+fn half_close_client_first_splice() {
+    half_close_client_first("splice");
+}
+
+#[test]
+fn half_close_client_first_copy() {
+    half_close_client_first("copy");
+}
+
+#[test]
+fn half_close_backend_first_splice() {
+    half_close_backend_first("splice");
+}
+
+#[test]
+fn half_close_backend_first_copy() {
+    half_close_backend_first("copy");
+}
+
+#[test]
+fn fails_over_to_the_second_backend_when_the_first_refuses() {
+    let dead = format!("127.0.0.1:{}", free_port());
+    let live = Backend::named("live");
+    let port = free_port();
+    let sl = Sluice::start(
+        "failover",
+        &proxy_config(port, &[dead.clone(), live.addr.to_string()], "balance = \"round-robin\""),
+    );
+    for _ in 0..3 {
+        let mut c = connect(addr(port));
+        assert_eq!(read_line(&mut c), "live");
+        c.write_all(b"ping\n").unwrap();
+        assert_eq!(read_line(&mut c), "ping");
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_line(&mut c), "", "closed after the client's FIN");
+    }
+    let a = sl.wait_access(3, Duration::from_secs(5));
+    assert!(a.iter().all(|l| l["backend"] == live.addr.to_string()), "{a:?}");
+    assert!(sl.count_log(&format!("backend {dead} ({dead}) connect failed")) >= 1, "failure logged");
+}
+
+/// A listener whose accept queue is full: further SYNs are dropped, so a
+/// connect to it hangs until the proxy's connect_timeout.
+fn blackhole() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    s.listen(0).unwrap();
+    let a = s.local_addr().unwrap().as_socket().unwrap();
+    let mut fill = Vec::new();
+    for _ in 0..4 {
+        if let Ok(c) = TcpStream::connect_timeout(&a, Duration::from_millis(200)) {
+            fill.push(c);
+        }
+    }
+    (a, fill, s)
+}
+
+#[test]
+fn connect_timeout_moves_on_to_the_next_backend() {
+    let (hole, _fill, _l) = blackhole();
+    let live = Backend::named("live");
+    let port = free_port();
+    let sl = Sluice::start(
+        "connect-timeout",
+        &proxy_config(port, &[hole.to_string(), live.addr.to_string()], "connect_timeout = \"300ms\""),
+    );
+    let t = Instant::now();
+    let mut c = connect(addr(port));
+    assert_eq!(read_line(&mut c), "live");
+    assert!(t.elapsed() >= Duration::from_millis(250), "waited for the timeout first");
+    assert!(sl.count_log("connect_timeout expired") >= 1);
+}
+
+#[test]
+fn connect_timeout_with_no_other_backend_closes_the_client() {
+    let (hole, _fill, _l) = blackhole();
+    let port = free_port();
+    let sl = Sluice::start(
+        "connect-timeout-only",
+        &proxy_config(port, &[hole.to_string()], "connect_timeout = \"200ms\""),
+    );
+    let mut c = connect(addr(port));
+    let mut buf = [0u8; 16];
+    let n = c.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "client gets no bytes, only a close");
+    let a = sl.wait_access(1, Duration::from_secs(5));
+    assert_eq!(a[0]["end"], "connect_failed");
+    assert_eq!(a[0]["backend"], "-");
+}
+
+#[test]
+fn all_backends_down_closes_the_client_and_says_why() {
+    let d1 = format!("127.0.0.1:{}", free_port());
+    let d2 = format!("127.0.0.1:{}", free_port());
+    let port = free_port();
+    let sl = Sluice::start("all-down", &proxy_config(port, &[d1, d2], ""));
+    let mut c = connect(addr(port));
+    let mut buf = [0u8; 16];
+    assert_eq!(c.read(&mut buf).unwrap_or(0), 0);
+    let a = sl.wait_access(1, Duration::from_secs(5));
+    assert_eq!(a[0]["end"], "connect_failed");
+    assert!(a[0]["error"].contains("refused"), "error={}", a[0]["error"]);
+}
+
+#[test]
+fn idle_timeout_closes_a_silent_connection() {
+    let b = Backend::named("b");
+    let port = free_port();
+    let sl = Sluice::start(
+        "idle",
+        &proxy_config(port, &[b.addr.to_string()], "idle_timeout = \"300ms\""),
+    );
+    let mut c = connect(addr(port));
+    assert_eq!(read_line(&mut c), "b");
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = c.read(&mut buf).unwrap_or(0); // EOF or reset, not data
+    assert_eq!(n, 0);
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_millis(200), "closed too early: {waited:?}");
+    let a = sl.wait_access(1, Duration::from_secs(5));
+    assert_eq!(a[0]["end"], "idle_timeout");
+}
+
+#[test]
+fn an_exhausted_pipe_pool_falls_back_to_copy_byte_exact() {
+    let len = 8 * MIB;
+    let b = bulk_backend(len);
+    let port = free_port();
+    let cfg = format!(
+        "[global]\nmax_pipes = 1\n\n[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nbackends = [\"{}\"]\nstrategy = \"splice\"\npipe_size = \"64KiB\"\nbuffer_size = \"16KiB\"\n",
+        b.addr
+    );
+    let sl = Sluice::start("pool", &cfg);
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            thread::spawn(move || {
+                let (sent, got) = exchange(connect(addr(port)), 100 + i, len);
+                (sent, got)
+            })
+        })
+        .collect();
+    let expect_down = send_data(&mut std::io::sink(), 2, len);
+    let mut sent_all = Vec::new();
+    for c in clients {
+        let (sent, got) = c.join().unwrap();
+        assert_eq!(got, expect_down);
+        sent_all.push(format!("{}:{:x?}", sent.len, sent.sha));
+    }
+    let mut r = b.wait_results(6, Duration::from_secs(60));
+    r.sort();
+    sent_all.sort();
+    assert_eq!(r, sent_all, "every client's bytes reached the backend exactly");
+    let a = sl.wait_access(6, Duration::from_secs(10));
+    let spliced: u64 = a.iter().map(|l| l["spliced"].parse::<u64>().unwrap()).sum();
+    let copied: u64 = a.iter().map(|l| l["copied"].parse::<u64>().unwrap()).sum();
+    assert_eq!(spliced + copied, 12 * len);
+    assert!(spliced > 0, "the one pipe was used");
+    assert!(copied > 0, "the others copied");
+    assert!(a.iter().any(|l| l["fallback"] == "no_pipe"), "fallback counted");
+}
+
+fn who(port: u16, from: [u8; 4]) -> String {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from((from, 0)).into()).unwrap();
+    s.connect(&addr(port).into()).unwrap();
+    let mut c: TcpStream = s.into();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    read_line(&mut c)
+}
+
+fn balanced(balance: &str, n: usize) -> (Vec<String>, Sluice, u16) {
+    let names = ["a", "b", "c"];
+    let bs: Vec<Backend> = names.iter().map(|n| Backend::named(n)).collect();
+    let port = free_port();
+    let list: Vec<String> = bs.iter().map(|b| b.addr.to_string()).collect();
+    let sl = Sluice::start("balance", &proxy_config(port, &list, &format!("balance = \"{balance}\"")));
+    let got = (0..n).map(|_| who(port, [127, 0, 0, 1])).collect();
+    std::mem::forget(bs);
+    (got, sl, port)
+}
+
+fn count(v: &[String], name: &str) -> usize {
+    v.iter().filter(|x| *x == name).count()
+}
+
+#[test]
+fn round_robin_takes_turns() {
+    let (got, _sl, _) = balanced("round-robin", 9);
+    for n in ["a", "b", "c"] {
+        assert_eq!(count(&got, n), 3, "{got:?}");
+    }
+    // Strict turns: no backend twice in a row.
+    assert!(got.windows(2).all(|w| w[0] != w[1]), "{got:?}");
+}
+
+#[test]
+fn source_hash_sticks_to_one_backend_per_client() {
+    let (got, _sl, port) = balanced("source-hash", 6);
+    assert!(got.iter().all(|g| *g == got[0]), "{got:?}");
+    let other: Vec<String> = (0..6).map(|_| who(port, [127, 0, 0, 2])).collect();
+    assert!(other.iter().all(|g| *g == other[0]), "{other:?}");
+}
+
+#[test]
+fn random_uses_every_backend() {
+    let (got, _sl, _) = balanced("random", 60);
+    for n in ["a", "b", "c"] {
+        assert!(count(&got, n) > 0, "{got:?}");
+    }
+}
+
+#[test]
+fn least_connections_avoids_the_busy_backend() {
+    let bs: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::named(n)).collect();
+    let port = free_port();
+    let list: Vec<String> = bs.iter().map(|b| b.addr.to_string()).collect();
+    let sl = Sluice::start("leastconn", &proxy_config(port, &list, "balance = \"least-connections\""));
+    // Hold one connection open on whichever backend it lands on.
+    let mut held = connect(addr(port));
+    let busy = read_line(&mut held);
+    // Each later connection finishes before the next starts: all must go
+    // to the idle backend.
+    for i in 0..4 {
+        let mut c = connect(addr(port));
+        let name = read_line(&mut c);
+        assert_ne!(name, busy, "connection {i} went to the busy backend");
+        drop(c);
+        sl.wait_access(i + 1, Duration::from_secs(5));
+    }
+    held.write_all(b"still here\n").unwrap();
+    assert_eq!(read_line(&mut held), "still here");
+}
+
+#[test]
+fn a_reset_from_the_backend_resets_the_client() {
+    let b = Backend::spawn(|s| {
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        let mut s = s;
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        drop(s); // RST
+        String::new()
+    });
+    let port = free_port();
+    let sl = Sluice::start("reset", &proxy_config(port, &[b.addr.to_string()], ""));
+    let mut c = connect(addr(port));
+    c.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 16];
+    let r = c.read(&mut buf);
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    let a = sl.wait_access(1, Duration::from_secs(5));
+    assert_eq!(a[0]["end"], "backend_reset");
+}
