@@ -132,18 +132,22 @@ pub struct ProxyConn {
     pub deadline: Instant,
     /// Which side sent the first FIN.
     first_fin: Option<Side>,
+    /// Flow totals already added to the route counters:
+    /// (up spliced, up copied, down spliced, down copied).
+    reported: [u64; 4],
 }
 
 impl ProxyConn {
     /// Start a connection for an accepted client: register it and begin
-    /// connecting to a backend. `Err` means it ended already (no backend).
+    /// connecting to a backend. An `End` means it is over already (no
+    /// backend could be tried): close it.
     pub fn start(
         route: Arc<RouteRt>,
         key: usize,
         client: TcpStream,
         peer: SocketAddr,
         ctx: &mut Ctx,
-    ) -> Result<ProxyConn, (ProxyConn, End)> {
+    ) -> (ProxyConn, Option<End>) {
         let p = route.proxy().expect("proxy route");
         let params = FlowParams {
             strategy: p.strategy,
@@ -167,6 +171,7 @@ impl ProxyConn {
             started: ctx.now,
             deadline: ctx.now,
             first_fin: None,
+            reported: [0; 4],
             route,
         };
         let _ = conn.client.set_nodelay(true);
@@ -175,13 +180,14 @@ impl ProxyConn {
             token(key, Side::Client),
             Interest::READABLE | Interest::WRITABLE,
         ) {
-            log::warn!("route {}: cannot register client {peer}: {e}", conn.route.cfg.name);
-            return Err((conn, End::ClientError));
+            log::warn!(
+                "route {}: cannot register client {peer}: {e}",
+                conn.route.cfg.name
+            );
+            return (conn, Some(End::ClientError));
         }
-        match conn.connect_next(ctx) {
-            Ok(()) => Ok(conn),
-            Err(end) => Err((conn, end)),
-        }
+        let end = conn.connect_next(ctx).err();
+        (conn, end)
     }
 
     pub fn route(&self) -> &Arc<RouteRt> {
@@ -191,7 +197,10 @@ impl ProxyConn {
     /// Try backends in balance order until a non-blocking connect starts.
     fn connect_next(&mut self, ctx: &mut Ctx) -> Result<(), End> {
         let connect_timeout = self.route.proxy().expect("proxy route").connect_timeout;
-        while let Some(i) = self.route.pick(self.peer.ip(), &mut self.first, &mut self.next, ctx.rng) {
+        while let Some(i) =
+            self.route
+                .pick(self.peer.ip(), &mut self.first, &mut self.next, ctx.rng)
+        {
             let b = &self.route.backends[i];
             match TcpStream::connect(b.addr) {
                 Ok(mut s) => {
@@ -242,7 +251,9 @@ impl ProxyConn {
     fn retry(&mut self, e: io::Error, ctx: &mut Ctx) -> Option<End> {
         if let (Some(mut s), Some(i)) = (self.backend.take(), self.bidx.take()) {
             let _ = ctx.registry.deregister(&mut s);
-            self.route.backends[i].active.fetch_sub(1, Ordering::Relaxed);
+            self.route.backends[i]
+                .active
+                .fetch_sub(1, Ordering::Relaxed);
             self.connect_failed(i, e, ctx);
         }
         self.connecting = false;
@@ -301,17 +312,25 @@ impl ProxyConn {
             pipes: ctx.pools.pipes,
             bufs: ctx.pools.bufs,
         };
-        let up = self
-            .up
-            .run(&self.client, &mut self.cr, backend, &mut self.br, &mut pools);
+        let up = self.up.run(
+            &self.client,
+            &mut self.cr,
+            backend,
+            &mut self.br,
+            &mut pools,
+        );
         let up = match up {
             Ok(n) => n,
             Err(FlowError::Read(e)) => return Some(self.fail(Side::Client, &e)),
             Err(FlowError::Write(e)) => return Some(self.fail(Side::Backend, &e)),
         };
-        let down = self
-            .down
-            .run(backend, &mut self.br, &self.client, &mut self.cr, &mut pools);
+        let down = self.down.run(
+            backend,
+            &mut self.br,
+            &self.client,
+            &mut self.cr,
+            &mut pools,
+        );
         let down = match down {
             Ok(n) => n,
             Err(FlowError::Read(e)) => return Some(self.fail(Side::Backend, &e)),
@@ -319,6 +338,7 @@ impl ProxyConn {
         };
         if up + down > 0 {
             self.deadline = ctx.now + self.route.cfg.idle_timeout;
+            self.report(ctx.worker);
         }
         if self.first_fin.is_none() {
             if self.up.eof {
@@ -341,9 +361,16 @@ impl ProxyConn {
     fn fail(&mut self, side: Side, e: &io::Error) -> End {
         let reset = matches!(
             e.kind(),
-            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionAborted
         );
-        log::debug!("route {}: client {}: {:?} side error: {e}", self.route.cfg.name, self.peer, side);
+        log::debug!(
+            "route {}: client {}: {:?} side error: {e}",
+            self.route.cfg.name,
+            self.peer,
+            side
+        );
         if reset {
             let other = match side {
                 Side::Client => self.backend.as_ref(),
@@ -373,6 +400,25 @@ impl ProxyConn {
         Some(End::IdleTimeout)
     }
 
+    /// Add the bytes moved since the last report to the route counters,
+    /// so /metrics sees long transfers while they run.
+    fn report(&mut self, worker: usize) {
+        let now = [
+            self.up.spliced,
+            self.up.copied,
+            self.down.spliced,
+            self.down.copied,
+        ];
+        let r = self.reported;
+        let d = [now[0] - r[0], now[1] - r[1], now[2] - r[2], now[3] - r[3]];
+        self.reported = now;
+        let c = self.route.shared.stats.slot(worker);
+        Counters::add(&c.bytes_in, d[0] + d[1]);
+        Counters::add(&c.bytes_out, d[2] + d[3]);
+        Counters::add(&c.bytes_splice, d[0] + d[2]);
+        Counters::add(&c.bytes_copy, d[1] + d[3]);
+    }
+
     /// Close both sockets, release pipes and buffers, count and log.
     pub fn close(mut self, end: End, ctx: &mut Ctx) {
         let mut pools = Pools {
@@ -386,17 +432,17 @@ impl ProxyConn {
             let _ = ctx.registry.deregister(b);
         }
         if let Some(i) = self.bidx {
-            self.route.backends[i].active.fetch_sub(1, Ordering::Relaxed);
+            self.route.backends[i]
+                .active
+                .fetch_sub(1, Ordering::Relaxed);
         }
         if end == End::IdleTimeout || end == End::Shutdown {
             // Nobody is waiting for a graceful FIN exchange any more.
-            let _ = socket2::SockRef::from(&self.client).set_linger(Some(std::time::Duration::ZERO));
+            let _ =
+                socket2::SockRef::from(&self.client).set_linger(Some(std::time::Duration::ZERO));
         }
+        self.report(ctx.worker);
         let c = self.route.shared.stats.slot(ctx.worker);
-        Counters::add(&c.bytes_in, self.up.spliced + self.up.copied);
-        Counters::add(&c.bytes_out, self.down.spliced + self.down.copied);
-        Counters::add(&c.bytes_splice, self.up.spliced + self.down.spliced);
-        Counters::add(&c.bytes_copy, self.up.copied + self.down.copied);
         let fallback = self.up.fallback.or(self.down.fallback);
         match fallback {
             Some(Fallback::NoPipe) => Counters::inc(&c.fallback_no_pipe),

@@ -7,9 +7,9 @@
 //! without them a down backend is given another chance once `interval`
 //! has passed since it went down, so a route never stays dark for good.
 
+use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use std::sync::OnceLock;
 
 use crate::route::{BackendRt, RouteRt};
 
@@ -29,7 +29,9 @@ pub fn passive_failure(route: &RouteRt, i: usize) {
         b.rises.store(0, Ordering::Relaxed);
         log::warn!(
             "route {}: backend {} ({}) is DOWN after {fails} failed connects in a row",
-            route.cfg.name, b.name, b.addr
+            route.cfg.name,
+            b.name,
+            b.addr
         );
     }
 }
@@ -47,7 +49,12 @@ pub fn maybe_retry(b: &BackendRt, interval: Duration) -> bool {
         b.down_at.store(0, Ordering::Relaxed);
         b.fails.store(0, Ordering::Relaxed);
         b.up.store(true, Ordering::Relaxed);
-        log::info!("backend {} ({}) is given another try after {:?} down", b.name, b.addr, interval);
+        log::info!(
+            "backend {} ({}) is given another try after {:?} down",
+            b.name,
+            b.addr,
+            interval
+        );
         return true;
     }
     false

@@ -23,7 +23,11 @@ use clap::{Parser, Subcommand};
 const DEFAULT_CONFIG: &str = "/etc/sluice/sluice.toml";
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Zero-copy TCP proxy and file-to-socket relay")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Zero-copy TCP proxy and file-to-socket relay"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -166,14 +166,21 @@ impl RouteRt {
 
     fn first_choice(&self, client: IpAddr, rng: &mut u64) -> usize {
         let n = self.backends.len();
-        let balance = self.proxy().map(|p| p.balance).unwrap_or(Balance::RoundRobin);
+        let balance = self
+            .proxy()
+            .map(|p| p.balance)
+            .unwrap_or(Balance::RoundRobin);
         match balance {
             Balance::RoundRobin => {
                 // Start from the next up backend after the counter so that a
                 // down backend does not double its neighbour's share.
                 let c = self.shared.rr.fetch_add(1, Ordering::Relaxed);
                 let up: Vec<usize> = (0..n).filter(|&i| self.backends[i].is_up()).collect();
-                if up.is_empty() { c % n } else { up[c % up.len()] }
+                if up.is_empty() {
+                    c % n
+                } else {
+                    up[c % up.len()]
+                }
             }
             Balance::LeastConnections => {
                 let c = self.shared.rr.fetch_add(1, Ordering::Relaxed);
@@ -188,7 +195,11 @@ impl RouteRt {
                 client.hash(&mut h);
                 let up: Vec<usize> = (0..n).filter(|&i| self.backends[i].is_up()).collect();
                 let k = h.finish() as usize;
-                if up.is_empty() { k % n } else { up[k % up.len()] }
+                if up.is_empty() {
+                    k % n
+                } else {
+                    up[k % up.len()]
+                }
             }
             Balance::Random => (xorshift(rng) % n as u64) as usize,
         }

@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -82,7 +82,8 @@ impl Server {
         let mut workers = Vec::new();
         for id in 0..cfg.global.workers {
             let poll = Poll::new().map_err(|e| StartError(format!("cannot create a poll: {e}")))?;
-            let waker = worker::waker(&poll).map_err(|e| StartError(format!("cannot create a waker: {e}")))?;
+            let waker = worker::waker(&poll)
+                .map_err(|e| StartError(format!("cannot create a waker: {e}")))?;
             let (tx, rx) = mpsc::channel();
             let w = Worker::new(id, poll, rx, shared.clone(), generation.clone())
                 .map_err(|e| StartError(format!("worker {id}: {e}")))?;
@@ -132,7 +133,10 @@ impl Server {
                 return 1;
             }
         };
-        if let Err(e) = poll.registry().register(&mut signals, SIGNALS, Interest::READABLE) {
+        if let Err(e) = poll
+            .registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+        {
             log::error!("cannot watch signals: {e}");
             return 1;
         }
@@ -141,11 +145,11 @@ impl Server {
         let mut stopping: Option<Instant> = None;
         loop {
             let timeout = stopping.map(|_| Duration::from_millis(50));
-            if let Err(e) = poll.poll(&mut events, timeout) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    log::error!("main poll failed: {e}");
-                    return 1;
-                }
+            if let Err(e) = poll.poll(&mut events, timeout)
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                log::error!("main poll failed: {e}");
+                return 1;
             }
             for ev in events.iter() {
                 if ev.token() == SIGNALS {
@@ -164,7 +168,12 @@ impl Server {
                     }
                 }
             }
-            if stopping.is_some() && self.workers.iter().all(|w| w.thread.as_ref().is_none_or(|t| t.is_finished())) {
+            if stopping.is_some()
+                && self
+                    .workers
+                    .iter()
+                    .all(|w| w.thread.as_ref().is_none_or(|t| t.is_finished()))
+            {
                 for w in &mut self.workers {
                     if let Some(t) = w.thread.take() {
                         let _ = t.join();
@@ -196,7 +205,12 @@ impl Server {
         let result = config::load(&self.path)
             .map_err(|e| e.to_string())
             .and_then(|cfg| {
-                let generation = build_generation(&cfg, self.generation.id + 1, Some(&self.generation), &mut self.sockets)?;
+                let generation = build_generation(
+                    &cfg,
+                    self.generation.id + 1,
+                    Some(&self.generation),
+                    &mut self.sockets,
+                )?;
                 Ok((cfg, generation))
             });
         match result {
@@ -263,7 +277,11 @@ fn build_generation(
     let mut fresh: Vec<SocketAddr> = Vec::new();
     for (ri, r) in cfg.routes.iter().enumerate() {
         let old = prev.and_then(|g| g.routes.iter().find(|o| o.cfg.name == r.name));
-        routes.push(Arc::new(RouteRt::new(r.clone(), workers, old.map(|a| &**a))));
+        routes.push(Arc::new(RouteRt::new(
+            r.clone(),
+            workers,
+            old.map(|a| &**a),
+        )));
         for addr in &r.listen {
             let sock = match sockets.get(addr) {
                 Some(s) => s.clone(),

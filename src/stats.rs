@@ -81,7 +81,10 @@ impl Stats {
 
     /// Sum of one counter over all slots.
     pub fn sum(&self, f: impl Fn(&Counters) -> &AtomicU64) -> u64 {
-        self.slots.iter().map(|c| f(c).load(Ordering::Relaxed)).sum()
+        self.slots
+            .iter()
+            .map(|c| f(c).load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Open connections, all workers together.

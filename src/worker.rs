@@ -126,7 +126,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(id: usize, poll: Poll, rx: Receiver<Cmd>, shared: Arc<Shared>, generation: Arc<Generation>) -> io::Result<Self> {
+    pub fn new(
+        id: usize,
+        poll: Poll,
+        rx: Receiver<Cmd>,
+        shared: Arc<Shared>,
+        generation: Arc<Generation>,
+    ) -> io::Result<Self> {
         let pipes = PipePool::new(shared.pipes.clone());
         let mut w = Worker {
             id,
@@ -154,9 +160,11 @@ impl Worker {
         self.unlisten();
         for (i, l) in generation.listeners.iter().enumerate() {
             let mut sock = TcpListener::from_std(l.sock.try_clone()?);
-            self.poll
-                .registry()
-                .register(&mut sock, Token(LISTENER_BASE + i), Interest::READABLE)?;
+            self.poll.registry().register(
+                &mut sock,
+                Token(LISTENER_BASE + i),
+                Interest::READABLE,
+            )?;
             self.listeners.push(Listener {
                 sock,
                 route: generation.routes[l.route].clone(),
@@ -187,11 +195,11 @@ impl Worker {
             } else {
                 Some(Duration::ZERO)
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    log::error!("worker {}: poll failed: {e}", self.id);
-                    return;
-                }
+            if let Err(e) = self.poll.poll(&mut events, timeout)
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                log::error!("worker {}: poll failed: {e}", self.id);
+                return;
             }
             let now = Instant::now();
             for ev in events.iter() {
@@ -268,7 +276,10 @@ impl Worker {
         }
         let pending = std::mem::take(&mut self.backlog);
         for i in pending {
-            if i < self.listeners.len() && self.listeners[i].paused_until.is_none() && self.accept(i, now) {
+            if i < self.listeners.len()
+                && self.listeners[i].paused_until.is_none()
+                && self.accept(i, now)
+            {
                 self.backlog.push(i);
             }
         }
@@ -328,14 +339,13 @@ impl Worker {
             worker: self.id,
             rng: &mut self.rng,
         };
-        let sess = match ProxyConn::start(route.clone(), key, stream, peer, &mut ctx) {
-            Ok(conn) => Session::Proxy(conn),
-            Err((conn, end)) => {
-                conn.close(end, &mut ctx);
-                self.release(&route, peer);
-                return;
-            }
-        };
+        let (conn, end) = ProxyConn::start(route.clone(), key, stream, peer, &mut ctx);
+        if let Some(end) = end {
+            conn.close(end, &mut ctx);
+            self.release(&route, peer);
+            return;
+        }
+        let sess = Session::Proxy(conn);
         let mut entry = Entry {
             id,
             scheduled: now,
@@ -352,7 +362,9 @@ impl Worker {
     fn refuse(&self, route: &RouteRt, peer: SocketAddr) -> Option<End> {
         let ip = peer.ip();
         let cfg = &route.cfg;
-        if cfg.deny.iter().any(|n| n.contains(&ip)) || (!cfg.allow.is_empty() && !cfg.allow.iter().any(|n| n.contains(&ip))) {
+        if cfg.deny.iter().any(|n| n.contains(&ip))
+            || (!cfg.allow.is_empty() && !cfg.allow.iter().any(|n| n.contains(&ip)))
+        {
             return Some(End::Denied);
         }
         if self.shared.active.fetch_add(1, Ordering::AcqRel) >= self.generation.max_connections {
@@ -365,7 +377,11 @@ impl Worker {
             return Some(End::Limited);
         }
         if cfg.max_connections_per_ip > 0 {
-            let mut m = route.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let mut m = route
+                .shared
+                .per_ip
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let n = m.entry(ip).or_insert(0);
             if *n >= cfg.max_connections_per_ip {
                 drop(m);
@@ -382,9 +398,18 @@ impl Worker {
     fn release(&self, route: &RouteRt, peer: SocketAddr) {
         self.shared.active.fetch_sub(1, Ordering::AcqRel);
         route.shared.active.fetch_sub(1, Ordering::AcqRel);
-        route.shared.stats.slot(self.id).active.fetch_sub(1, Ordering::Relaxed);
+        route
+            .shared
+            .stats
+            .slot(self.id)
+            .active
+            .fetch_sub(1, Ordering::Relaxed);
         if route.cfg.max_connections_per_ip > 0 {
-            let mut m = route.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let mut m = route
+                .shared
+                .per_ip
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if let Some(n) = m.get_mut(&peer.ip()) {
                 *n -= 1;
                 if *n == 0 {
@@ -409,8 +434,14 @@ impl Worker {
 
     fn conn_event(&mut self, t: usize, ev: &Event, now: Instant) {
         let key = t / 2;
-        let side = if t % 2 == 0 { Side::Client } else { Side::Backend };
-        let Some(mut entry) = self.slab.try_remove(key) else { return };
+        let side = if t.is_multiple_of(2) {
+            Side::Client
+        } else {
+            Side::Backend
+        };
+        let Some(mut entry) = self.slab.try_remove(key) else {
+            return;
+        };
         let mut ctx = self.ctx(now);
         let end = match &mut entry.sess {
             Session::Proxy(c) => c.on_event(side, ev, &mut ctx),

@@ -39,14 +39,25 @@ fn relay_both_ways(strategy: &str, len: u64) {
     let port = free_port();
     let sl = Sluice::start(
         &format!("relay-{strategy}"),
-        &proxy_config(port, &[b.addr.to_string()], &format!("strategy = \"{strategy}\"")),
+        &proxy_config(
+            port,
+            &[b.addr.to_string()],
+            &format!("strategy = \"{strategy}\""),
+        ),
     );
     let (sent, got) = exchange(connect(addr(port)), 1, len);
     // What the client received is what the backend sent (seed 2).
     let expect_down = send_data(&mut std::io::sink(), 2, len);
-    assert_eq!(got, expect_down, "{strategy}: backend → client bytes differ");
+    assert_eq!(
+        got, expect_down,
+        "{strategy}: backend → client bytes differ"
+    );
     let r = b.wait_results(1, Duration::from_secs(60));
-    assert_eq!(r[0], format!("{}:{:x?}", sent.len, sent.sha), "{strategy}: client → backend bytes differ");
+    assert_eq!(
+        r[0],
+        format!("{}:{:x?}", sent.len, sent.sha),
+        "{strategy}: client → backend bytes differ"
+    );
 
     let a = sl.wait_access(1, Duration::from_secs(10));
     let line = &a[0];
@@ -109,14 +120,21 @@ fn half_close_client_first(strategy: &str) {
     let port = free_port();
     let sl = Sluice::start(
         "half-client",
-        &proxy_config(port, &[b.addr.to_string()], &format!("strategy = \"{strategy}\"")),
+        &proxy_config(
+            port,
+            &[b.addr.to_string()],
+            &format!("strategy = \"{strategy}\""),
+        ),
     );
     let mut c = connect(addr(port));
     c.write_all(b"request then FIN").unwrap();
     c.shutdown(Shutdown::Write).unwrap();
     let got = recv_data(&mut c);
     assert_eq!(got, send_data(&mut std::io::sink(), 7, 4 * MIB));
-    assert_eq!(b.wait_results(1, Duration::from_secs(10))[0], "request then FIN");
+    assert_eq!(
+        b.wait_results(1, Duration::from_secs(10))[0],
+        "request then FIN"
+    );
     let a = sl.wait_access(1, Duration::from_secs(10));
     assert_eq!(a[0]["end"], "client_closed");
     assert_eq!(a[0]["bytes_out"], (4 * MIB).to_string());
@@ -134,7 +152,11 @@ fn half_close_backend_first(strategy: &str) {
     let port = free_port();
     let sl = Sluice::start(
         "half-backend",
-        &proxy_config(port, &[b.addr.to_string()], &format!("strategy = \"{strategy}\"")),
+        &proxy_config(
+            port,
+            &[b.addr.to_string()],
+            &format!("strategy = \"{strategy}\""),
+        ),
     );
     let mut c = connect(addr(port));
     let mut banner = Vec::new();
@@ -178,7 +200,11 @@ fn fails_over_to_the_second_backend_when_the_first_refuses() {
     let port = free_port();
     let sl = Sluice::start(
         "failover",
-        &proxy_config(port, &[dead.clone(), live.addr.to_string()], "balance = \"round-robin\""),
+        &proxy_config(
+            port,
+            &[dead.clone(), live.addr.to_string()],
+            "balance = \"round-robin\"",
+        ),
     );
     for _ in 0..3 {
         let mut c = connect(addr(port));
@@ -189,15 +215,22 @@ fn fails_over_to_the_second_backend_when_the_first_refuses() {
         assert_eq!(read_line(&mut c), "", "closed after the client's FIN");
     }
     let a = sl.wait_access(3, Duration::from_secs(5));
-    assert!(a.iter().all(|l| l["backend"] == live.addr.to_string()), "{a:?}");
-    assert!(sl.count_log(&format!("backend {dead} ({dead}) connect failed")) >= 1, "failure logged");
+    assert!(
+        a.iter().all(|l| l["backend"] == live.addr.to_string()),
+        "{a:?}"
+    );
+    assert!(
+        sl.count_log(&format!("backend {dead} ({dead}) connect failed")) >= 1,
+        "failure logged"
+    );
 }
 
 /// A listener whose accept queue is full: further SYNs are dropped, so a
 /// connect to it hangs until the proxy's connect_timeout.
 fn blackhole() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
     s.listen(0).unwrap();
     let a = s.local_addr().unwrap().as_socket().unwrap();
     let mut fill = Vec::new();
@@ -216,12 +249,19 @@ fn connect_timeout_moves_on_to_the_next_backend() {
     let port = free_port();
     let sl = Sluice::start(
         "connect-timeout",
-        &proxy_config(port, &[hole.to_string(), live.addr.to_string()], "connect_timeout = \"300ms\""),
+        &proxy_config(
+            port,
+            &[hole.to_string(), live.addr.to_string()],
+            "connect_timeout = \"300ms\"",
+        ),
     );
     let t = Instant::now();
     let mut c = connect(addr(port));
     assert_eq!(read_line(&mut c), "live");
-    assert!(t.elapsed() >= Duration::from_millis(250), "waited for the timeout first");
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "waited for the timeout first"
+    );
     assert!(sl.count_log("connect_timeout expired") >= 1);
 }
 
@@ -271,7 +311,10 @@ fn idle_timeout_closes_a_silent_connection() {
     let n = c.read(&mut buf).unwrap_or(0); // EOF or reset, not data
     assert_eq!(n, 0);
     let waited = t.elapsed();
-    assert!(waited >= Duration::from_millis(200), "closed too early: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(200),
+        "closed too early: {waited:?}"
+    );
     let a = sl.wait_access(1, Duration::from_secs(5));
     assert_eq!(a[0]["end"], "idle_timeout");
 }
@@ -304,14 +347,20 @@ fn an_exhausted_pipe_pool_falls_back_to_copy_byte_exact() {
     let mut r = b.wait_results(6, Duration::from_secs(60));
     r.sort();
     sent_all.sort();
-    assert_eq!(r, sent_all, "every client's bytes reached the backend exactly");
+    assert_eq!(
+        r, sent_all,
+        "every client's bytes reached the backend exactly"
+    );
     let a = sl.wait_access(6, Duration::from_secs(10));
     let spliced: u64 = a.iter().map(|l| l["spliced"].parse::<u64>().unwrap()).sum();
     let copied: u64 = a.iter().map(|l| l["copied"].parse::<u64>().unwrap()).sum();
     assert_eq!(spliced + copied, 12 * len);
     assert!(spliced > 0, "the one pipe was used");
     assert!(copied > 0, "the others copied");
-    assert!(a.iter().any(|l| l["fallback"] == "no_pipe"), "fallback counted");
+    assert!(
+        a.iter().any(|l| l["fallback"] == "no_pipe"),
+        "fallback counted"
+    );
 }
 
 fn who(port: u16, from: [u8; 4]) -> String {
@@ -328,7 +377,10 @@ fn balanced(balance: &str, n: usize) -> (Vec<String>, Sluice, u16) {
     let bs: Vec<Backend> = names.iter().map(|n| Backend::named(n)).collect();
     let port = free_port();
     let list: Vec<String> = bs.iter().map(|b| b.addr.to_string()).collect();
-    let sl = Sluice::start("balance", &proxy_config(port, &list, &format!("balance = \"{balance}\"")));
+    let sl = Sluice::start(
+        "balance",
+        &proxy_config(port, &list, &format!("balance = \"{balance}\"")),
+    );
     let got = (0..n).map(|_| who(port, [127, 0, 0, 1])).collect();
     std::mem::forget(bs);
     (got, sl, port)
@@ -369,7 +421,10 @@ fn least_connections_avoids_the_busy_backend() {
     let bs: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::named(n)).collect();
     let port = free_port();
     let list: Vec<String> = bs.iter().map(|b| b.addr.to_string()).collect();
-    let sl = Sluice::start("leastconn", &proxy_config(port, &list, "balance = \"least-connections\""));
+    let sl = Sluice::start(
+        "leastconn",
+        &proxy_config(port, &list, "balance = \"least-connections\""),
+    );
     // Hold one connection open on whichever backend it lands on.
     let mut held = connect(addr(port));
     let busy = read_line(&mut held);
@@ -389,7 +444,9 @@ fn least_connections_avoids_the_busy_backend() {
 #[test]
 fn a_reset_from_the_backend_resets_the_client() {
     let b = Backend::spawn(|s| {
-        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
         let mut s = s;
         let mut buf = [0u8; 5];
         s.read_exact(&mut buf).unwrap();

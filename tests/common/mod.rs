@@ -112,10 +112,16 @@ impl Sluice {
             }
             if let Ok(Some(st)) = self.child.try_wait() {
                 thread::sleep(Duration::from_millis(50));
-                panic!("sluice exited ({st}) before logging {needle:?}:\n{}", self.logs().join("\n"));
+                panic!(
+                    "sluice exited ({st}) before logging {needle:?}:\n{}",
+                    self.logs().join("\n")
+                );
             }
             if Instant::now() > end {
-                panic!("no log line with {needle:?} within {timeout:?}:\n{}", self.logs().join("\n"));
+                panic!(
+                    "no log line with {needle:?} within {timeout:?}:\n{}",
+                    self.logs().join("\n")
+                );
             }
             thread::sleep(Duration::from_millis(10));
         }
@@ -144,7 +150,11 @@ impl Sluice {
                 return a;
             }
             if Instant::now() > end {
-                panic!("{} access lines, wanted {n}:\n{}", a.len(), self.logs().join("\n"));
+                panic!(
+                    "{} access lines, wanted {n}:\n{}",
+                    a.len(),
+                    self.logs().join("\n")
+                );
             }
             thread::sleep(Duration::from_millis(10));
         }
