@@ -1,0 +1,430 @@
+//! Validation of one `[[route]]`: decide whether it is a proxy route
+//! (`backends`) or a file route (`file` or `root`), reject keys that do not
+//! fit that kind, and fill in the per-kind defaults.
+//!
+//! Checks that involve several routes (unique names, listen conflicts) live
+//! in `validate`; this file only sees one route and the global settings.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::error::{ConfigError, Source};
+use super::schema::{RawHealth, RawRoute};
+use super::values::{self, Want};
+use super::{
+    Backend, Balance, FileRoute, FileSource, FileStrategy, Global, Health, Protocol, ProxyRoute,
+    ProxyStrategy, ProxyVersion, Route, RouteKind,
+};
+
+const MIB: usize = 1 << 20;
+/// Largest pipe_size accepted: F_SETPIPE_SZ takes an int, and real kernel
+/// limits (fs.pipe-max-size) are far below this anyway.
+const MAX_PIPE_SIZE: u64 = 1 << 30;
+
+pub const PROXY_STRATEGIES: &[(&str, ProxyStrategy)] = &[
+    ("splice", ProxyStrategy::Splice),
+    ("copy", ProxyStrategy::Copy),
+    ("auto", ProxyStrategy::Auto),
+];
+pub const FILE_STRATEGIES: &[(&str, FileStrategy)] = &[
+    ("sendfile", FileStrategy::Sendfile),
+    ("mmap", FileStrategy::Mmap),
+    ("splice", FileStrategy::Splice),
+    ("copy", FileStrategy::Copy),
+];
+const BALANCES: &[(&str, Balance)] = &[
+    ("round-robin", Balance::RoundRobin),
+    ("least-connections", Balance::LeastConnections),
+    ("source-hash", Balance::SourceHash),
+    ("random", Balance::Random),
+];
+const PROXY_VERSIONS: &[(&str, ProxyVersion)] =
+    &[("v1", ProxyVersion::V1), ("v2", ProxyVersion::V2)];
+const PROTOCOLS: &[(&str, Protocol)] = &[("http", Protocol::Http), ("raw", Protocol::Raw)];
+
+/// Validate route `raw` (already named `name`; its listen addresses are
+/// resolved by the caller and passed in). `base` is the config file's folder.
+pub fn route(
+    src: &Source,
+    raw: &Spanned<RawRoute>,
+    name: &str,
+    listen: Vec<SocketAddr>,
+    global: &Global,
+    base: &Path,
+) -> Result<Route, ConfigError> {
+    let r = raw.get_ref();
+    let label = format!("route {name:?}");
+    let kind = match (&r.backends, &r.file, &r.root) {
+        (_, Some(_), Some(root)) => {
+            return Err(src.error(
+                &root.span(),
+                format!(
+                    "{label} has both `file` and `root`: use `file` to serve one file \
+                     or `root` to serve a folder, not both"
+                ),
+            ));
+        }
+        (Some(_), Some(other), None) | (Some(_), None, Some(other)) => {
+            let key = if r.file.is_some() { "file" } else { "root" };
+            return Err(src.error(
+                &other.span(),
+                format!(
+                    "{label} has both `backends` and `{key}`: a route either proxies \
+                     to backends or serves files, not both"
+                ),
+            ));
+        }
+        (None, None, None) => {
+            return Err(src.error(
+                &raw.span(),
+                format!(
+                    "{label} has nothing to serve: expected `backends` (a proxy route) \
+                     or `file` / `root` (a file route)"
+                ),
+            ));
+        }
+        (Some(_), None, None) => proxy(src, r, &label, base)?,
+        (None, Some(path), None) => file(src, r, &label, base, Want::File, path)?,
+        (None, None, Some(path)) => file(src, r, &label, base, Want::Dir, path)?,
+    };
+    let default_idle = match kind {
+        RouteKind::Proxy(_) => Duration::from_secs(300),
+        RouteKind::File(_) => Duration::from_secs(60),
+    };
+    Ok(Route {
+        name: name.to_string(),
+        listen,
+        kind,
+        idle_timeout: values::positive_duration(
+            src,
+            "idle_timeout",
+            r.idle_timeout.as_ref(),
+            default_idle,
+        )?,
+        max_connections: values::count_usize(
+            src,
+            "max_connections",
+            r.max_connections.as_ref(),
+            global.max_connections,
+            1,
+        )?,
+        max_connections_per_ip: values::count_usize(
+            src,
+            "max_connections_per_ip",
+            r.max_connections_per_ip.as_ref(),
+            0,
+            0,
+        )?,
+        allow: values::networks(src, "allow", r.allow.as_ref())?,
+        deny: values::networks(src, "deny", r.deny.as_ref())?,
+        accept_proxy: r.accept_proxy.as_ref().is_some_and(|v| *v.get_ref()),
+        header_timeout: values::positive_duration(
+            src,
+            "header_timeout",
+            r.header_timeout.as_ref(),
+            Duration::from_secs(10),
+        )?,
+    })
+}
+
+fn span<T>(value: &Option<Spanned<T>>) -> Option<Range<usize>> {
+    value.as_ref().map(Spanned::span)
+}
+
+/// Reject the first of `keys` that is present: they belong to the other
+/// kind of route.
+fn reject_keys(
+    src: &Source,
+    label: &str,
+    keys: &[(&str, Option<Range<usize>>)],
+    this_kind: &str,
+) -> Result<(), ConfigError> {
+    let (other_kind, because) = if this_kind == "proxy" {
+        ("file", "it has `backends`")
+    } else {
+        ("proxy", "it has `file` or `root`")
+    };
+    match keys
+        .iter()
+        .find_map(|(key, span)| span.as_ref().map(|s| (key, s)))
+    {
+        Some((key, span)) => Err(src.error(
+            span,
+            format!(
+                "`{key}` only applies to {other_kind} routes; \
+                 {label} is a {this_kind} route ({because})"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The strategy for a route of one kind, with a specific message when the
+/// value is valid for the other kind.
+fn strategy<T: Copy, U>(
+    src: &Source,
+    label: &str,
+    value: Option<&Spanned<String>>,
+    ours: &[(&str, T)],
+    theirs: &[(&str, U)],
+    kind: (&str, &str),
+    default: T,
+) -> Result<T, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let text = value.get_ref().as_str();
+    if let Some((_, s)) = ours.iter().find(|(n, _)| *n == text) {
+        return Ok(*s);
+    }
+    let (this_kind, other_kind) = kind;
+    let message = if theirs.iter().any(|(n, _)| *n == text) {
+        format!(
+            "strategy {text:?} is for {other_kind} routes; \
+             {label} is a {this_kind} route: expected one of: {}",
+            values::names(ours)
+        )
+    } else {
+        format!(
+            "invalid strategy {text:?} for {this_kind} {label}: expected one of: {}",
+            values::names(ours)
+        )
+    };
+    Err(src.error(&value.span(), message))
+}
+
+fn proxy(src: &Source, r: &RawRoute, label: &str, base: &Path) -> Result<RouteKind, ConfigError> {
+    reject_keys(
+        src,
+        label,
+        &[
+            ("protocol", span(&r.protocol)),
+            ("index", span(&r.index)),
+            ("send_chunk", span(&r.send_chunk)),
+            ("dotfiles", span(&r.dotfiles)),
+        ],
+        "proxy",
+    )?;
+    let mut backends = Vec::new();
+    if let Some(list) = &r.backends {
+        if list.get_ref().is_empty() {
+            return Err(src.error(
+                &list.span(),
+                format!(
+                    "{label} has an empty `backends` list: \
+                     expected at least one address like \"127.0.0.1:9000\""
+                ),
+            ));
+        }
+        for (addr, name, span) in values::addresses(src, "backend", list)? {
+            if addr.port() == 0 {
+                return Err(src.error(
+                    &span,
+                    format!("backend {name:?} has port 0: expected a port from 1 to 65535"),
+                ));
+            }
+            backends.push(Backend { name, addr });
+        }
+    }
+    let fallback_file = match &r.fallback_file {
+        Some(v) => Some(values::existing_path(
+            src,
+            "fallback_file",
+            v,
+            base,
+            Want::File,
+        )?),
+        None => None,
+    };
+    if let (Some(v), None) = (&r.fallback_strategy, &fallback_file) {
+        return Err(src.error(
+            &v.span(),
+            format!("`fallback_strategy` needs `fallback_file`, which {label} does not set"),
+        ));
+    }
+    Ok(RouteKind::Proxy(ProxyRoute {
+        backends,
+        strategy: strategy(
+            src,
+            label,
+            r.strategy.as_ref(),
+            PROXY_STRATEGIES,
+            FILE_STRATEGIES,
+            ("proxy", "file"),
+            ProxyStrategy::Auto,
+        )?,
+        balance: values::choice_or(
+            src,
+            "balance",
+            r.balance.as_ref(),
+            BALANCES,
+            Balance::RoundRobin,
+        )?,
+        connect_timeout: values::positive_duration(
+            src,
+            "connect_timeout",
+            r.connect_timeout.as_ref(),
+            Duration::from_secs(3),
+        )?,
+        pipe_size: values::size(src, "pipe_size", r.pipe_size.as_ref(), MIB, MAX_PIPE_SIZE)?,
+        buffer_size: values::size(
+            src,
+            "buffer_size",
+            r.buffer_size.as_ref(),
+            64 * 1024,
+            u64::MAX,
+        )?,
+        send_proxy: match &r.send_proxy {
+            Some(v) => Some(values::choice(src, "send_proxy", v, PROXY_VERSIONS)?),
+            None => None,
+        },
+        health: health(src, r.health.as_ref())?,
+        fallback_file,
+        file_strategy: values::choice_or(
+            src,
+            "fallback_strategy",
+            r.fallback_strategy.as_ref(),
+            FILE_STRATEGIES,
+            FileStrategy::Sendfile,
+        )?,
+    }))
+}
+
+fn health(src: &Source, raw: Option<&Spanned<RawHealth>>) -> Result<Health, ConfigError> {
+    let h = raw.map(Spanned::get_ref);
+    let max = u64::from(u32::MAX);
+    let to_u32 = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    Ok(Health {
+        active: raw.is_some(),
+        interval: values::positive_duration(
+            src,
+            "interval",
+            h.and_then(|h| h.interval.as_ref()),
+            Duration::from_secs(2),
+        )?,
+        timeout: values::positive_duration(
+            src,
+            "timeout",
+            h.and_then(|h| h.timeout.as_ref()),
+            Duration::from_secs(1),
+        )?,
+        rise: to_u32(values::count(
+            src,
+            "rise",
+            h.and_then(|h| h.rise.as_ref()),
+            2,
+            1,
+            max,
+        )?),
+        fall: to_u32(values::count(
+            src,
+            "fall",
+            h.and_then(|h| h.fall.as_ref()),
+            3,
+            1,
+            max,
+        )?),
+    })
+}
+
+/// A file route serving `path`: one file (`Want::File`, from `file`) or a
+/// folder (`Want::Dir`, from `root`).
+fn file(
+    src: &Source,
+    r: &RawRoute,
+    label: &str,
+    base: &Path,
+    want: Want,
+    path: &Spanned<String>,
+) -> Result<RouteKind, ConfigError> {
+    reject_keys(
+        src,
+        label,
+        &[
+            ("balance", span(&r.balance)),
+            ("connect_timeout", span(&r.connect_timeout)),
+            ("send_proxy", span(&r.send_proxy)),
+            ("fallback_file", span(&r.fallback_file)),
+            ("fallback_strategy", span(&r.fallback_strategy)),
+            ("health", span(&r.health)),
+        ],
+        "file",
+    )?;
+    let protocol = values::choice_or(
+        src,
+        "protocol",
+        r.protocol.as_ref(),
+        PROTOCOLS,
+        Protocol::Http,
+    )?;
+    let source = match want {
+        Want::File => FileSource::File(values::existing_path(src, "file", path, base, want)?),
+        Want::Dir => {
+            if let (Protocol::Raw, Some(p)) = (protocol, &r.protocol) {
+                return Err(src.error(
+                    &p.span(),
+                    format!(
+                        "protocol \"raw\" needs `file`: a raw route sends one file as-is, \
+                         it cannot serve a folder (`root`); {label} sets `root`"
+                    ),
+                ));
+            }
+            FileSource::Root(values::existing_path(src, "root", path, base, want)?)
+        }
+    };
+    let root_only = |key: &str, value: Option<Range<usize>>| match (want, value) {
+        (Want::File, Some(span)) => Err(src.error(
+            &span,
+            format!(
+                "`{key}` only applies to routes that serve a folder (`root`); \
+                 {label} serves one `file`"
+            ),
+        )),
+        _ => Ok(()),
+    };
+    root_only("index", span(&r.index))?;
+    root_only("dotfiles", span(&r.dotfiles))?;
+    let index = match &r.index {
+        Some(v) => {
+            let name = v.get_ref();
+            if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                return Err(src.error(
+                    &v.span(),
+                    format!(
+                        "invalid index {name:?}: expected a file name like \"index.html\" (no '/')"
+                    ),
+                ));
+            }
+            Some(name.clone())
+        }
+        None => None,
+    };
+    Ok(RouteKind::File(FileRoute {
+        source,
+        protocol,
+        strategy: strategy(
+            src,
+            label,
+            r.strategy.as_ref(),
+            FILE_STRATEGIES,
+            PROXY_STRATEGIES,
+            ("file", "proxy"),
+            FileStrategy::Sendfile,
+        )?,
+        index,
+        send_chunk: values::size(src, "send_chunk", r.send_chunk.as_ref(), 2 * MIB, u64::MAX)?,
+        pipe_size: values::size(src, "pipe_size", r.pipe_size.as_ref(), MIB, MAX_PIPE_SIZE)?,
+        buffer_size: values::size(
+            src,
+            "buffer_size",
+            r.buffer_size.as_ref(),
+            64 * 1024,
+            u64::MAX,
+        )?,
+        dotfiles: r.dotfiles.as_ref().is_some_and(|v| *v.get_ref()),
+    }))
+}
