@@ -477,12 +477,9 @@ fn bad_addresses() {
         "3:10",
         "invalid listen address \"127.0.0.1\": the port is missing",
     );
-    // `.invalid` never resolves (RFC 6761).
-    rejects(
-        "[[route]]\nname = \"p\"\nlisten = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:2\", \"no-such-host.invalid:9000\"]\n",
-        "4:28",
-        "cannot resolve backend address \"no-such-host.invalid:9000\"",
-    );
+    // No test resolves an unknown host name: that would send a DNS query
+    // off this machine. Name resolution itself is exercised with
+    // `localhost`, which /etc/hosts answers.
     rejects(
         &format!("{PROXY}allow = [\"10.0.0.0/33\"]\n"),
         "5:10",
