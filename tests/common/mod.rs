@@ -47,6 +47,7 @@ pub struct Sluice {
     pub config: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
+    pid: u32,
 }
 
 impl Sluice {
@@ -58,9 +59,27 @@ impl Sluice {
     }
 
     pub fn start_in(dir: PathBuf, toml: &str, env: &[(&str, &str)]) -> Sluice {
+        Self::start_wrapped(dir, toml, env, &[])
+    }
+
+    /// Start sluice under a wrapper command (for example strace with fault
+    /// injection): `wrapper... sluice run --config FILE`.
+    pub fn start_wrapped(
+        dir: PathBuf,
+        toml: &str,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Sluice {
         let config = dir.join("sluice.toml");
         std::fs::write(&config, toml).unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(&config)
@@ -90,13 +109,17 @@ impl Sluice {
             config,
             log,
             reader: Some(reader),
+            pid: 0,
         };
-        s.wait_log("started", Duration::from_secs(10));
+        let line = s.wait_log("started (pid ", Duration::from_secs(10));
+        let tail = &line[line.find("started (pid ").unwrap() + 13..];
+        s.pid = tail[..tail.find(')').unwrap()].parse().unwrap();
         s
     }
 
+    /// The sluice process id (not the wrapper's, when there is one).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 
     pub fn logs(&self) -> Vec<String> {
@@ -163,7 +186,7 @@ impl Sluice {
     pub fn signal(&self, sig: &str) {
         let st = Command::new("kill")
             .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
+            .arg(self.pid.to_string())
             .status()
             .unwrap();
         assert!(st.success());
@@ -186,6 +209,12 @@ impl Sluice {
 
 impl Drop for Sluice {
     fn drop(&mut self) {
+        if self.pid != 0 && self.pid != self.child.id() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(self.pid.to_string())
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         if thread::panicking() {
