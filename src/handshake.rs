@@ -170,7 +170,7 @@ impl Handshake {
                     return Step::Done;
                 }
                 Ok(None) if self.len == MAX_HEADER => {
-                    let e = proxy_proto::HeaderError::TooLong(self.len);
+                    let e = proxy_proto::HeaderError::TooLong(MAX_HEADER);
                     return self.fail(End::BadProxyHeader, e.to_string());
                 }
                 Ok(None) => {}

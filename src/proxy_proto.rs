@@ -50,7 +50,8 @@ pub struct Received {
 pub enum HeaderError {
     /// Not a PROXY header, or a broken one (the parser's reason).
     Malformed(String),
-    /// Longer than sluice accepts (see `MAX_HEADER`).
+    /// Longer than the limit (bytes) for its version: 107 for v1 (the
+    /// spec's), `MAX_HEADER` for v2 (see the module doc).
     TooLong(usize),
 }
 
@@ -58,10 +59,9 @@ impl fmt::Display for HeaderError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HeaderError::Malformed(why) => write!(f, "malformed PROXY header: {why}"),
-            HeaderError::TooLong(n) => write!(
-                f,
-                "PROXY header of {n} bytes is longer than the {MAX_HEADER} sluice accepts"
-            ),
+            HeaderError::TooLong(max) => {
+                write!(f, "PROXY header longer than the {max} bytes allowed")
+            }
         }
     }
 }
@@ -73,18 +73,27 @@ pub fn parse(buf: &[u8]) -> Result<Option<Received>, HeaderError> {
     // after a space ("... 4242 ") for a bad port rather than a partial one.
     if buf.starts_with(b"PROXY") && !buf.contains(&b'\n') {
         return match buf.len() >= V1_MAX {
-            true => Err(HeaderError::TooLong(buf.len())),
+            true => Err(HeaderError::TooLong(V1_MAX)),
             false => Ok(None),
         };
     }
-    let res = HeaderResult::parse(buf);
+    let v2_sig = v2::PROTOCOL_PREFIX;
+    let res = if buf.starts_with(v2_sig) || v2_sig.starts_with(buf) {
+        HeaderResult::V2(v2::Header::try_from(buf))
+    } else if buf.starts_with(b"PROXY") || b"PROXY".starts_with(buf) {
+        HeaderResult::V1(ppp::v1::Header::try_from(buf))
+    } else {
+        return Err(HeaderError::Malformed(
+            "the stream starts with neither \"PROXY\" (v1) nor the v2 signature".into(),
+        ));
+    };
     if res.is_incomplete() {
         // A v2 header announces its length up front: refuse a long one at
         // once rather than waiting for bytes that would not fit.
         if let HeaderResult::V2(Err(v2::ParseError::Partial(_, len))) = &res
             && V2_FIXED + len > MAX_HEADER
         {
-            return Err(HeaderError::TooLong(V2_FIXED + len));
+            return Err(HeaderError::TooLong(MAX_HEADER));
         }
         return Ok(None);
     }
@@ -128,7 +137,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Received>, HeaderError> {
         }
         HeaderResult::V1(Err(ppp::v1::BinaryParseError::Parse(
             ppp::v1::ParseError::HeaderTooLong,
-        ))) => Err(HeaderError::TooLong(buf.len())),
+        ))) => Err(HeaderError::TooLong(V1_MAX)),
         HeaderResult::V1(Err(e)) => Err(HeaderError::Malformed(e.to_string())),
         HeaderResult::V2(Err(e)) => Err(HeaderError::Malformed(e.to_string())),
     }
@@ -261,6 +270,6 @@ mod tests {
         // A v2 header announcing 1000 bytes is refused before they arrive.
         let mut v2 = v2::PROTOCOL_PREFIX.to_vec();
         v2.extend([0x21, 0x11, 0x03, 0xe8]);
-        assert_eq!(parse(&v2), Err(HeaderError::TooLong(1016)));
+        assert_eq!(parse(&v2), Err(HeaderError::TooLong(MAX_HEADER)));
     }
 }
