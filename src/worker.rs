@@ -4,7 +4,8 @@
 //! generation (each worker registers its own duplicate of the shared
 //! listening socket, so connections spread over workers and a reload
 //! never closes a listening socket), admits or refuses each client
-//! (drain, allow/deny, limits), and drives sessions on their events.
+//! (drain, allow/deny, limits — after the PROXY header when the route
+//! expects one, see `handshake`), and drives sessions on their events.
 //!
 //! Timers cost nothing per tick: each session has one deadline and one
 //! entry in a binary heap. Activity only moves the deadline inside the
@@ -362,10 +363,7 @@ impl Worker {
 
     /// The PROXY header is in: admit the client it names, by the same
     /// rules as a client without a header (the caps are already counted).
-    fn hand_over(&mut self, key: usize, entry: Entry, now: Instant) {
-        let Session::Handshake(h) = entry.sess else {
-            return;
-        };
+    fn hand_over(&mut self, key: usize, h: Handshake, now: Instant) {
         let route = h.route().clone();
         let acc = h.finish();
         if let Some(end) = deny(&route, acc.peer.ip()) {
@@ -534,7 +532,12 @@ impl Worker {
             Session::Handshake(h) => match h.on_event(ev) {
                 Step::Wait => None,
                 Step::Fail(end) => Some(end),
-                Step::Done => return self.hand_over(key, entry, now),
+                Step::Done => {
+                    if let Session::Handshake(h) = entry.sess {
+                        self.hand_over(key, h, now);
+                    }
+                    return;
+                }
             },
         };
         self.settle(key, entry, end, now);

@@ -474,15 +474,20 @@ pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
 
 /// Connect to `addr` from the local address `from` (any port).
 pub fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
+    try_connect_from(from, addr).expect("connect to sluice")
+}
+
+/// Connect to `addr` from `from`; a client that is refused at once may
+/// see its connect fail with a reset.
+pub fn try_connect_from(from: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
     let domain = socket2::Domain::for_address(addr);
-    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
-    s.bind(&SocketAddr::new(from, 0).into()).unwrap();
-    s.connect_timeout(&addr.into(), Duration::from_secs(5))
-        .expect("connect to sluice");
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    s.bind(&SocketAddr::new(from, 0).into())?;
+    s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
     let s: TcpStream = s.into();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
-    s
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_write_timeout(Some(Duration::from_secs(60)))?;
+    Ok(s)
 }
 
 /// Assert that sluice closed `s` (EOF or reset) without sending a byte,
