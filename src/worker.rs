@@ -83,6 +83,9 @@ struct Listener {
 }
 
 /// A session in the slab: one state machine per kind of connection.
+/// Stored inline (the slab is the allocation): boxing the big variant
+/// would cost an allocation per connection to save bytes per handshake.
+#[allow(clippy::large_enum_variant)]
 enum Session {
     Proxy(ProxyConn),
     /// `accept_proxy`: waiting for the PROXY header (see `handshake`).
