@@ -247,7 +247,8 @@ impl Handshake {
         let c = self.route.shared.stats.slot(ctx.worker);
         if end == End::BadProxyHeader {
             Counters::inc(&c.proxy_header_errors);
-            log::warn!(
+            // The access line below says it too; this is for debugging.
+            log::debug!(
                 "route {}: client {}: {}",
                 self.route.cfg.name,
                 self.peer,
