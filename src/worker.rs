@@ -330,9 +330,10 @@ impl Worker {
         let c = route.shared.stats.slot(self.id);
         Counters::inc(&c.conns);
         let acc = Accepted::plain(stream, peer, now);
-        let end = match route.cfg.accept_proxy {
-            false => deny(&route, acc.peer.ip()),
-            true => None,
+        let end = if route.cfg.accept_proxy {
+            None // judged on the address in the header, once it is in
+        } else {
+            deny(&route, acc.peer.ip())
         };
         if let Some(end) = end.or_else(|| self.take_caps(&route)) {
             self.refused(&route, acc, end, now);
