@@ -216,6 +216,12 @@ impl ProxyConn {
         &self.route
     }
 
+    /// Whether opening a backend socket failed for want of descriptors
+    /// (or memory) in this process.
+    pub fn out_of_descriptors(&self) -> bool {
+        self.last_err.as_ref().is_some_and(local_exhaustion)
+    }
+
     /// Try backends in balance order until a non-blocking connect starts.
     fn connect_next(&mut self, ctx: &mut Ctx) -> Result<(), End> {
         let connect_timeout = self.route.proxy().expect("proxy route").connect_timeout;

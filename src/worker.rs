@@ -299,7 +299,12 @@ impl Worker {
     fn accept(&mut self, i: usize, now: Instant) -> bool {
         for _ in 0..ACCEPT_BATCH {
             match self.listeners[i].sock.accept() {
-                Ok((stream, peer)) => self.admit(i, stream, peer, now),
+                Ok((stream, peer)) => {
+                    self.admit(i, stream, peer, now);
+                    if self.listeners[i].paused_until.is_some() {
+                        return false; // that client found no descriptor left
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
@@ -398,12 +403,7 @@ impl Worker {
             return;
         }
         let mut ctx = self.ctx(now);
-        let (conn, end) = ProxyConn::start(route.clone(), key, acc, &mut ctx);
-        if let Some(end) = end {
-            conn.close(end, &mut ctx);
-            self.release(&route, Some(ip));
-            return;
-        }
+        let (conn, end) = ProxyConn::start(route, key, acc, &mut ctx);
         let sess = Session::Proxy(conn);
         let mut entry = Entry {
             id,
@@ -411,6 +411,10 @@ impl Worker {
             ip: Some(ip),
             sess,
         };
+        if let Some(end) = end {
+            self.close(entry, end, now);
+            return;
+        }
         entry.scheduled = entry.deadline();
         self.timers.push(Reverse((entry.scheduled, key, id)));
         let k = self.slab.insert(entry);
@@ -565,12 +569,36 @@ impl Worker {
 
     fn close(&mut self, entry: Entry, end: End, now: Instant) {
         let route = entry.route().clone();
+        let starved = matches!(&entry.sess, Session::Proxy(c) if c.out_of_descriptors());
         let mut ctx = self.ctx(now);
         match entry.sess {
             Session::Proxy(c) => c.close(end, &mut ctx),
             Session::Handshake(h) => h.close(end, &mut ctx),
         }
         self.release(&route, entry.ip);
+        self.after_close(starved, now);
+    }
+
+    /// A closed session gave its descriptors back, so listeners resting
+    /// after EMFILE may accept again now rather than at their timer —
+    /// unless the session ended for want of a descriptor itself: then
+    /// every listener rests, and queued clients wait in the backlog
+    /// instead of being accepted only to be dropped (as HAProxy and nginx
+    /// do on EMFILE).
+    fn after_close(&mut self, starved: bool, now: Instant) {
+        if starved {
+            log::warn!(
+                "worker {}: out of file descriptors; pausing accepts for {ACCEPT_PAUSE:?}",
+                self.id
+            );
+        }
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            if starved {
+                l.paused_until.get_or_insert(now + ACCEPT_PAUSE);
+            } else if l.paused_until.take().is_some() && !self.backlog.contains(&i) {
+                self.backlog.push(i);
+            }
+        }
     }
 
     fn fire_timers(&mut self, now: Instant) {
