@@ -152,7 +152,13 @@ impl Handshake {
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return self.fail(End::ClientError, format!("read: {e}")),
+                Err(e) => {
+                    let end = match e.kind() {
+                        io::ErrorKind::ConnectionReset => End::ClientReset,
+                        _ => End::ClientError,
+                    };
+                    return self.fail(end, format!("read: {e}"));
+                }
             };
             if n == 0 {
                 if self.len == 0 {
