@@ -446,3 +446,74 @@ fn slow_or_missing_headers_time_out() {
     );
     assert_eq!(b.accepted(), 0);
 }
+
+/// An IPv6 client named in the header of an IPv4 connection is re-sent
+/// as TCP6 (v1) / an IPv6 block (v2).
+#[test]
+fn an_ipv6_client_in_the_header_is_resent_as_ipv6() {
+    let b = proxy_backend();
+    let port = free_port();
+    let src = sa("[2001:db8::7]:4242");
+    let dst = sa("[2001:db8::1]:443");
+    for outbound in ["v1", "v2"] {
+        let _sl = Sluice::start(
+            &format!("accept-v6-{outbound}"),
+            &cfg(
+                &v4(port).to_string(),
+                &[b.addr],
+                &format!(
+                    "accept_proxy = true\nsend_proxy = \"{outbound}\"\ndeny = [\"2001:db8::/64\"]\nallow = [\"2001:db8::/32\"]"
+                ),
+            ),
+        );
+        // Denied by the /64, whatever the socket's address.
+        let mut c = connect(v4(port));
+        c.write_all(&header("v2", src, dst)).unwrap();
+        assert_closed(&mut c, "2001:db8::7 is denied");
+        // Allowed outside it.
+        let other = sa("[2001:db8:1::9]:4242");
+        let mut c = connect(v4(port));
+        c.write_all(&header("v1", other, dst)).unwrap();
+        let kind = if outbound == "v1" { "TCP6" } else { "PROXY" };
+        assert_eq!(
+            read_line(&mut c),
+            format!("{outbound} {kind} {other} {dst}")
+        );
+        assert_echo(c, 16, 8 * KIB);
+    }
+}
+
+/// The header goes to the backend that answered, once, even after a
+/// failed connect to another.
+#[test]
+fn send_proxy_survives_failover_and_is_sent_once() {
+    let dead = v4(free_port());
+    let b = proxy_backend();
+    let port = free_port();
+    let sl = Sluice::start(
+        "send-failover",
+        &cfg(
+            &v4(port).to_string(),
+            &[dead, b.addr],
+            "send_proxy = \"v2\"\nbalance = \"round-robin\"",
+        ),
+    );
+    for i in 0..2 {
+        let mut c = connect(v4(port));
+        let me = c.local_addr().unwrap();
+        c.write_all(b"PROXY-looking client bytes\n").unwrap();
+        assert_eq!(read_line(&mut c), format!("v2 PROXY {me} {}", v4(port)));
+        // What follows the header is the client's, untouched.
+        assert_eq!(read_line(&mut c), "PROXY-looking client bytes");
+        assert_echo(c, 17 + i, 32 * KIB);
+    }
+    let a = sl.wait_access(2, Duration::from_secs(10));
+    assert!(
+        a.iter().all(|l| l["backend"] == b.addr.to_string()),
+        "{a:?}"
+    );
+    assert!(
+        sl.count_log("connect failed") >= 1,
+        "the dead backend was tried"
+    );
+}
