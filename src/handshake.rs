@@ -19,7 +19,7 @@
 //! connection caps count the connection from accept, since a client that
 //! is still sending its header already holds a descriptor. allow/deny and
 //! `max_connections_per_ip` judge the address the header names, once it
-//! is in — the balancer's own address is not checked at all, so who may
+//! is in. The balancer's own address is not checked, so who may
 //! reach an `accept_proxy` port at all is the firewall's job (HAProxy
 //! splits it the same way: `tcp-request connection` rules see the real
 //! address, later rules the PROXY one; sluice has only the later kind).
