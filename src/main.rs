@@ -6,8 +6,10 @@
 
 mod config;
 mod conn;
+mod handshake;
 mod health;
 mod pipe_pool;
+mod proxy_proto;
 mod pump;
 mod route;
 mod server;

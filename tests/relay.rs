@@ -477,9 +477,8 @@ fn splice_refused_by_the_kernel_falls_back_to_copy() {
     let b = bulk_backend(len);
     let port = free_port();
     let sl = Sluice::start_wrapped(
-        temp_dir("einval"),
+        "einval",
         &proxy_config(port, &[b.addr.to_string()], "strategy = \"splice\""),
-        &[],
         &[
             "strace",
             "-f",
