@@ -6,7 +6,9 @@
 
 mod config;
 mod conn;
+mod file_conn;
 mod health;
+mod http;
 mod pipe_pool;
 mod pump;
 mod route;
