@@ -140,7 +140,10 @@ impl FileConn {
             token(key, Side::Client),
             Interest::READABLE | Interest::WRITABLE,
         ) {
-            log::warn!("route {}: cannot register client {peer}: {e}", c.route.cfg.name);
+            log::warn!(
+                "route {}: cannot register client {peer}: {e}",
+                c.route.cfg.name
+            );
             return (c, Some(End::ClientError));
         }
         if let (Proto::Raw, FileSource::File(p)) = (&c.proto, &f.source) {
@@ -174,7 +177,10 @@ impl FileConn {
             token(key, Side::Client),
             Interest::READABLE | Interest::WRITABLE,
         ) {
-            log::warn!("route {}: cannot register client {peer}: {e}", c.route.cfg.name);
+            log::warn!(
+                "route {}: cannot register client {peer}: {e}",
+                c.route.cfg.name
+            );
             return (c, Some(End::ClientError));
         }
         // The proxy consumed the socket's edges: assume it is ready, the
@@ -406,7 +412,9 @@ impl FileConn {
     /// Read what the socket holds into the request buffer (bounded).
     fn read_more(&mut self, ctx: &mut Ctx) -> Result<(), End> {
         let mut tmp = [0u8; 4096];
-        let room = (MAX_HEAD + 1).saturating_sub(self.inbuf.len()).clamp(1, tmp.len());
+        let room = (MAX_HEAD + 1)
+            .saturating_sub(self.inbuf.len())
+            .clamp(1, tmp.len());
         match (&self.sock).read(&mut tmp[..room]) {
             Ok(0) => {
                 self.eof = true;
@@ -507,7 +515,11 @@ impl FileConn {
                 }
             }
             Err(e) => {
-                log::debug!("route {}: sending to {}: {e}", self.route.cfg.name, self.peer);
+                log::debug!(
+                    "route {}: sending to {}: {e}",
+                    self.route.cfg.name,
+                    self.peer
+                );
                 Step::Failed(client_end(&e))
             }
         }
@@ -538,8 +550,11 @@ impl FileConn {
             return;
         };
         let v = Validators::new(meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
-        if cond::not_modified(&v, req.if_none_match.as_deref(), req.if_modified_since.as_deref())
-        {
+        if cond::not_modified(
+            &v,
+            req.if_none_match.as_deref(),
+            req.if_modified_since.as_deref(),
+        ) {
             let head = Head::new(minor, 304)
                 .header("ETag", &v.etag)
                 .header("Last-Modified", v.last_modified())
@@ -613,8 +628,8 @@ impl FileConn {
                     // No listings: the index file, or nothing.
                     let index = f.index.as_ref().ok_or(404u16)?;
                     let rel = rel.join(index);
-                    let fd = sys::file::open_beneath(root.as_fd(), &rel)
-                        .map_err(|e| status_of(&e))?;
+                    let fd =
+                        sys::file::open_beneath(root.as_fd(), &rel).map_err(|e| status_of(&e))?;
                     (File::from(fd), rel)
                 } else {
                     (file, rel)
@@ -765,7 +780,13 @@ fn resp(head: Vec<u8>, body: Option<Body>, keep_alive: bool, status: u16, now: I
 }
 
 fn resp_error(minor: u8, status: u16, keep: bool, head_only: bool, now: Instant) -> Resp {
-    resp(response::error(minor, status, keep, head_only), None, keep, status, now)
+    resp(
+        response::error(minor, status, keep, head_only),
+        None,
+        keep,
+        status,
+        now,
+    )
 }
 
 impl Resp {
@@ -807,8 +828,13 @@ fn status_of(e: &io::Error) -> u16 {
     match e.raw_os_error() {
         Some(libc::EACCES | libc::EPERM) => 403,
         Some(
-            libc::ENOENT | libc::ENOTDIR | libc::EXDEV | libc::ELOOP | libc::ENAMETOOLONG
-            | libc::EINVAL | libc::ENXIO,
+            libc::ENOENT
+            | libc::ENOTDIR
+            | libc::EXDEV
+            | libc::ELOOP
+            | libc::ENAMETOOLONG
+            | libc::EINVAL
+            | libc::ENXIO,
         ) => 404,
         _ => {
             log::warn!("open for an HTTP request failed: {e}");
@@ -826,4 +852,3 @@ fn client_end(e: &io::Error) -> End {
         _ => End::ClientError,
     }
 }
-

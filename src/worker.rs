@@ -40,11 +40,11 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
+use crate::config::RouteKind;
 use crate::conn::{Ctx, End, ProxyConn, Side};
 use crate::file_conn::FileConn;
 use crate::pipe_pool::{BufPool, PipeBudget, PipePool};
 use crate::pump::Pools;
-use crate::config::RouteKind;
 use crate::route::RouteRt;
 use crate::stats::Counters;
 
@@ -215,7 +215,10 @@ impl Worker {
         let mut signals = match Signals::new([sig]) {
             Ok(s) => s,
             Err(e) => {
-                log::error!("worker {}: cannot handle the lease-break signal {sig}: {e}; mmap will use sendfile", self.id);
+                log::error!(
+                    "worker {}: cannot handle the lease-break signal {sig}: {e}; mmap will use sendfile",
+                    self.id
+                );
                 return;
             }
         };
@@ -224,7 +227,10 @@ impl Worker {
             .registry()
             .register(&mut signals, LEASE, Interest::READABLE)
         {
-            log::error!("worker {}: cannot watch the lease-break signal: {e}; mmap will use sendfile", self.id);
+            log::error!(
+                "worker {}: cannot watch the lease-break signal: {e}; mmap will use sendfile",
+                self.id
+            );
             return;
         }
         self.lease_signal = Some(signals);

@@ -40,7 +40,11 @@ fn access_for(sl: &Sluice, route: &str) -> Vec<std::collections::HashMap<String,
 }
 
 /// Wait until `route` has logged `n` responses.
-fn wait_route(sl: &Sluice, route: &str, n: usize) -> Vec<std::collections::HashMap<String, String>> {
+fn wait_route(
+    sl: &Sluice,
+    route: &str,
+    n: usize,
+) -> Vec<std::collections::HashMap<String, String>> {
     for _ in 0..1000 {
         let a = access_for(sl, route);
         if a.len() >= n {
@@ -48,7 +52,10 @@ fn wait_route(sl: &Sluice, route: &str, n: usize) -> Vec<std::collections::HashM
         }
         thread::sleep(Duration::from_millis(10));
     }
-    panic!("route {route}: fewer than {n} access lines:\n{}", sl.logs().join("\n"));
+    panic!(
+        "route {route}: fewer than {n} access lines:\n{}",
+        sl.logs().join("\n")
+    );
 }
 
 #[test]
@@ -65,7 +72,11 @@ fn every_strategy_and_protocol_is_byte_exact() {
     let mut ports = Vec::new();
     for s in STRATEGIES {
         let hp = free_port();
-        routes += &route(&format!("http-{s}"), hp, &format!("root = \"www\"\nstrategy = \"{s}\"\nsend_chunk = \"64KiB\""));
+        routes += &route(
+            &format!("http-{s}"),
+            hp,
+            &format!("root = \"www\"\nstrategy = \"{s}\"\nsend_chunk = \"64KiB\""),
+        );
         let mut raw = Vec::new();
         for i in 0..sizes.len() {
             let rp = free_port();
@@ -105,12 +116,12 @@ fn every_strategy_and_protocol_is_byte_exact() {
         }
         let big: Vec<_> = a.iter().filter(|l| l["path"] == "/f3.bin").collect();
         assert_eq!(big[0]["body_bytes"], (MIB + 17).to_string());
-        for i in 0..sizes.len() {
+        for (i, size) in sizes.iter().enumerate() {
             let a = wait_route(&sl, &format!("raw-{s}-{i}"), 1);
-            assert_eq!(a[0]["body_bytes"], sizes[i].to_string());
+            assert_eq!(a[0]["body_bytes"], size.to_string());
             assert_eq!(a[0]["status"], "-");
             assert_eq!(a[0]["end"], "ok");
-            if sizes[i] > 0 {
+            if *size > 0 {
                 assert_eq!(&a[0]["strategy"], s);
             }
         }
@@ -155,13 +166,21 @@ fn hundred_concurrent_downloads() {
     std::fs::create_dir(&root).unwrap();
     let mut want = Vec::new();
     for i in 0..4u64 {
-        want.push(gen_file(&root.join(format!("c{i}.bin")), 100 + i, MIB + i * 4099));
+        want.push(gen_file(
+            &root.join(format!("c{i}.bin")),
+            100 + i,
+            MIB + i * 4099,
+        ));
     }
     let mut routes = String::new();
     let mut ports = Vec::new();
     for s in STRATEGIES {
         let p = free_port();
-        routes += &route(s, p, &format!("root = \"www\"\nstrategy = \"{s}\"\nsend_chunk = \"128KiB\""));
+        routes += &route(
+            s,
+            p,
+            &format!("root = \"www\"\nstrategy = \"{s}\"\nsend_chunk = \"128KiB\""),
+        );
         ports.push(p);
     }
     let sl = start("files-conc", dir, &routes);
@@ -221,26 +240,38 @@ fn ranges_match_file_slices() {
         for (range, a, b) in cases {
             let (h, body) = http(
                 addr(*p),
-                &format!("GET /r.bin HTTP/1.1\r\nHost: t\r\nRange: {range}\r\nConnection: close\r\n\r\n"),
+                &format!(
+                    "GET /r.bin HTTP/1.1\r\nHost: t\r\nRange: {range}\r\nConnection: close\r\n\r\n"
+                ),
             );
             assert_eq!(h.status, 206, "{range}");
-            assert_eq!(h.get("content-range").unwrap(), format!("bytes {a}-{}/{n}", b - 1));
+            assert_eq!(
+                h.get("content-range").unwrap(),
+                format!("bytes {a}-{}/{n}", b - 1)
+            );
             assert_eq!(body, &data[a as usize..b as usize], "{range}");
         }
         for bad in ["bytes=100000-", "bytes=200000-300000", "bytes=-0"] {
             let (h, body) = http(
                 addr(*p),
-                &format!("GET /r.bin HTTP/1.1\r\nHost: t\r\nRange: {bad}\r\nConnection: close\r\n\r\n"),
+                &format!(
+                    "GET /r.bin HTTP/1.1\r\nHost: t\r\nRange: {bad}\r\nConnection: close\r\n\r\n"
+                ),
             );
             assert_eq!(h.status, 416, "{bad}");
-            assert_eq!(h.get("content-range"), Some(format!("bytes */{n}").as_str()));
+            assert_eq!(
+                h.get("content-range"),
+                Some(format!("bytes */{n}").as_str())
+            );
             assert!(body.is_empty());
         }
         // Several ranges, or nonsense: the whole file with 200.
         for full in ["bytes=0-1,5-6", "bytes=9-3", "lines=1-2"] {
             let (h, body) = http(
                 addr(*p),
-                &format!("GET /r.bin HTTP/1.1\r\nHost: t\r\nRange: {full}\r\nConnection: close\r\n\r\n"),
+                &format!(
+                    "GET /r.bin HTTP/1.1\r\nHost: t\r\nRange: {full}\r\nConnection: close\r\n\r\n"
+                ),
             );
             assert_eq!(h.status, 200, "{full}");
             assert_eq!(body, data);
@@ -298,18 +329,25 @@ fn head_conditionals_and_keep_alive() {
     assert_eq!(h.status, 200);
     assert_eq!(h.get("connection"), Some("close"));
     assert_eq!(read_body(&mut r, 14), b"hello, sluice\n");
-    assert!(read_to_close(&mut r).is_empty(), "closed after Connection: close");
+    assert!(
+        read_to_close(&mut r).is_empty(),
+        "closed after Connection: close"
+    );
 
     // 304 by If-None-Match and by If-Modified-Since.
     let (h, body) = http(
         addr(p),
-        &format!("GET /a.txt HTTP/1.1\r\nHost: t\r\nIf-None-Match: \"x\", {etag}\r\nConnection: close\r\n\r\n"),
+        &format!(
+            "GET /a.txt HTTP/1.1\r\nHost: t\r\nIf-None-Match: \"x\", {etag}\r\nConnection: close\r\n\r\n"
+        ),
     );
     assert_eq!((h.status, body.len()), (304, 0));
     assert_eq!(h.get("etag"), Some(etag.as_str()));
     let (h, _) = http(
         addr(p),
-        &format!("GET /a.txt HTTP/1.1\r\nHost: t\r\nIf-Modified-Since: {lm}\r\nConnection: close\r\n\r\n"),
+        &format!(
+            "GET /a.txt HTTP/1.1\r\nHost: t\r\nIf-Modified-Since: {lm}\r\nConnection: close\r\n\r\n"
+        ),
     );
     assert_eq!(h.status, 304);
     let (h, body) = http(
@@ -330,7 +368,8 @@ fn head_conditionals_and_keep_alive() {
     assert!(all.starts_with(b"HTTP/1.0 200 OK\r\n"));
     assert!(all.ends_with(b"\r\n\r\nhello, sluice\n"));
     let mut c = connect(addr(p));
-    c.write_all(b"GET /a.txt HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
+    c.write_all(b"GET /a.txt HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .unwrap();
     let mut r = BufReader::new(c.try_clone().unwrap());
     let h = read_head(&mut r).unwrap();
     assert_eq!(h.get("connection"), Some("keep-alive"));
@@ -342,7 +381,10 @@ fn head_conditionals_and_keep_alive() {
     let a = sl.wait_access(12, Duration::from_secs(10));
     let statuses: Vec<&str> = a.iter().map(|l| l["status"].as_str()).collect();
     assert_eq!(statuses.iter().filter(|s| **s == "304").count(), 2);
-    assert!(a.iter().any(|l| l["method"] == "HEAD" && l["body_bytes"] == "0"));
+    assert!(
+        a.iter()
+            .any(|l| l["method"] == "HEAD" && l["body_bytes"] == "0")
+    );
 }
 
 /// Send `req`, read everything until the server closes.
@@ -362,7 +404,11 @@ fn bad_requests_get_their_status() {
     let sl = start(
         "files-bad",
         dir,
-        &route("b", p, "root = \"www\"\nheader_timeout = \"300ms\"\nidle_timeout = \"2s\""),
+        &route(
+            "b",
+            p,
+            "root = \"www\"\nheader_timeout = \"300ms\"\nidle_timeout = \"2s\"",
+        ),
     );
     let a = addr(p);
 
@@ -389,11 +435,17 @@ fn bad_requests_get_their_status() {
     let out = exchange_raw(a, long.as_bytes());
     assert!(out.starts_with("HTTP/1.1 414 URI Too Long\r\n"), "{out}");
 
-    let big = format!("GET /a.txt HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n", "y".repeat(20000));
+    let big = format!(
+        "GET /a.txt HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "y".repeat(20000)
+    );
     let mut c = connect(a);
     c.write_all(big.as_bytes()).unwrap();
     let out = String::from_utf8_lossy(&read_to_close(&mut c)).into_owned();
-    assert!(out.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "{out}");
+    assert!(
+        out.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{out}"
+    );
 
     // Half a request head, then silence: 408 and close.
     let mut c = connect(a);
@@ -457,10 +509,7 @@ fn path_escapes_never_leak_a_byte() {
             addr(p),
             format!("GET {t} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
         );
-        assert!(
-            !out.contains("TOP-SECRET"),
-            "{t} leaked the secret: {out}"
-        );
+        assert!(!out.contains("TOP-SECRET"), "{t} leaked the secret: {out}");
         let status: u16 = out.split(' ').nth(1).unwrap().parse().unwrap();
         assert!(status == 404 || status == 400, "{t}: {status}");
     }
@@ -477,7 +526,10 @@ fn path_escapes_never_leak_a_byte() {
     assert_eq!(get(addr(p2), "/").0.status, 404);
     assert_eq!(get(addr(p2), "/in.txt").1, b"inside");
     let all = sl.access();
-    assert!(all.iter().all(|l| l["body_bytes"] != secret.len().to_string()));
+    assert!(
+        all.iter()
+            .all(|l| l["body_bytes"] != secret.len().to_string())
+    );
 }
 
 /// A slow client downloads a large file; the file is truncated meanwhile.
@@ -492,14 +544,20 @@ fn truncate_during_download(strategy: &str) {
     let sl = start(
         &format!("trunc-{strategy}"),
         dir,
-        &route("t", p, &format!("root = \"www\"\nstrategy = \"{strategy}\"")),
+        &route(
+            "t",
+            p,
+            &format!("root = \"www\"\nstrategy = \"{strategy}\""),
+        ),
     );
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     s.set_recv_buffer_size(64 * 1024).unwrap();
-    s.connect_timeout(&addr(p).into(), Duration::from_secs(5)).unwrap();
+    s.connect_timeout(&addr(p).into(), Duration::from_secs(5))
+        .unwrap();
     let mut c: std::net::TcpStream = s.into();
     c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    c.write_all(b"GET /t.bin HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    c.write_all(b"GET /t.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
     let mut r = BufReader::new(c);
     let h = read_head(&mut r).unwrap();
     assert_eq!(h.content_length(), total);
@@ -523,7 +581,10 @@ fn truncate_during_download(strategy: &str) {
     let rest = read_to_close(&mut r);
     writer.join().unwrap();
     let got = 100_000 + rest.len() as u64;
-    assert!(got < total, "{strategy}: the whole file arrived ({got} bytes) although it was truncated");
+    assert!(
+        got < total,
+        "{strategy}: the whole file arrived ({got} bytes) although it was truncated"
+    );
 
     let a = wait_route(&sl, "t", 1);
     let end = &a[0]["end"];
@@ -569,7 +630,11 @@ fn changed_files_are_served_fresh() {
         let p = free_port();
         routes += &route(s, p, &format!("root = \"www\"\nstrategy = \"{s}\""));
         let rp = free_port();
-        routes += &route(&format!("raw-{s}"), rp, &format!("file = \"www/f.txt\"\nprotocol = \"raw\"\nstrategy = \"{s}\""));
+        routes += &route(
+            &format!("raw-{s}"),
+            rp,
+            &format!("file = \"www/f.txt\"\nprotocol = \"raw\"\nstrategy = \"{s}\""),
+        );
         ports.push((p, rp));
     }
     let _sl = start("files-fresh", dir, &routes);
@@ -579,21 +644,32 @@ fn changed_files_are_served_fresh() {
         // Keep-alive connection: the same connection sees each change.
         let mut c = connect(addr(*p));
         let mut r = BufReader::new(c.try_clone().unwrap());
-        c.write_all(b"GET /f.txt HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        c.write_all(b"GET /f.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
         let h = read_head(&mut r).unwrap();
         assert_eq!(read_body(&mut r, h.content_length()), one.as_bytes());
         // Grown in place.
         let grown = format!("{one} and more");
-        std::fs::OpenOptions::new().append(true).open(&f).unwrap().write_all(b" and more").unwrap();
-        c.write_all(b"GET /f.txt HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&f)
+            .unwrap()
+            .write_all(b" and more")
+            .unwrap();
+        c.write_all(b"GET /f.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
         let h = read_head(&mut r).unwrap();
         assert_eq!(read_body(&mut r, h.content_length()), grown.as_bytes());
-        assert_eq!(recv_data(&mut connect(addr(*rp))), digest_of(grown.as_bytes()));
+        assert_eq!(
+            recv_data(&mut connect(addr(*rp))),
+            digest_of(grown.as_bytes())
+        );
         // Replaced by rename.
         let tmp = f.with_extension("tmp");
         std::fs::write(&tmp, b"replaced!").unwrap();
         std::fs::rename(&tmp, &f).unwrap();
-        c.write_all(b"GET /f.txt HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        c.write_all(b"GET /f.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
         let h = read_head(&mut r).unwrap();
         assert_eq!(read_body(&mut r, h.content_length()), b"replaced!");
         assert_eq!(recv_data(&mut connect(addr(*rp))), digest_of(b"replaced!"));
@@ -610,20 +686,33 @@ fn mmap_without_lease_falls_back_to_sendfile() {
     let path = root.join("w.bin");
     let want = gen_file(&path, 9, 3 * MIB + 5);
     let p = free_port();
-    let sl = start("files-nolease", dir, &route("m", p, "root = \"www\"\nstrategy = \"mmap\""));
+    let sl = start(
+        "files-nolease",
+        dir,
+        &route("m", p, "root = \"www\"\nstrategy = \"mmap\""),
+    );
     // With the lease available mmap runs.
     let (_, body) = get(addr(p), "/w.bin");
     assert_eq!(digest_of(&body), want);
     // This process holds the file open for writing: no read lease can be
     // had (EAGAIN, even for root), so sluice must use sendfile.
-    let held = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    let held = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
     let (h, body) = get(addr(p), "/w.bin");
     assert_eq!(h.status, 200);
     assert_eq!(digest_of(&body), want, "fallback bytes differ");
     drop(held);
     let a = wait_route(&sl, "m", 2);
-    assert_eq!((a[0]["strategy"].as_str(), a[0]["fallback"].as_str()), ("mmap", "-"));
-    assert_eq!((a[1]["strategy"].as_str(), a[1]["fallback"].as_str()), ("sendfile", "no_lease"));
+    assert_eq!(
+        (a[0]["strategy"].as_str(), a[0]["fallback"].as_str()),
+        ("mmap", "-")
+    );
+    assert_eq!(
+        (a[1]["strategy"].as_str(), a[1]["fallback"].as_str()),
+        ("sendfile", "no_lease")
+    );
     assert_eq!(sl.count_log("no read lease for mmap"), 1);
 }
 
@@ -640,7 +729,9 @@ fn fallback_file_when_backends_are_down() {
         routes += &route(
             s,
             p,
-            &format!("backends = [\"127.0.0.1:{dead}\"]\nfallback_file = \"maint.http\"\nfallback_strategy = \"{s}\""),
+            &format!(
+                "backends = [\"127.0.0.1:{dead}\"]\nfallback_file = \"maint.http\"\nfallback_strategy = \"{s}\""
+            ),
         );
         ports.push((s, p));
     }
@@ -667,8 +758,11 @@ fn raw_route_ignores_input_and_curl_downloads() {
     let want = gen_file(&dir.join("blob.bin"), 42, 2 * MIB + 1);
     let p = free_port();
     let hp = free_port();
-    let routes = route("raw", p, "file = \"blob.bin\"\nprotocol = \"raw\"\nidle_timeout = \"5s\"")
-        + &route("web", hp, "file = \"blob.bin\"");
+    let routes = route(
+        "raw",
+        p,
+        "file = \"blob.bin\"\nprotocol = \"raw\"\nidle_timeout = \"5s\"",
+    ) + &route("web", hp, "file = \"blob.bin\"");
     let sl = start("files-raw", dir.clone(), &routes);
     // A client that talks first still gets exactly the file, then EOF.
     let mut c = connect(addr(p));

@@ -155,7 +155,10 @@ mod tests {
         assert_eq!(span(Some("bytes=0-0"), Some(&e), &v, 100), Span::Part(0, 1));
         assert_eq!(span(Some("bytes=0-0"), Some("\"x\""), &v, 100), Span::Full);
         let lm = v.last_modified();
-        assert_eq!(span(Some("bytes=0-0"), Some(&lm), &v, 100), Span::Part(0, 1));
+        assert_eq!(
+            span(Some("bytes=0-0"), Some(&lm), &v, 100),
+            Span::Part(0, 1)
+        );
     }
 
     #[test]
@@ -163,11 +166,23 @@ mod tests {
         let v = v();
         assert!(v.etag.starts_with("\"64-"));
         assert!(not_modified(&v, Some(&v.etag), None));
-        assert!(not_modified(&v, Some(&format!("\"a\", W/{}", v.etag)), None));
+        assert!(not_modified(
+            &v,
+            Some(&format!("\"a\", W/{}", v.etag)),
+            None
+        ));
         assert!(not_modified(&v, Some("*"), None));
-        assert!(!not_modified(&v, Some("\"nope\""), Some(&v.last_modified())));
+        assert!(!not_modified(
+            &v,
+            Some("\"nope\""),
+            Some(&v.last_modified())
+        ));
         assert!(not_modified(&v, None, Some(&v.last_modified())));
-        assert!(!not_modified(&v, None, Some("Sun, 06 Nov 1994 08:49:37 GMT")));
+        assert!(!not_modified(
+            &v,
+            None,
+            Some("Sun, 06 Nov 1994 08:49:37 GMT")
+        ));
         assert!(!not_modified(&v, None, Some("garbage")));
         assert!(!not_modified(&v, None, None));
     }

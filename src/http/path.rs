@@ -111,7 +111,10 @@ mod tests {
         assert_eq!(resolve("/%2", false), Err(400));
         assert_eq!(resolve("*", false), Err(400));
         assert_eq!(resolve("etc/passwd", false), Err(400));
-        assert_eq!(resolve("/.well-known/x", true).unwrap(), PathBuf::from(".well-known/x"));
+        assert_eq!(
+            resolve("/.well-known/x", true).unwrap(),
+            PathBuf::from(".well-known/x")
+        );
         assert_eq!(resolve("/../x", true), Err(404), "dotfiles never allows ..");
     }
 }

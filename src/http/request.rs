@@ -175,18 +175,33 @@ mod tests {
     #[test]
     fn errors_and_limits() {
         assert_eq!(parse(b"GET / HTTP/1.1\r\nHost"), Parsed::Partial);
-        assert_eq!(parse(b"GET / HTTP/1.1\r\n\r\n"), Parsed::Error(400), "no Host");
-        assert_eq!(parse(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), Parsed::Error(400));
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\n\r\n"),
+            Parsed::Error(400),
+            "no Host"
+        );
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+            Parsed::Error(400)
+        );
         assert_eq!(parse(b"G(T / HTTP/1.1\r\n\r\n"), Parsed::Error(400));
         assert_eq!(parse(b"GET / HTTP/2.0\r\n\r\n"), Parsed::Error(400));
         assert_eq!(parse(b"\x00\x01garbage\r\n\r\n"), Parsed::Error(400));
-        let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(MAX_TARGET));
+        let long = format!(
+            "GET /{} HTTP/1.1\r\nHost: x\r\n\r\n",
+            "a".repeat(MAX_TARGET)
+        );
         assert_eq!(parse(long.as_bytes()), Parsed::Error(414));
         let long = format!("GET /{}", "a".repeat(MAX_TARGET + 100));
         assert_eq!(parse(long.as_bytes()), Parsed::Error(414), "partial line");
-        let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n", "b".repeat(MAX_HEAD));
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n",
+            "b".repeat(MAX_HEAD)
+        );
         assert_eq!(parse(big.as_bytes()), Parsed::Error(431));
-        let many: String = (0..MAX_HEADERS + 1).map(|i| format!("X{i}: 1\r\n")).collect();
+        let many: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("X{i}: 1\r\n"))
+            .collect();
         let req = format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n");
         assert_eq!(parse(req.as_bytes()), Parsed::Error(431));
         let (r, _) = ok("DELETE / HTTP/1.1\r\nHost: x\r\n\r\n");

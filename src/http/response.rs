@@ -105,7 +105,10 @@ mod tests {
         assert!(h.ends_with("Connection: close\r\n\r\n"));
         let h = String::from_utf8(Head::new(0, 200).finish(0, true)).unwrap();
         assert!(h.ends_with("Connection: keep-alive\r\n\r\n"));
-        assert_eq!(content_type("a/README.md".as_ref()), "text/markdown; charset=utf-8");
+        assert_eq!(
+            content_type("a/README.md".as_ref()),
+            "text/markdown; charset=utf-8"
+        );
         assert_eq!(content_type("x.bin".as_ref()), "application/octet-stream");
     }
 }

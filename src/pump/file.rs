@@ -83,8 +83,15 @@ pub enum Sent {
 enum Mode {
     Sendfile,
     Mmap(Option<Mapping>),
-    Splice { pipe: Option<Pipe>, len: usize },
-    Copy { buf: Option<Box<[u8]>>, start: usize, end: usize },
+    Splice {
+        pipe: Option<Pipe>,
+        len: usize,
+    },
+    Copy {
+        buf: Option<Box<[u8]>>,
+        start: usize,
+        end: usize,
+    },
 }
 
 /// An open file being sent.
@@ -200,11 +207,7 @@ impl Body {
     /// Whether this body holds a lease that the kernel is breaking. One
     /// fcntl, only for mmap bodies; asked when the break signal arrives.
     pub fn lease_broken(&self) -> bool {
-        self.leased
-            && !matches!(
-                sys::file::get_lease(self.file.as_fd()),
-                Ok(libc::F_RDLCK)
-            )
+        self.leased && !matches!(sys::file::get_lease(self.file.as_fd()), Ok(libc::F_RDLCK))
     }
 
     pub fn is_leased(&self) -> bool {
@@ -221,7 +224,8 @@ impl Body {
             if moved >= budget {
                 return Ok((moved, Sent::Budget));
             }
-            let want = (budget - moved).min(usize::try_from(self.end - self.pos).unwrap_or(usize::MAX));
+            let want =
+                (budget - moved).min(usize::try_from(self.end - self.pos).unwrap_or(usize::MAX));
             let r = match &mut self.mode {
                 Mode::Sendfile => {
                     let want = want.min(1 << 30);
@@ -246,7 +250,12 @@ impl Body {
                     };
                     if *len == 0 {
                         let room = want.min(pipe.cap);
-                        match sys::splice_from_file(self.file.as_fd(), &mut self.pos, pipe.wr(), room) {
+                        match sys::splice_from_file(
+                            self.file.as_fd(),
+                            &mut self.pos,
+                            pipe.wr(),
+                            room,
+                        ) {
                             Ok(0) => return Ok((moved, Sent::Shrunk)),
                             Ok(n) => *len = n,
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

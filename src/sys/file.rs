@@ -66,8 +66,7 @@ pub fn set_lease_signal(fd: BorrowedFd, sig: libc::c_int) -> io::Result<()> {
 /// unless we own the file or hold CAP_LEASE.
 pub fn set_lease(fd: BorrowedFd, kind: libc::c_int) -> io::Result<()> {
     // SAFETY: fcntl with an integer argument on a borrowed fd.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, kind) } as libc::c_long)
-        .map(|_| ())
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, kind) } as libc::c_long).map(|_| ())
 }
 
 /// The lease held on `fd`: F_RDLCK while intact; during a break the

@@ -454,7 +454,10 @@ pub fn read_head(r: &mut impl BufRead) -> Option<HttpHead> {
     let mut headers = Vec::new();
     loop {
         let mut l = String::new();
-        assert!(r.read_line(&mut l).unwrap() > 0, "EOF inside a response head");
+        assert!(
+            r.read_line(&mut l).unwrap() > 0,
+            "EOF inside a response head"
+        );
         let l = l.trim_end();
         if l.is_empty() {
             break;
