@@ -101,6 +101,8 @@ pub struct FileConn {
     resp: Option<Resp>,
     /// A byte of the next request has arrived (header_timeout runs).
     in_request: bool,
+    /// The process is stopping gracefully: close after this response.
+    draining: bool,
     /// Write side shut down; waiting for the client's FIN.
     lingering: bool,
     /// The client shut its write side.
@@ -218,6 +220,7 @@ impl FileConn {
             inbuf: Vec::new(),
             resp: None,
             in_request: false,
+            draining: false,
             lingering: false,
             eof: false,
             yielded: false,
@@ -233,6 +236,17 @@ impl FileConn {
     /// socket could take more: run it again without waiting for an event.
     pub fn wants_turn(&self) -> bool {
         self.yielded
+    }
+
+    /// A graceful stop began: finish the response in flight (if any), then
+    /// close; an idle keep-alive connection closes now (FIN, not reset).
+    pub fn drain(&mut self, ctx: &mut Ctx) -> Option<End> {
+        self.draining = true;
+        if self.resp.is_none() && !self.in_request {
+            self.start_linger(ctx);
+            return self.drive(ctx);
+        }
+        None
     }
 
     /// Whether an mmap transfer under a lease is running (no syscall).
@@ -256,8 +270,11 @@ impl FileConn {
             started: ctx.now,
         };
         match open_file(p).and_then(|f| {
-            let size = f.metadata()?.len();
-            Ok((f, size))
+            let meta = f.metadata()?;
+            if !meta.is_file() {
+                return Err(io::Error::other("not a regular file"));
+            }
+            Ok((f, meta.len()))
         }) {
             Ok((f, size)) => {
                 let mut pools = pools(ctx);
@@ -348,10 +365,14 @@ impl FileConn {
                         let keep = r.keep_alive;
                         self.log_resp(r, "ok", ctx);
                         responses += 1;
-                        if !keep {
+                        if !keep || self.draining {
                             self.start_linger(ctx);
-                        } else {
+                        } else if self.inbuf.is_empty() {
                             self.deadline = ctx.now + self.route.cfg.idle_timeout;
+                        } else {
+                            // The next request has begun already.
+                            self.in_request = true;
+                            self.deadline = ctx.now + self.route.cfg.header_timeout;
                         }
                         continue;
                     }
@@ -528,7 +549,7 @@ impl FileConn {
     /// Answer one parsed request: queue its response.
     fn respond(&mut self, req: Request, ctx: &mut Ctx) {
         let head_only = req.method == Method::Head;
-        let (minor, keep) = (req.minor, req.keep_alive);
+        let (minor, keep) = (req.minor, req.keep_alive && !self.draining);
         if req.method == Method::Other {
             self.error(minor, 405, keep, Some(&req), ctx);
             return;
@@ -738,15 +759,7 @@ impl FileConn {
             0 => "-".to_string(),
             s => s.to_string(),
         };
-        let mut target = r.target;
-        if target.len() > 256 {
-            let mut cut = 256;
-            while !target.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            target.truncate(cut);
-            target.push_str("...");
-        }
+        let target = log_safe(&r.target);
         log::info!(
             target: "access",
             "route={} client={} method={} path={} status={} bytes={} body_bytes={} strategy={} fallback={} duration_ms={} end={}",
@@ -763,6 +776,28 @@ impl FileConn {
             end,
         );
     }
+}
+
+/// A request target as one log token: at most 256 bytes, with quotes,
+/// backslashes, `=` and anything not printable ASCII percent-encoded, so
+/// no target can fake or split a key=value field.
+fn log_safe(t: &str) -> String {
+    let mut out = String::with_capacity(t.len().min(260));
+    for &b in t.as_bytes() {
+        if out.len() >= 256 {
+            out.push_str("...");
+            break;
+        }
+        if b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b'=') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        out.push('-');
+    }
+    out
 }
 
 /// A queued response.
@@ -850,5 +885,17 @@ fn client_end(e: &io::Error) -> End {
         | io::ErrorKind::BrokenPipe
         | io::ErrorKind::ConnectionAborted => End::ClientReset,
         _ => End::ClientError,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_safe_targets() {
+        assert_eq!(super::log_safe("/a/b.txt?x"), "/a/b.txt?x");
+        assert_eq!(super::log_safe("/a\"b=c"), "/a%22b%3Dc");
+        assert_eq!(super::log_safe("/é"), "/%C3%A9");
+        assert_eq!(super::log_safe(""), "-");
+        assert!(super::log_safe(&"x".repeat(1000)).ends_with("..."));
     }
 }

@@ -212,7 +212,9 @@ impl Worker {
     /// worker succeeds, mmap transfers take no lease and use sendfile.
     fn watch_lease_signal(&mut self) {
         let sig = crate::sys::file::lease_signal();
-        let mut signals = match Signals::new([sig]) {
+        // SIGIO too: when the real-time signal queue overflows, the kernel
+        // sends SIGIO instead, whose default action would end the process.
+        let mut signals = match Signals::new([sig, libc::SIGIO]) {
             Ok(s) => s,
             Err(e) => {
                 log::error!(
@@ -307,6 +309,7 @@ impl Worker {
                 Cmd::Drain(deadline) => {
                     self.unlisten();
                     self.drain = Some(deadline);
+                    self.drain_sessions(now);
                     if now >= deadline {
                         self.close_all(now);
                         return false;
@@ -538,6 +541,26 @@ impl Worker {
             let end = match &mut entry.sess {
                 Session::Proxy(_) => None,
                 Session::File(c) => c.resume(&mut ctx),
+            };
+            self.settle(key, entry, end, now);
+        }
+    }
+
+    /// A graceful stop began: idle HTTP keep-alive connections close now,
+    /// busy ones after their current response.
+    fn drain_sessions(&mut self, now: Instant) {
+        let files: Vec<usize> = self
+            .slab
+            .iter()
+            .filter(|(_, e)| matches!(e.sess, Session::File(_)))
+            .map(|(k, _)| k)
+            .collect();
+        for key in files {
+            let mut entry = self.slab.remove(key);
+            let mut ctx = self.ctx(now);
+            let end = match &mut entry.sess {
+                Session::File(c) => c.drain(&mut ctx),
+                Session::Proxy(_) => None,
             };
             self.settle(key, entry, end, now);
         }

@@ -789,3 +789,28 @@ fn raw_route_ignores_input_and_curl_downloads() {
         eprintln!("curl not installed: skipping the curl download");
     }
 }
+
+#[test]
+fn graceful_stop_closes_idle_keep_alive_connections() {
+    let dir = temp_dir("files-drain");
+    std::fs::write(dir.join("a.txt"), b"abc").unwrap();
+    let p = free_port();
+    let toml = format!(
+        "[global]\nshutdown_timeout = \"60s\"\n{}",
+        route("d", p, "file = \"a.txt\"\nidle_timeout = \"60s\"")
+    );
+    let mut sl = Sluice::start_in(dir, &toml, &[]);
+    let mut c = connect(addr(p));
+    c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let h = read_head(&mut r).unwrap();
+    assert_eq!(read_body(&mut r, h.content_length()), b"abc");
+    // Idle keep-alive connection: a stop must not wait 60 s for it.
+    sl.signal("TERM");
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    assert!(read_to_close(&mut r).is_empty(), "closed with a FIN, nothing sent");
+    drop(r);
+    drop(c);
+    let st = sl.wait_exit(Duration::from_secs(20)).expect("sluice exits once idle connections closed");
+    assert!(st.success(), "{st}");
+}

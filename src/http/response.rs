@@ -97,7 +97,7 @@ mod tests {
         let h = String::from_utf8(error(1, 405, true, false)).unwrap();
         assert!(h.starts_with("HTTP/1.1 405 Method Not Allowed\r\nServer: sluice\r\nDate: "));
         assert!(h.contains("\r\nAllow: GET, HEAD\r\n"));
-        assert!(h.contains("\r\nContent-Length: 24\r\n"));
+        assert!(h.contains("\r\nContent-Length: 23\r\n"));
         assert!(h.ends_with("\r\n\r\n405 Method Not Allowed\n"));
         assert!(!h.contains("Connection"));
         let h = String::from_utf8(error(0, 400, false, true)).unwrap();
