@@ -808,9 +808,14 @@ fn graceful_stop_closes_idle_keep_alive_connections() {
     // Idle keep-alive connection: a stop must not wait 60 s for it.
     sl.signal("TERM");
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    assert!(read_to_close(&mut r).is_empty(), "closed with a FIN, nothing sent");
+    assert!(
+        read_to_close(&mut r).is_empty(),
+        "closed with a FIN, nothing sent"
+    );
     drop(r);
     drop(c);
-    let st = sl.wait_exit(Duration::from_secs(20)).expect("sluice exits once idle connections closed");
+    let st = sl
+        .wait_exit(Duration::from_secs(20))
+        .expect("sluice exits once idle connections closed");
     assert!(st.success(), "{st}");
 }

@@ -170,3 +170,89 @@ pub fn send(sock: BorrowedFd, buf: &[u8], more: bool) -> io::Result<usize> {
     };
     cvt(ret as libc::c_long)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    fn temp_file(name: &str, data: &[u8]) -> (std::path::PathBuf, std::fs::File) {
+        let p = std::env::temp_dir().join(format!("sluice-sys-{name}-{}", std::process::id()));
+        std::fs::File::create(&p).unwrap().write_all(data).unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        (p, f)
+    }
+
+    /// A mapping whose file was truncated: sending from it fails with
+    /// EFAULT (or sends only what still exists); the process gets no SIGBUS.
+    #[test]
+    fn truncated_mapping_is_efault_not_sigbus() {
+        let data = vec![7u8; 3 * 4096];
+        let (p, f) = temp_file("efault", &data);
+        let m = Mapping::new(f.as_fd(), data.len()).unwrap();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        assert_eq!(m.send_from(a.as_fd(), 0, 100).unwrap(), 100);
+        let mut got = [0u8; 100];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(got, [7u8; 100]);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let r = m.send_from(a.as_fd(), 4096, 4096);
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EFAULT));
+        // Past the mapping nothing is sent at all.
+        assert_eq!(m.send_from(a.as_fd(), data.len(), 10).unwrap(), 0);
+        drop(m);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn lease_needs_no_writer() {
+        let (p, f) = temp_file("lease", b"x");
+        set_lease_signal(f.as_fd(), lease_signal()).unwrap();
+        // Nobody writes: the lease is granted (we own the file).
+        set_lease(f.as_fd(), libc::F_RDLCK).unwrap();
+        assert_eq!(get_lease(f.as_fd()).unwrap(), libc::F_RDLCK);
+        set_lease(f.as_fd(), libc::F_UNLCK).unwrap();
+        assert_eq!(get_lease(f.as_fd()).unwrap(), libc::F_UNLCK);
+        // A writer (this process) makes it EAGAIN, even for root.
+        let w = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        let e = set_lease(f.as_fd(), libc::F_RDLCK).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EAGAIN));
+        drop(w);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn open_beneath_stays_beneath() {
+        let d = std::env::temp_dir().join(format!("sluice-sys-beneath-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("root")).unwrap();
+        std::fs::write(d.join("secret"), b"s").unwrap();
+        std::fs::write(d.join("root/ok"), b"o").unwrap();
+        std::os::unix::fs::symlink(d.join("secret"), d.join("root/abs")).unwrap();
+        std::os::unix::fs::symlink("../secret", d.join("root/rel")).unwrap();
+        let root = std::fs::File::open(d.join("root")).unwrap();
+        assert!(open_beneath(root.as_fd(), Path::new("ok")).is_ok());
+        for bad in [
+            "../secret",
+            "abs",
+            "rel",
+            "/etc/passwd",
+            "/proc/self/root/etc/passwd",
+        ] {
+            let e = open_beneath(root.as_fd(), Path::new(bad)).unwrap_err();
+            assert!(
+                matches!(e.raw_os_error(), Some(libc::EXDEV | libc::ELOOP)),
+                "{bad}: {e}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
