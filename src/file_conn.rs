@@ -554,9 +554,22 @@ impl FileConn {
             self.error(minor, 405, keep, Some(&req), ctx);
             return;
         }
-        let f = self.route.file().expect("file route").clone();
-        let (file, name) = match self.open_target(&f, &req.target) {
+        let route = self.route.clone();
+        let f = route.file().expect("file route");
+        let (file, name) = match self.open_target(f, &req.target) {
             Ok(v) => v,
+            Err(301) => {
+                // A folder named without its trailing slash: send the
+                // client to the slash form, so relative links in the index
+                // resolve inside the folder. The location is rebuilt from
+                // the checked path, never copied from the request.
+                let loc = path::resolve(&req.target, f.dotfiles)
+                    .map(|rel| path::dir_location(&rel))
+                    .unwrap_or_else(|_| "/".into());
+                let head = response::redirect(minor, &loc, keep, head_only);
+                self.resp = Some(resp(head, None, keep, 301, ctx.now).named(&req));
+                return;
+            }
             Err(status) => {
                 let keep = keep && status < 500;
                 let mut r = resp_error(minor, status, keep, head_only, ctx.now);
@@ -648,6 +661,10 @@ impl FileConn {
                 if is_dir {
                     // No listings: the index file, or nothing.
                     let index = f.index.as_ref().ok_or(404u16)?;
+                    let path = target.split(['?', '#']).next().unwrap_or_default();
+                    if !path.ends_with('/') {
+                        return Err(301);
+                    }
                     let rel = rel.join(index);
                     let fd =
                         sys::file::open_beneath(root.as_fd(), &rel).map_err(|e| status_of(&e))?;

@@ -549,40 +549,36 @@ impl Worker {
     /// A graceful stop began: idle HTTP keep-alive connections close now,
     /// busy ones after their current response.
     fn drain_sessions(&mut self, now: Instant) {
-        let files: Vec<usize> = self
-            .slab
-            .iter()
-            .filter(|(_, e)| matches!(e.sess, Session::File(_)))
-            .map(|(k, _)| k)
-            .collect();
-        for key in files {
-            let mut entry = self.slab.remove(key);
-            let mut ctx = self.ctx(now);
-            let end = match &mut entry.sess {
-                Session::File(c) => c.drain(&mut ctx),
-                Session::Proxy(_) => None,
-            };
-            self.settle(key, entry, end, now);
-        }
+        self.each_file(now, |_| true, FileConn::drain);
     }
 
-    /// The lease-break signal fired: let each leased transfer check
-    /// whether its lease is the one breaking.
+    /// The lease-break signal fired: let each leased transfer (no other
+    /// session is touched) check whether its lease is the one breaking.
     fn lease_break(&mut self, now: Instant) {
         if let Some(s) = self.lease_signal.as_mut() {
             for _ in s.pending() {}
         }
-        let leased: Vec<usize> = self
+        self.each_file(now, FileConn::holds_lease, FileConn::lease_check);
+    }
+
+    /// Run `f` on every file session that `pick` selects, then settle it.
+    fn each_file(
+        &mut self,
+        now: Instant,
+        pick: impl Fn(&FileConn) -> bool,
+        f: impl Fn(&mut FileConn, &mut Ctx) -> Option<End>,
+    ) {
+        let keys: Vec<usize> = self
             .slab
             .iter()
-            .filter(|(_, e)| matches!(&e.sess, Session::File(c) if c.holds_lease()))
+            .filter(|(_, e)| matches!(&e.sess, Session::File(c) if pick(c)))
             .map(|(k, _)| k)
             .collect();
-        for key in leased {
+        for key in keys {
             let mut entry = self.slab.remove(key);
             let mut ctx = self.ctx(now);
             let end = match &mut entry.sess {
-                Session::File(c) => c.lease_check(&mut ctx),
+                Session::File(c) => f(c, &mut ctx),
                 Session::Proxy(_) => None,
             };
             self.settle(key, entry, end, now);

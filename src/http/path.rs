@@ -10,8 +10,9 @@
 //! stops symlinks from leading outside: two independent guards.
 
 use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::ffi::OsStringExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The relative path for `target` (`.` for the root itself), or the
 /// status to answer with.
@@ -35,6 +36,23 @@ pub fn resolve(target: &str, dotfiles: bool) -> Result<PathBuf, u16> {
         out.push(".");
     }
     Ok(out)
+}
+
+/// The absolute path, with a trailing slash, of the folder `rel` (as
+/// `resolve` returned it), percent-encoded: the Location of a redirect.
+pub fn dir_location(rel: &Path) -> String {
+    let mut out = String::from("/");
+    if rel != Path::new(".") {
+        for &b in rel.as_os_str().as_bytes() {
+            if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        out.push('/');
+    }
+    out
 }
 
 /// The path part of an origin-form (`/a/b`) or absolute-form
@@ -116,5 +134,14 @@ mod tests {
             PathBuf::from(".well-known/x")
         );
         assert_eq!(resolve("/../x", true), Err(404), "dotfiles never allows ..");
+    }
+
+    #[test]
+    fn redirect_locations() {
+        let loc = |t: &str| dir_location(&resolve(t, false).unwrap());
+        assert_eq!(loc("/docs"), "/docs/");
+        assert_eq!(loc("//evil.com"), "/evil.com/", "never protocol-relative");
+        assert_eq!(loc("/a%20b/c?q=1"), "/a%20b/c/");
+        assert_eq!(loc("/"), "/");
     }
 }

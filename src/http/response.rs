@@ -10,6 +10,7 @@ pub fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         206 => "Partial Content",
+        301 => "Moved Permanently",
         304 => "Not Modified",
         400 => "Bad Request",
         403 => "Forbidden",
@@ -72,6 +73,20 @@ pub fn error(minor: u8, status: u16, keep_alive: bool, head_only: bool) -> Vec<u
         h = h.header("Allow", "GET, HEAD");
     }
     let mut out = h.finish(minor, keep_alive);
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+    out
+}
+
+/// 301 to `location` (already safe to put in a header).
+pub fn redirect(minor: u8, location: &str, keep_alive: bool, head_only: bool) -> Vec<u8> {
+    let body = format!("301 Moved Permanently: {location}\n");
+    let mut out = Head::new(minor, 301)
+        .header("Location", location)
+        .header("Content-Type", "text/plain; charset=utf-8")
+        .header("Content-Length", body.len())
+        .finish(minor, keep_alive);
     if !head_only {
         out.extend_from_slice(body.as_bytes());
     }
