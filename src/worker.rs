@@ -208,8 +208,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Install (process-wide) and watch the lease-break signal. Until one
-    /// worker succeeds, mmap transfers take no lease and use sendfile.
+    /// Install (process-wide) and watch the lease-break signal. A worker
+    /// that cannot takes no leases: its mmap transfers use sendfile.
     fn watch_lease_signal(&mut self) {
         let sig = crate::sys::file::lease_signal();
         // SIGIO too: when the real-time signal queue overflows, the kernel
@@ -236,7 +236,6 @@ impl Worker {
             return;
         }
         self.lease_signal = Some(signals);
-        crate::pump::file::LEASE_SIGNAL_READY.store(true, Ordering::Release);
     }
 
     fn unlisten(&mut self) {
@@ -249,6 +248,10 @@ impl Worker {
     }
 
     pub fn run(mut self) {
+        if self.lease_signal.is_some() {
+            // This thread answers lease breaks: its transfers may take leases.
+            crate::pump::file::lease_watched();
+        }
         let mut events = Events::with_capacity(1024);
         loop {
             let now = Instant::now();

@@ -22,11 +22,11 @@
 //! (sendfile/splice/pread returning 0, send from the mapping faulting), so
 //! a truncated file ends the transfer instead of hanging or spinning.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use mio::net::TcpStream;
 
@@ -36,10 +36,18 @@ use crate::pipe_pool::Pipe;
 use crate::sys;
 use crate::sys::file::Mapping;
 
-/// Set once a worker has a handler for the lease-break signal installed.
-/// Until then no lease is taken: an unhandled real-time signal would kill
-/// the process.
-pub static LEASE_SIGNAL_READY: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    /// Set on a worker thread once it watches the lease-break signal (the
+    /// handler is installed and the worker's poll wakes on it). A worker
+    /// without it takes no lease: nobody would answer the break, and an
+    /// unhandled real-time signal would end the process.
+    static LEASE_WATCHED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called by a worker thread once it watches the lease-break signal.
+pub fn lease_watched() {
+    LEASE_WATCHED.with(|w| w.set(true));
+}
 
 /// Per-route settings a body needs.
 #[derive(Debug, Clone, Copy)]
@@ -156,7 +164,7 @@ impl Body {
     }
 
     fn lease(&mut self) -> io::Result<()> {
-        if !LEASE_SIGNAL_READY.load(Ordering::Acquire) {
+        if !LEASE_WATCHED.with(Cell::get) {
             return Err(io::Error::other("no handler for the lease-break signal"));
         }
         let fd = self.file.as_fd();
