@@ -179,18 +179,16 @@ impl Body {
     }
 
     /// Send bytes `[start, end)` of the file from now on. For mmap this
-    /// maps the file (`end` bytes); if mapping fails it uses sendfile.
+    /// maps those bytes; if mapping fails the body uses sendfile.
     pub fn range(&mut self, start: u64, end: u64) {
         self.pos = start;
         self.end = end;
         self.left = end.saturating_sub(start);
         if let Mode::Mmap(map) = &mut self.mode
-            && end > 0
+            && end > start
         {
-            match usize::try_from(end)
-                .map_err(io::Error::other)
-                .and_then(|len| Mapping::new(self.file.as_fd(), len))
-            {
+            // Only the pages of the range are mapped.
+            match Mapping::new(self.file.as_fd(), start, end) {
                 Ok(m) => *map = Some(m),
                 Err(e) => {
                     self.unlease();
@@ -241,7 +239,7 @@ impl Body {
                         .map(|n| (n, n))
                 }
                 Mode::Mmap(map) => match map {
-                    Some(m) => match m.send_from(sock.as_fd(), self.pos as usize, want) {
+                    Some(m) => match m.send_from(sock.as_fd(), self.pos, want) {
                         Ok(n) => {
                             self.pos += n as u64;
                             Ok((n, n))

@@ -77,19 +77,28 @@ pub fn get_lease(fd: BorrowedFd) -> io::Result<libc::c_int> {
         .map(|v| v as libc::c_int)
 }
 
-/// A read-only, shared mapping of a whole file. Never read from in user
-/// space: `send_from` passes it to the kernel only.
+/// A read-only, shared mapping of file bytes `[start, end)` (the start
+/// rounded down to a page). Never read from in user space: `send_from`
+/// passes it to the kernel only.
 pub struct Mapping {
     ptr: *mut libc::c_void,
     len: usize,
+    /// File offset of the first mapped byte (page aligned).
+    base: u64,
 }
 
 impl Mapping {
-    /// Map `len` (> 0) bytes of `fd` from offset 0.
-    pub fn new(fd: BorrowedFd, len: usize) -> io::Result<Mapping> {
-        if len == 0 {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
+    /// Map file bytes `[start, end)` of `fd` (`start < end`).
+    pub fn new(fd: BorrowedFd, start: u64, end: u64) -> io::Result<Mapping> {
+        // SAFETY: sysconf has no memory effects.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        let base = start - start % page;
+        let len = end
+            .checked_sub(base)
+            .filter(|&l| l > 0)
+            .and_then(|l| usize::try_from(l).ok())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off = libc::off_t::try_from(base).map_err(io::Error::other)?;
         // SAFETY: a fresh mapping chosen by the kernel (addr = null), so no
         // existing memory is affected; the fd is borrowed for the call.
         let ptr = unsafe {
@@ -99,25 +108,29 @@ impl Mapping {
                 libc::PROT_READ,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
-                0,
+                off,
             )
         };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Mapping { ptr, len })
+        Ok(Mapping { ptr, len, base })
     }
 
-    /// send(2) up to `len` bytes of the mapping from `off` to `sock`
+    /// send(2) up to `len` bytes of the file from offset `off` to `sock`
     /// (non-blocking, no SIGPIPE). Bytes beyond the mapping are never
     /// asked for. If the file was truncated under the mapping, the
     /// kernel's copy faults on the missing page and send fails with
     /// EFAULT (or returns the bytes before it): no SIGBUS, because user
     /// space never touches the pages.
-    pub fn send_from(&self, sock: BorrowedFd, off: usize, len: usize) -> io::Result<usize> {
-        if off >= self.len {
+    pub fn send_from(&self, sock: BorrowedFd, off: u64, len: usize) -> io::Result<usize> {
+        let Some(off) = off
+            .checked_sub(self.base)
+            .and_then(|o| usize::try_from(o).ok())
+            .filter(|&o| o < self.len)
+        else {
             return Ok(0);
-        }
+        };
         let len = len.min(self.len - off);
         // SAFETY: `off < self.len` and `len <= self.len - off`, so the range
         // lies inside our live mapping (unmapped only in Drop). The pointer
@@ -191,7 +204,7 @@ mod tests {
     fn truncated_mapping_is_efault_not_sigbus() {
         let data = vec![7u8; 3 * 4096];
         let (p, f) = temp_file("efault", &data);
-        let m = Mapping::new(f.as_fd(), data.len()).unwrap();
+        let m = Mapping::new(f.as_fd(), 0, data.len() as u64).unwrap();
         let (a, mut b) = UnixStream::pair().unwrap();
         b.set_nonblocking(true).unwrap();
         assert_eq!(m.send_from(a.as_fd(), 0, 100).unwrap(), 100);
@@ -207,7 +220,20 @@ mod tests {
         let r = m.send_from(a.as_fd(), 4096, 4096);
         assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EFAULT));
         // Past the mapping nothing is sent at all.
-        assert_eq!(m.send_from(a.as_fd(), data.len(), 10).unwrap(), 0);
+        assert_eq!(m.send_from(a.as_fd(), data.len() as u64, 10).unwrap(), 0);
+        drop(m);
+        // A mapping of a later part of a file maps from its page.
+        std::fs::write(&p, &data).unwrap();
+        let m = Mapping::new(f.as_fd(), 5000, 6000).unwrap();
+        assert_eq!(
+            m.send_from(a.as_fd(), 4095, 10).unwrap(),
+            0,
+            "before the page"
+        );
+        assert_eq!(m.send_from(a.as_fd(), 5000, 10_000).unwrap(), 1000);
+        let mut got = vec![0u8; 1000];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(got, vec![7u8; 1000]);
         drop(m);
         let _ = std::fs::remove_file(&p);
     }
