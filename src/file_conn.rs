@@ -35,6 +35,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use mio::Interest;
@@ -692,15 +693,19 @@ impl FileConn {
         });
     }
 
-    /// Count and log (once per transfer) a body that could not use the
-    /// route's strategy.
+    /// Count a body that could not use the route's strategy (and log the
+    /// first such mmap transfer of the route).
     fn note_fallback(&self, b: &Body, ctx: &Ctx) {
         let c = self.route.shared.stats.slot(ctx.worker);
         match b.fallback {
             Some(BodyFallback::NoLease) => {
                 Counters::inc(&c.lease_fallbacks);
+                if self.route.lease_warned.swap(true, Ordering::Relaxed) {
+                    return;
+                }
                 log::warn!(
-                    "route {}: no read lease for mmap ({}); sending to {} with sendfile",
+                    "route {}: no read lease for mmap ({}); sending to {} with sendfile \
+                     (logged once; see fallback=no_lease on access lines)",
                     self.route.cfg.name,
                     b.lease_error
                         .as_ref()

@@ -93,6 +93,9 @@ pub struct RouteRt {
     /// File routes with `root`: the folder, opened O_PATH|O_DIRECTORY
     /// once per generation (`open_root`); requests resolve beneath it.
     pub root: Option<OwnedFd>,
+    /// mmap routes: a transfer already logged that it had no lease (later
+    /// ones are only counted and marked on their access line).
+    pub lease_warned: AtomicBool,
 }
 
 impl RouteRt {
@@ -119,6 +122,7 @@ impl RouteRt {
             shared,
             backends,
             root: None,
+            lease_warned: AtomicBool::new(false),
         }
     }
 
