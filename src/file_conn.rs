@@ -28,12 +28,12 @@
 //! Each response is one access-log line (target "access") and counted by
 //! status class and by the strategy that moved its bytes.
 
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -557,7 +557,7 @@ impl FileConn {
         }
         let route = self.route.clone();
         let f = route.file().expect("file route");
-        let (file, name) = match self.open_target(f, &req.target) {
+        let (file, meta, name) = match self.open_target(f, &req.target) {
             Ok(v) => v,
             Err(301) => {
                 // A folder named without its trailing slash: send the
@@ -579,10 +579,6 @@ impl FileConn {
                 self.resp = Some(r);
                 return;
             }
-        };
-        let Ok(meta) = file.metadata() else {
-            self.resp = Some(resp_error(minor, 500, false, head_only, ctx.now).named(&req));
-            return;
         };
         let v = Validators::new(meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
         if cond::not_modified(
@@ -649,17 +645,21 @@ impl FileConn {
 
     /// Open the file a target names. `Err(status)` when it cannot be
     /// served. Returns the file and the name its type is guessed from.
-    fn open_target(&self, f: &FileRoute, target: &str) -> Result<(File, std::path::PathBuf), u16> {
-        let (file, name) = match &f.source {
+    fn open_target(&self, f: &FileRoute, target: &str) -> Result<(File, Metadata, PathBuf), u16> {
+        let (file, meta, name) = match &f.source {
             // One file: every target gets it.
-            FileSource::File(p) => (open_file(p).map_err(|e| status_of(&e))?, p.clone()),
+            FileSource::File(p) => {
+                let file = open_file(p).map_err(|e| status_of(&e))?;
+                let meta = file.metadata().map_err(|e| status_of(&e))?;
+                (file, meta, p.clone())
+            }
             FileSource::Root(_) => {
                 let rel = path::resolve(target, f.dotfiles)?;
                 let root = self.route.root.as_ref().ok_or(500u16)?;
                 let fd = sys::file::open_beneath(root.as_fd(), &rel).map_err(|e| status_of(&e))?;
                 let file = File::from(fd);
-                let is_dir = file.metadata().map_err(|e| status_of(&e))?.is_dir();
-                if is_dir {
+                let meta = file.metadata().map_err(|e| status_of(&e))?;
+                if meta.is_dir() {
                     // No listings: the index file, or nothing.
                     let index = f.index.as_ref().ok_or(404u16)?;
                     let path = target.split(['?', '#']).next().unwrap_or_default();
@@ -669,17 +669,18 @@ impl FileConn {
                     let rel = rel.join(index);
                     let fd =
                         sys::file::open_beneath(root.as_fd(), &rel).map_err(|e| status_of(&e))?;
-                    (File::from(fd), rel)
+                    let file = File::from(fd);
+                    let meta = file.metadata().map_err(|e| status_of(&e))?;
+                    (file, meta, rel)
                 } else {
-                    (file, rel)
+                    (file, meta, rel)
                 }
             }
         };
-        let meta = file.metadata().map_err(|e| status_of(&e))?;
         if !meta.is_file() {
-            return Err(404);
+            return Err(404); // a FIFO, device or socket is never served
         }
-        Ok((file, name))
+        Ok((file, meta, name))
     }
 
     /// Queue an error response. Malformed, over-long or timed-out
@@ -744,11 +745,14 @@ impl FileConn {
 
     /// Close: log an unfinished response, release the body, count.
     pub fn close(mut self, end: End, ctx: &mut Ctx) {
+        // A stuck transfer or a stop is cut with a reset; an idle
+        // keep-alive connection gets a plain FIN.
+        let busy = self.resp.is_some() || self.lingering || self.in_request;
         if let Some(r) = self.resp.take() {
             self.log_resp(r, end.as_str(), ctx);
         }
         let _ = ctx.registry.deregister(&mut self.sock);
-        if end == End::IdleTimeout || end == End::Shutdown {
+        if busy && (end == End::IdleTimeout || end == End::Shutdown) {
             let _ = socket2::SockRef::from(&self.sock).set_linger(Some(Duration::ZERO));
         }
         let c = self.route.shared.stats.slot(ctx.worker);

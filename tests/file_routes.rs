@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::thread;
 use std::time::Duration;
@@ -454,11 +454,22 @@ fn bad_requests_get_their_status() {
     assert!(out.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{out}");
     assert!(out.contains("Connection: close\r\n"));
 
+    // An idle keep-alive connection is closed at idle_timeout with a FIN
+    // (a clean end of stream, not a reset), after its response.
+    let mut c = connect(a);
+    c.write_all(b"GET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(c);
+    let h = read_head(&mut r).unwrap();
+    assert_eq!(read_body(&mut r, h.content_length()), b"A");
+    let mut rest = [0u8; 16];
+    assert_eq!(r.read(&mut rest).expect("FIN, not a reset"), 0);
+
     // A connection that never sends anything is closed without a word.
     let mut c = connect(a);
     assert!(read_to_close(&mut c).is_empty());
 
-    let lines = sl.wait_access(7, Duration::from_secs(10));
+    let lines = sl.wait_access(8, Duration::from_secs(10));
     let st: Vec<&str> = lines.iter().map(|l| l["status"].as_str()).collect();
     for want in ["405", "200", "400", "414", "431", "408"] {
         assert!(st.contains(&want), "{want} not logged: {st:?}");
