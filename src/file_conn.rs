@@ -122,7 +122,8 @@ impl FileConn {
         peer: SocketAddr,
         ctx: &mut Ctx,
     ) -> (FileConn, Option<End>) {
-        let f = route.file().expect("file route").clone();
+        let shared = route.clone();
+        let f = shared.file().expect("file route");
         let proto = match f.protocol {
             Protocol::Http => Proto::Http,
             Protocol::Raw => Proto::Raw,
@@ -166,7 +167,8 @@ impl FileConn {
         end: End,
         ctx: &mut Ctx,
     ) -> (FileConn, Option<End>) {
-        let p = route.proxy().expect("proxy route").clone();
+        let shared = route.clone();
+        let p = shared.proxy().expect("proxy route");
         let params = BodyParams {
             strategy: p.file_strategy,
             pipe_size: p.pipe_size,
