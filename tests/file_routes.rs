@@ -848,3 +848,51 @@ fn graceful_stop_closes_idle_keep_alive_connections() {
         .expect("sluice exits once idle connections closed");
     assert!(st.success(), "{st}");
 }
+
+#[test]
+fn many_pipelined_requests_answered_in_order() {
+    let dir = temp_dir("files-pipe");
+    let root = dir.join("www");
+    std::fs::create_dir(&root).unwrap();
+    for i in 0..3 {
+        std::fs::write(
+            root.join(format!("p{i}")),
+            format!("body of p{i}").repeat(i + 1),
+        )
+        .unwrap();
+    }
+    let p = free_port();
+    let sl = start(
+        "files-pipe",
+        dir,
+        &route("p", p, "root = \"www\"\nstrategy = \"copy\""),
+    );
+    let n = 500;
+    let mut reqs = String::new();
+    for k in 0..n {
+        reqs += &format!("GET /p{} HTTP/1.1\r\nHost: t\r\n\r\n", k % 3);
+    }
+    let c = connect(addr(p));
+    let mut w = c.try_clone().unwrap();
+    // Write everything while reading (the server stops reading while its
+    // replies wait for us).
+    let writer = thread::spawn(move || w.write_all(reqs.as_bytes()).unwrap());
+    let mut r = BufReader::new(c);
+    for k in 0..n {
+        let h = read_head(&mut r).unwrap();
+        assert_eq!(h.status, 200, "response {k}");
+        let i = k % 3;
+        let want = format!("body of p{i}").repeat(i + 1);
+        assert_eq!(
+            read_body(&mut r, h.content_length()),
+            want.as_bytes(),
+            "response {k}"
+        );
+    }
+    writer.join().unwrap();
+    let a = wait_route(&sl, "p", n);
+    assert!(
+        a.iter()
+            .all(|l| l["status"] == "200" && l["strategy"] == "copy")
+    );
+}
