@@ -232,23 +232,26 @@ impl Body {
             }
             let want =
                 (budget - moved).min(usize::try_from(self.end - self.pos).unwrap_or(usize::MAX));
-            let r = match &mut self.mode {
+            // Bytes delivered to the socket, or `None`: the file ended
+            // before `end`.
+            let r: io::Result<Option<usize>> = match &mut self.mode {
                 Mode::Sendfile => {
                     let want = want.min(1 << 30);
+                    // 0 although bytes are due: the file shrank.
                     sys::sendfile(sock.as_fd(), self.file.as_fd(), &mut self.pos, want)
-                        .map(|n| (n, n))
+                        .map(|n| (n > 0).then_some(n))
                 }
                 Mode::Mmap(map) => match map {
                     Some(m) => match m.send_from(sock.as_fd(), self.pos, want) {
                         Ok(n) => {
                             self.pos += n as u64;
-                            Ok((n, n))
+                            Ok(Some(n))
                         }
                         // The page under the mapping is gone: truncated.
-                        Err(e) if e.raw_os_error() == Some(libc::EFAULT) => Ok((0, 0)),
+                        Err(e) if e.raw_os_error() == Some(libc::EFAULT) => Ok(None),
                         Err(e) => Err(e),
                     },
-                    None => Ok((0, 0)),
+                    None => Ok(None),
                 },
                 Mode::Splice { pipe, len } => {
                     let Some(pipe) = pipe else {
@@ -272,7 +275,7 @@ impl Body {
                     }
                     sys::splice(pipe.rd(), sock.as_fd(), *len, false).map(|n| {
                         *len -= n;
-                        (n, 1)
+                        Some(n)
                     })
                 }
                 Mode::Copy { buf, start, end } => {
@@ -295,14 +298,13 @@ impl Body {
                     let mut s: &TcpStream = sock;
                     s.write(&buf[*start..*end]).map(|n| {
                         *start += n;
-                        (n, 1)
+                        Some(n)
                     })
                 }
             };
             match r {
-                // Nothing read from the file although bytes were due.
-                Ok((_, 0)) => return Ok((moved, Sent::Shrunk)),
-                Ok((n, _)) => {
+                Ok(None) => return Ok((moved, Sent::Shrunk)),
+                Ok(Some(n)) => {
                     moved += n;
                     self.sent += n as u64;
                     self.left -= n as u64;
