@@ -483,6 +483,36 @@ impl ProxyConn {
         Counters::add(&c.bytes_copy, d[1] + d[3]);
     }
 
+    /// No backend could be connected and the route has a fallback file:
+    /// release everything but the client socket (still registered under
+    /// this connection's token) and hand it over. Counts `no_backend`; the
+    /// file session that takes over logs the access line.
+    pub fn into_client(mut self, ctx: &mut Ctx) -> (TcpStream, SocketAddr) {
+        let mut pools = Pools {
+            pipes: ctx.pools.pipes,
+            bufs: ctx.pools.bufs,
+        };
+        self.up.finish(&mut pools);
+        self.down.finish(&mut pools);
+        if let Some(b) = self.backend.as_mut() {
+            let _ = ctx.registry.deregister(b);
+        }
+        if let Some(i) = self.bidx {
+            self.route.backends[i]
+                .active
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+        Counters::inc(&self.route.shared.stats.slot(ctx.worker).no_backend);
+        if let Some(e) = &self.last_err {
+            log::info!(
+                "route {}: no backend for {} (last error: {e}): sending the fallback file",
+                self.route.cfg.name,
+                self.peer
+            );
+        }
+        (self.client, self.peer)
+    }
+
     /// Close both sockets, release pipes and buffers, count and log.
     pub fn close(mut self, end: End, ctx: &mut Ctx) {
         let mut pools = Pools {

@@ -6,8 +6,10 @@
 
 mod config;
 mod conn;
+mod file_conn;
 mod handshake;
 mod health;
+mod http;
 mod pipe_pool;
 mod proxy_proto;
 mod pump;

@@ -12,6 +12,8 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -88,6 +90,12 @@ pub struct RouteRt {
     pub shared: Arc<RouteShared>,
     /// Empty for file routes.
     pub backends: Vec<Arc<BackendRt>>,
+    /// File routes with `root`: the folder, opened O_PATH|O_DIRECTORY
+    /// once per generation (`open_root`); requests resolve beneath it.
+    pub root: Option<OwnedFd>,
+    /// mmap routes: a transfer already logged that it had no lease (later
+    /// ones are only counted and marked on their access line).
+    pub lease_warned: AtomicBool,
 }
 
 impl RouteRt {
@@ -113,6 +121,40 @@ impl RouteRt {
             cfg,
             shared,
             backends,
+            root: None,
+            lease_warned: AtomicBool::new(false),
+        }
+    }
+
+    /// Open the folder of a `root` file route (no-op for other routes).
+    /// Every request of this generation resolves beneath this descriptor,
+    /// so a folder renamed or replaced later does not move the route.
+    pub fn open_root(&mut self) -> Result<(), String> {
+        if let RouteKind::File(config::FileRoute {
+            source: config::FileSource::Root(dir),
+            ..
+        }) = &self.cfg.kind
+        {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+                .open(dir)
+                .map_err(|e| {
+                    format!(
+                        "route \"{}\": cannot open root {}: {e}",
+                        self.cfg.name,
+                        dir.display()
+                    )
+                })?;
+            self.root = Some(OwnedFd::from(f));
+        }
+        Ok(())
+    }
+
+    pub fn file(&self) -> Option<&config::FileRoute> {
+        match &self.cfg.kind {
+            RouteKind::File(f) => Some(f),
+            RouteKind::Proxy(_) => None,
         }
     }
 

@@ -278,11 +278,14 @@ fn build_generation(
     let mut fresh: Vec<SocketAddr> = Vec::new();
     for (ri, r) in cfg.routes.iter().enumerate() {
         let old = prev.and_then(|g| g.routes.iter().find(|o| o.cfg.name == r.name));
-        routes.push(Arc::new(RouteRt::new(
-            r.clone(),
-            workers,
-            old.map(|a| &**a),
-        )));
+        let mut rt = RouteRt::new(r.clone(), workers, old.map(|a| &**a));
+        if let Err(e) = rt.open_root() {
+            for a in &fresh {
+                sockets.remove(a);
+            }
+            return Err(format!("{}: {e}", cfg.path.display()));
+        }
+        routes.push(Arc::new(rt));
         for addr in &r.listen {
             let sock = match sockets.get(addr) {
                 Some(s) => s.clone(),

@@ -36,6 +36,8 @@ pub struct Counters {
     /// could not get a lease and used sendfile instead.
     pub lease_breaks: AtomicU64,
     pub lease_fallbacks: AtomicU64,
+    /// File routes: transfers ended because the file shrank under them.
+    pub file_truncated: AtomicU64,
     /// Backend connect attempts that failed (refused, timed out).
     pub connect_failures: AtomicU64,
     /// Connections that found no backend to talk to.

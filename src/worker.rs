@@ -14,6 +14,17 @@
 //!
 //! Commands from the main thread (new generation, drain, stop) arrive on
 //! a channel with a mio `Waker`.
+//!
+//! A session that stopped only because its turn's budget ran out (a file
+//! session that sent `send_chunk`) says `wants_turn`; the worker keeps it
+//! on a small ready list and runs it again on the next loop turn with a
+//! zero poll timeout, since no new edge will come for a socket that is
+//! still writable.
+//!
+//! The lease-break signal of mmap file transfers (a real-time signal, see
+//! `sys::file::lease_signal`) is watched by every worker through
+//! signal-hook-mio; when it fires, the worker asks its leased transfers
+//! (and only those) whether their lease is breaking.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -27,9 +38,12 @@ use std::time::{Duration, Instant};
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
+use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
+use crate::config::RouteKind;
 use crate::conn::{Ctx, End, ProxyConn, Side, token};
+use crate::file_conn::FileConn;
 use crate::handshake::{Accepted, Handshake, Step};
 use crate::pipe_pool::{BufPool, PipeBudget, PipePool};
 use crate::pump::Pools;
@@ -39,6 +53,8 @@ use crate::stats::Counters;
 /// Tokens at and above this value are not connections.
 const LISTENER_BASE: usize = usize::MAX / 2;
 pub const WAKER: Token = Token(usize::MAX);
+/// The lease-break signal.
+const LEASE: Token = Token(usize::MAX - 1);
 /// Connections accepted per listener per loop turn before others get a go.
 const ACCEPT_BATCH: usize = 128;
 /// How long a listener rests after the process ran out of descriptors.
@@ -90,6 +106,7 @@ enum Session {
     Proxy(ProxyConn),
     /// `accept_proxy`: waiting for the PROXY header (see `handshake`).
     Handshake(Handshake),
+    File(FileConn),
 }
 
 struct Entry {
@@ -107,12 +124,20 @@ impl Entry {
         match &self.sess {
             Session::Proxy(c) => c.deadline,
             Session::Handshake(h) => h.deadline,
+            Session::File(c) => c.deadline,
         }
     }
     fn route(&self) -> &Arc<RouteRt> {
         match &self.sess {
             Session::Proxy(c) => c.route(),
             Session::Handshake(h) => h.route(),
+            Session::File(c) => c.route(),
+        }
+    }
+    fn wants_turn(&self) -> bool {
+        match &self.sess {
+            Session::Proxy(_) | Session::Handshake(_) => false,
+            Session::File(c) => c.wants_turn(),
         }
     }
 }
@@ -133,6 +158,9 @@ pub struct Worker {
     bufs: BufPool,
     rng: u64,
     drain: Option<Instant>,
+    /// Sessions (key, id) to run again next turn without an event.
+    ready: Vec<(usize, u64)>,
+    lease_signal: Option<Signals>,
 }
 
 impl Worker {
@@ -159,7 +187,10 @@ impl Worker {
             bufs: BufPool::default(),
             rng: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
             drain: None,
+            ready: Vec::new(),
+            lease_signal: None,
         };
+        w.watch_lease_signal();
         w.load(generation)?;
         Ok(w)
     }
@@ -187,6 +218,36 @@ impl Worker {
         Ok(())
     }
 
+    /// Install (process-wide) and watch the lease-break signal. A worker
+    /// that cannot takes no leases: its mmap transfers use sendfile.
+    fn watch_lease_signal(&mut self) {
+        let sig = crate::sys::file::lease_signal();
+        // SIGIO too: when the real-time signal queue overflows, the kernel
+        // sends SIGIO instead, whose default action would end the process.
+        let mut signals = match Signals::new([sig, libc::SIGIO]) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!(
+                    "worker {}: cannot handle the lease-break signal {sig}: {e}; mmap will use sendfile",
+                    self.id
+                );
+                return;
+            }
+        };
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut signals, LEASE, Interest::READABLE)
+        {
+            log::error!(
+                "worker {}: cannot watch the lease-break signal: {e}; mmap will use sendfile",
+                self.id
+            );
+            return;
+        }
+        self.lease_signal = Some(signals);
+    }
+
     fn unlisten(&mut self) {
         for mut l in self.listeners.drain(..) {
             // Deregister explicitly: the socket lives on in other
@@ -197,10 +258,14 @@ impl Worker {
     }
 
     pub fn run(mut self) {
+        if self.lease_signal.is_some() {
+            // This thread answers lease breaks: its transfers may take leases.
+            crate::pump::file::lease_watched();
+        }
         let mut events = Events::with_capacity(1024);
         loop {
             let now = Instant::now();
-            let timeout = if self.backlog.is_empty() {
+            let timeout = if self.backlog.is_empty() && self.ready.is_empty() {
                 self.next_wakeup().map(|t| t.saturating_duration_since(now))
             } else {
                 Some(Duration::ZERO)
@@ -219,6 +284,7 @@ impl Worker {
                             return;
                         }
                     }
+                    LEASE => self.lease_break(now),
                     Token(t) if t >= LISTENER_BASE => {
                         let i = t - LISTENER_BASE;
                         if !self.backlog.contains(&i) {
@@ -228,6 +294,7 @@ impl Worker {
                     Token(t) => self.conn_event(t, ev, now),
                 }
             }
+            self.run_ready(now);
             self.accept_backlog(now);
             self.fire_timers(now);
             if let Some(deadline) = self.drain {
@@ -255,6 +322,7 @@ impl Worker {
                 Cmd::Drain(deadline) => {
                     self.unlisten();
                     self.drain = Some(deadline);
+                    self.drain_sessions(now);
                     if now >= deadline {
                         self.close_all(now);
                         return false;
@@ -403,20 +471,35 @@ impl Worker {
             return;
         }
         let mut ctx = self.ctx(now);
-        let (conn, end) = ProxyConn::start(route, key, acc, &mut ctx);
-        let sess = Session::Proxy(conn);
-        let mut entry = Entry {
+        let (sess, end) = match route.cfg.kind {
+            RouteKind::Proxy(_) => {
+                let (c, end) = ProxyConn::start(route, key, acc, &mut ctx);
+                (Session::Proxy(c), end)
+            }
+            RouteKind::File(_) => {
+                let (c, end) = FileConn::start(route, key, acc, &mut ctx);
+                (Session::File(c), end)
+            }
+        };
+        let entry = Entry {
             id,
             scheduled: now,
             ip: Some(ip),
             sess,
         };
-        if let Some(end) = end {
-            self.close(entry, end, now);
-            return;
+        match end {
+            Some(end) => self.close(entry, end, now),
+            None => self.insert_new(key, entry),
         }
+    }
+
+    /// Put a new session in the slab at `key` with its timer.
+    fn insert_new(&mut self, key: usize, mut entry: Entry) {
         entry.scheduled = entry.deadline();
-        self.timers.push(Reverse((entry.scheduled, key, id)));
+        self.timers.push(Reverse((entry.scheduled, key, entry.id)));
+        if entry.wants_turn() {
+            self.ready.push((key, entry.id));
+        }
         let k = self.slab.insert(entry);
         debug_assert_eq!(k, key);
     }
@@ -547,8 +630,64 @@ impl Worker {
                     return;
                 }
             },
+            Session::File(c) => c.on_event(ev, &mut ctx),
         };
         self.settle(key, entry, end, now);
+    }
+
+    /// Run the sessions that yielded their last turn.
+    fn run_ready(&mut self, now: Instant) {
+        for (key, id) in std::mem::take(&mut self.ready) {
+            if !matches!(self.slab.get(key), Some(e) if e.id == id) {
+                continue;
+            }
+            let mut entry = self.slab.remove(key);
+            let mut ctx = self.ctx(now);
+            let end = match &mut entry.sess {
+                Session::Proxy(_) | Session::Handshake(_) => None,
+                Session::File(c) => c.resume(&mut ctx),
+            };
+            self.settle(key, entry, end, now);
+        }
+    }
+
+    /// A graceful stop began: idle HTTP keep-alive connections close now,
+    /// busy ones after their current response.
+    fn drain_sessions(&mut self, now: Instant) {
+        self.each_file(now, |_| true, FileConn::drain);
+    }
+
+    /// The lease-break signal fired: let each leased transfer (no other
+    /// session is touched) check whether its lease is the one breaking.
+    fn lease_break(&mut self, now: Instant) {
+        if let Some(s) = self.lease_signal.as_mut() {
+            for _ in s.pending() {}
+        }
+        self.each_file(now, FileConn::holds_lease, FileConn::lease_check);
+    }
+
+    /// Run `f` on every file session that `pick` selects, then settle it.
+    fn each_file(
+        &mut self,
+        now: Instant,
+        pick: impl Fn(&FileConn) -> bool,
+        f: impl Fn(&mut FileConn, &mut Ctx) -> Option<End>,
+    ) {
+        let keys: Vec<usize> = self
+            .slab
+            .iter()
+            .filter(|(_, e)| matches!(&e.sess, Session::File(c) if pick(c)))
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            let mut entry = self.slab.remove(key);
+            let mut ctx = self.ctx(now);
+            let end = match &mut entry.sess {
+                Session::File(c) => f(c, &mut ctx),
+                Session::Proxy(_) | Session::Handshake(_) => None,
+            };
+            self.settle(key, entry, end, now);
+        }
     }
 
     /// Put a session back after it ran, or close it.
@@ -561,6 +700,9 @@ impl Worker {
                     entry.scheduled = d;
                     self.timers.push(Reverse((d, key, entry.id)));
                 }
+                if entry.wants_turn() && !self.ready.contains(&(key, entry.id)) {
+                    self.ready.push((key, entry.id));
+                }
                 let k = self.slab.insert(entry);
                 debug_assert_eq!(k, key);
             }
@@ -570,10 +712,36 @@ impl Worker {
     fn close(&mut self, entry: Entry, end: End, now: Instant) {
         let route = entry.route().clone();
         let starved = matches!(&entry.sess, Session::Proxy(c) if c.out_of_descriptors());
+        let fallback = matches!(end, End::ConnectFailed | End::NoBackend)
+            && route.proxy().is_some_and(|p| p.fallback_file.is_some());
+        let key = self.slab.vacant_key();
         let mut ctx = self.ctx(now);
         match entry.sess {
+            Session::Proxy(c) if fallback => {
+                // The client stays: it gets the route's fallback file.
+                let (stream, peer) = c.into_client(&mut ctx);
+                let (f, fend) = FileConn::fallback(route.clone(), key, stream, peer, end, &mut ctx);
+                let entry = Entry {
+                    id: self.next_id,
+                    scheduled: now,
+                    ip: entry.ip,
+                    sess: Session::File(f),
+                };
+                self.next_id += 1;
+                match fend {
+                    // The fallback session is over already: close it
+                    // (no fallback of a fallback: the end is not a proxy's).
+                    Some(fend) => self.close(entry, fend, now),
+                    None => self.insert_new(key, entry),
+                }
+                if starved {
+                    self.after_close(true, now);
+                }
+                return;
+            }
             Session::Proxy(c) => c.close(end, &mut ctx),
             Session::Handshake(h) => h.close(end, &mut ctx),
+            Session::File(c) => c.close(end, &mut ctx),
         }
         self.release(&route, entry.ip);
         self.after_close(starved, now);
@@ -623,6 +791,7 @@ impl Worker {
                         Step::Fail(end) => Some(end),
                         Step::Wait | Step::Done => None,
                     },
+                    Session::File(c) => c.on_timeout(&mut ctx),
                 }
             };
             if end.is_none() {

@@ -17,6 +17,7 @@
 //! `Pump` interface; file routes have their own in `file`.
 
 pub mod copy;
+pub mod file;
 pub mod splice;
 
 use std::io;

@@ -1,0 +1,925 @@
+//! File routes through the real binary: every strategy × protocol byte
+//! exact (0 B to 256 MiB), concurrency, HTTP semantics (ranges, HEAD,
+//! conditionals, errors, keep-alive, pipelining, timeouts), path safety,
+//! files that change under a transfer, mmap lease fallback, and a proxy
+//! route's fallback file. Results are checked from the bytes received and
+//! from sluice's own access log.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::path::Path;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+const STRATEGIES: [&str; 4] = ["sendfile", "mmap", "splice", "copy"];
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// One `[[route]]` table.
+fn route(name: &str, port: u16, body: &str) -> String {
+    format!("\n[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\n{body}\n")
+}
+
+fn start(_name: &str, dir: std::path::PathBuf, routes: &str) -> Sluice {
+    let toml = format!("[global]\nlog_level = \"info\"\nworkers = 2\n{routes}");
+    Sluice::start_in(dir, &toml, &[])
+}
+
+/// Access lines for one route.
+fn access_for(sl: &Sluice, route: &str) -> Vec<std::collections::HashMap<String, String>> {
+    sl.access()
+        .into_iter()
+        .filter(|a| a.get("route").map(String::as_str) == Some(route))
+        .collect()
+}
+
+/// Wait until `route` has logged `n` responses.
+fn wait_route(
+    sl: &Sluice,
+    route: &str,
+    n: usize,
+) -> Vec<std::collections::HashMap<String, String>> {
+    for _ in 0..1000 {
+        let a = access_for(sl, route);
+        if a.len() >= n {
+            return a;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    panic!(
+        "route {route}: fewer than {n} access lines:\n{}",
+        sl.logs().join("\n")
+    );
+}
+
+#[test]
+fn every_strategy_and_protocol_is_byte_exact() {
+    let dir = temp_dir("files-exact");
+    let root = dir.join("www");
+    std::fs::create_dir(&root).unwrap();
+    let sizes = [0u64, 1, 1000, MIB + 17];
+    let mut digests = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        digests.push(gen_file(&root.join(format!("f{i}.bin")), 10 + i as u64, n));
+    }
+    let mut routes = String::new();
+    let mut ports = Vec::new();
+    for s in STRATEGIES {
+        let hp = free_port();
+        routes += &route(
+            &format!("http-{s}"),
+            hp,
+            &format!("root = \"www\"\nstrategy = \"{s}\"\nsend_chunk = \"64KiB\""),
+        );
+        let mut raw = Vec::new();
+        for i in 0..sizes.len() {
+            let rp = free_port();
+            routes += &route(
+                &format!("raw-{s}-{i}"),
+                rp,
+                &format!("file = \"www/f{i}.bin\"\nprotocol = \"raw\"\nstrategy = \"{s}\""),
+            );
+            raw.push(rp);
+        }
+        ports.push((s, hp, raw));
+    }
+    let sl = start("files-exact", dir, &routes);
+    for (s, hp, raw) in &ports {
+        for (i, &n) in sizes.iter().enumerate() {
+            let (h, body) = get(addr(*hp), &format!("/f{i}.bin"));
+            assert_eq!(h.status, 200, "{s} f{i}");
+            assert_eq!(h.content_length(), n);
+            assert_eq!(digest_of(&body), digests[i], "{s}: http f{i} bytes differ");
+            assert_eq!(h.get("content-type"), Some("application/octet-stream"));
+
+            let mut c = connect(addr(raw[i]));
+            let got = recv_data(&mut c);
+            assert_eq!(got, digests[i], "{s}: raw f{i} bytes differ");
+        }
+    }
+    for (s, _, _) in &ports {
+        let a = wait_route(&sl, &format!("http-{s}"), sizes.len());
+        for line in &a {
+            assert_eq!(line["status"], "200");
+            assert_eq!(line["end"], "ok");
+            if line["body_bytes"] != "0" {
+                // The strategy that moved the bytes is the one asked for.
+                assert_eq!(&line["strategy"], s, "{line:?}");
+                assert_eq!(line["fallback"], "-");
+            }
+        }
+        let big: Vec<_> = a.iter().filter(|l| l["path"] == "/f3.bin").collect();
+        assert_eq!(big[0]["body_bytes"], (MIB + 17).to_string());
+        for (i, size) in sizes.iter().enumerate() {
+            let a = wait_route(&sl, &format!("raw-{s}-{i}"), 1);
+            assert_eq!(a[0]["body_bytes"], size.to_string());
+            assert_eq!(a[0]["status"], "-");
+            assert_eq!(a[0]["end"], "ok");
+            if *size > 0 {
+                assert_eq!(&a[0]["strategy"], s);
+            }
+        }
+    }
+}
+
+/// 256 MiB through each strategy over HTTP, hashed on the fly.
+#[test]
+fn large_file_every_strategy() {
+    let dir = temp_dir("files-large");
+    let root = dir.join("www");
+    std::fs::create_dir(&root).unwrap();
+    let want = gen_file(&root.join("big.bin"), 77, 256 * MIB);
+    let mut routes = String::new();
+    let mut ports = Vec::new();
+    for s in STRATEGIES {
+        let p = free_port();
+        routes += &route(s, p, &format!("root = \"www\"\nstrategy = \"{s}\""));
+        ports.push((s, p));
+    }
+    let sl = start("files-large", dir, &routes);
+    for (s, p) in &ports {
+        let mut c = connect(addr(*p));
+        c.write_all(b"GET /big.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut r = BufReader::new(c);
+        let h = read_head(&mut r).unwrap();
+        assert_eq!(h.status, 200);
+        assert_eq!(h.content_length(), 256 * MIB);
+        let got = recv_data(&mut r);
+        assert_eq!(got, want, "{s}: 256 MiB differ");
+        let a = wait_route(&sl, s, 1);
+        assert_eq!(&a[0]["strategy"], s);
+        assert_eq!(a[0]["body_bytes"], (256 * MIB).to_string());
+    }
+}
+
+#[test]
+fn hundred_concurrent_downloads() {
+    let dir = temp_dir("files-conc");
+    let root = dir.join("www");
+    std::fs::create_dir(&root).unwrap();
+    let mut want = Vec::new();
+    for i in 0..4u64 {
+        want.push(gen_file(
+            &root.join(format!("c{i}.bin")),
+            100 + i,
+            MIB + i * 4099,
+        ));
+    }
+    let mut routes = String::new();
+    let mut ports = Vec::new();
+    for s in STRATEGIES {
+        let p = free_port();
+        routes += &route(
+            s,
+            p,
+            &format!("root = \"www\"\nstrategy = \"{s}\"\nsend_chunk = \"128KiB\""),
+        );
+        ports.push(p);
+    }
+    let sl = start("files-conc", dir, &routes);
+    let clients: Vec<_> = (0..100)
+        .map(|i| {
+            let port = ports[i % 4];
+            let f = (i / 4) % 4;
+            thread::spawn(move || {
+                let mut c = connect(addr(port));
+                write!(c, "GET /c{f}.bin HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+                let mut r = BufReader::new(c);
+                let h = read_head(&mut r).unwrap();
+                assert_eq!(h.status, 200);
+                let body = read_body(&mut r, h.content_length());
+                (f, digest_of(&body))
+            })
+        })
+        .collect();
+    for c in clients {
+        let (f, d) = c.join().unwrap();
+        assert_eq!(d, want[f], "download of c{f}.bin differs");
+    }
+    for s in STRATEGIES {
+        let a = wait_route(&sl, s, 25);
+        assert!(a.iter().all(|l| l["strategy"] == s && l["status"] == "200"));
+    }
+}
+
+#[test]
+fn ranges_match_file_slices() {
+    let dir = temp_dir("files-range");
+    let root = dir.join("www");
+    std::fs::create_dir(&root).unwrap();
+    let mut data = vec![0u8; 100_000];
+    DataGen::new(5).fill(&mut data);
+    std::fs::write(root.join("r.bin"), &data).unwrap();
+    let mut routes = String::new();
+    let mut ports = Vec::new();
+    for s in STRATEGIES {
+        let p = free_port();
+        routes += &route(s, p, &format!("root = \"www\"\nstrategy = \"{s}\""));
+        ports.push(p);
+    }
+    let _sl = start("files-range", dir, &routes);
+    let n = data.len() as u64;
+    let cases: [(&str, u64, u64); 8] = [
+        ("bytes=0-0", 0, 1),
+        ("bytes=0-", 0, n),
+        ("bytes=-1", n - 1, n),
+        ("bytes=99999-", n - 1, n),
+        ("bytes=1000-1999", 1000, 2000),
+        ("bytes=50000-999999999", 50000, n),
+        ("bytes=-100", n - 100, n),
+        ("bytes=-200000", 0, n),
+    ];
+    for p in &ports {
+        for (range, a, b) in cases {
+            let (h, body) = http(
+                addr(*p),
+                &format!(
+                    "GET /r.bin HTTP/1.1\r\nHost: t\r\nRange: {range}\r\nConnection: close\r\n\r\n"
+                ),
+            );
+            assert_eq!(h.status, 206, "{range}");
+            assert_eq!(
+                h.get("content-range").unwrap(),
+                format!("bytes {a}-{}/{n}", b - 1)
+            );
+            assert_eq!(body, &data[a as usize..b as usize], "{range}");
+        }
+        for bad in ["bytes=100000-", "bytes=200000-300000", "bytes=-0"] {
+            let (h, body) = http(
+                addr(*p),
+                &format!(
+                    "GET /r.bin HTTP/1.1\r\nHost: t\r\nRange: {bad}\r\nConnection: close\r\n\r\n"
+                ),
+            );
+            assert_eq!(h.status, 416, "{bad}");
+            assert_eq!(
+                h.get("content-range"),
+                Some(format!("bytes */{n}").as_str())
+            );
+            assert!(body.is_empty());
+        }
+        // Several ranges, or nonsense: the whole file with 200.
+        for full in ["bytes=0-1,5-6", "bytes=9-3", "lines=1-2"] {
+            let (h, body) = http(
+                addr(*p),
+                &format!(
+                    "GET /r.bin HTTP/1.1\r\nHost: t\r\nRange: {full}\r\nConnection: close\r\n\r\n"
+                ),
+            );
+            assert_eq!(h.status, 200, "{full}");
+            assert_eq!(body, data);
+        }
+        // If-Range with a stale validator: full file.
+        let (h, body) = http(
+            addr(*p),
+            "GET /r.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=0-9\r\nIf-Range: \"old\"\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!((h.status, body.len()), (200, data.len()));
+    }
+}
+
+#[test]
+fn head_conditionals_and_keep_alive() {
+    let dir = temp_dir("files-head");
+    let root = dir.join("www");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(root.join("a.txt"), b"hello, sluice\n").unwrap();
+    std::fs::write(root.join("b.html"), b"<p>b</p>").unwrap();
+    let p = free_port();
+    let sl = start("files-head", dir, &route("h", p, "root = \"www\""));
+
+    // HEAD then GET on one connection: HEAD sends no body bytes.
+    let mut c = connect(addr(p));
+    c.write_all(b"HEAD /a.txt HTTP/1.1\r\nHost: t\r\n\r\nGET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let h = read_head(&mut r).unwrap();
+    assert_eq!(h.line, "HTTP/1.1 200 OK");
+    assert_eq!(h.content_length(), 14);
+    assert_eq!(h.get("content-type"), Some("text/plain; charset=utf-8"));
+    assert_eq!(h.get("server"), Some("sluice"));
+    assert!(h.get("date").is_some());
+    assert_eq!(h.get("accept-ranges"), Some("bytes"));
+    let etag = h.get("etag").unwrap().to_string();
+    let lm = h.get("last-modified").unwrap().to_string();
+    assert!(etag.starts_with("\"e-"), "{etag}");
+    let h2 = read_head(&mut r).unwrap();
+    assert_eq!(h2.status, 200);
+    assert_eq!(read_body(&mut r, 14), b"hello, sluice\n");
+
+    // Pipelined: three requests in one write, answered in order.
+    c.write_all(
+        b"GET /b.html HTTP/1.1\r\nHost: t\r\n\r\nGET /nope HTTP/1.1\r\nHost: t\r\n\r\nGET /a.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let h = read_head(&mut r).unwrap();
+    assert_eq!(h.get("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(read_body(&mut r, h.content_length()), b"<p>b</p>");
+    let h = read_head(&mut r).unwrap();
+    assert_eq!(h.status, 404);
+    read_body(&mut r, h.content_length());
+    let h = read_head(&mut r).unwrap();
+    assert_eq!(h.status, 200);
+    assert_eq!(h.get("connection"), Some("close"));
+    assert_eq!(read_body(&mut r, 14), b"hello, sluice\n");
+    assert!(
+        read_to_close(&mut r).is_empty(),
+        "closed after Connection: close"
+    );
+
+    // 304 by If-None-Match and by If-Modified-Since.
+    let (h, body) = http(
+        addr(p),
+        &format!(
+            "GET /a.txt HTTP/1.1\r\nHost: t\r\nIf-None-Match: \"x\", {etag}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!((h.status, body.len()), (304, 0));
+    assert_eq!(h.get("etag"), Some(etag.as_str()));
+    let (h, _) = http(
+        addr(p),
+        &format!(
+            "GET /a.txt HTTP/1.1\r\nHost: t\r\nIf-Modified-Since: {lm}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(h.status, 304);
+    let (h, body) = http(
+        addr(p),
+        "GET /a.txt HTTP/1.1\r\nHost: t\r\nIf-None-Match: \"other\"\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!((h.status, body.as_slice()), (200, &b"hello, sluice\n"[..]));
+    let (h, _) = http(
+        addr(p),
+        "GET /a.txt HTTP/1.1\r\nHost: t\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(h.status, 200);
+
+    // HTTP/1.0: closes unless asked; keep-alive when asked.
+    let mut c = connect(addr(p));
+    c.write_all(b"GET /a.txt HTTP/1.0\r\n\r\n").unwrap();
+    let all = read_to_close(&mut c);
+    assert!(all.starts_with(b"HTTP/1.0 200 OK\r\n"));
+    assert!(all.ends_with(b"\r\n\r\nhello, sluice\n"));
+    let mut c = connect(addr(p));
+    c.write_all(b"GET /a.txt HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let h = read_head(&mut r).unwrap();
+    assert_eq!(h.get("connection"), Some("keep-alive"));
+    read_body(&mut r, 14);
+    c.write_all(b"HEAD /a.txt HTTP/1.0\r\n\r\n").unwrap();
+    assert_eq!(read_head(&mut r).unwrap().status, 200);
+    assert!(read_to_close(&mut r).is_empty());
+
+    let a = sl.wait_access(12, Duration::from_secs(10));
+    let statuses: Vec<&str> = a.iter().map(|l| l["status"].as_str()).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == "304").count(), 2);
+    assert!(
+        a.iter()
+            .any(|l| l["method"] == "HEAD" && l["body_bytes"] == "0")
+    );
+}
+
+/// Send `req`, read everything until the server closes.
+fn exchange_raw(a: SocketAddr, req: &[u8]) -> String {
+    let mut c = connect(a);
+    c.write_all(req).unwrap();
+    String::from_utf8_lossy(&read_to_close(&mut c)).into_owned()
+}
+
+#[test]
+fn bad_requests_get_their_status() {
+    let dir = temp_dir("files-bad");
+    let root = dir.join("www");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(root.join("a.txt"), b"A").unwrap();
+    let p = free_port();
+    let sl = start(
+        "files-bad",
+        dir,
+        &route(
+            "b",
+            p,
+            "root = \"www\"\nheader_timeout = \"300ms\"\nidle_timeout = \"2s\"",
+        ),
+    );
+    let a = addr(p);
+
+    // 405 keeps the connection; Allow lists what is served.
+    let mut c = connect(a);
+    c.write_all(b"POST /a.txt HTTP/1.1\r\nHost: t\r\n\r\nGET /a.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(c);
+    let h = read_head(&mut r).unwrap();
+    assert_eq!(h.line, "HTTP/1.1 405 Method Not Allowed");
+    assert_eq!(h.get("allow"), Some("GET, HEAD"));
+    read_body(&mut r, h.content_length());
+    let h = read_head(&mut r).unwrap();
+    assert_eq!(h.status, 200);
+    assert_eq!(read_body(&mut r, 1), b"A");
+
+    let out = exchange_raw(a, b"this is not http\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{out}");
+    assert!(out.contains("Connection: close\r\n"));
+    let out = exchange_raw(a, b"GET /a.txt HTTP/1.1\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 400 "), "no Host: {out}");
+
+    let long = format!("GET /{} HTTP/1.1\r\nHost: t\r\n\r\n", "x".repeat(9000));
+    let out = exchange_raw(a, long.as_bytes());
+    assert!(out.starts_with("HTTP/1.1 414 URI Too Long\r\n"), "{out}");
+
+    let big = format!(
+        "GET /a.txt HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "y".repeat(20000)
+    );
+    let mut c = connect(a);
+    c.write_all(big.as_bytes()).unwrap();
+    let out = String::from_utf8_lossy(&read_to_close(&mut c)).into_owned();
+    assert!(
+        out.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{out}"
+    );
+
+    // Half a request head, then silence: 408 and close.
+    let mut c = connect(a);
+    c.write_all(b"GET /a.txt HTTP/1.1\r\nHost: t\r\n").unwrap();
+    let out = String::from_utf8_lossy(&read_to_close(&mut c)).into_owned();
+    assert!(out.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{out}");
+    assert!(out.contains("Connection: close\r\n"));
+
+    // An idle keep-alive connection is closed at idle_timeout with a FIN
+    // (a clean end of stream, not a reset), after its response.
+    let mut c = connect(a);
+    c.write_all(b"GET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(c);
+    let h = read_head(&mut r).unwrap();
+    assert_eq!(read_body(&mut r, h.content_length()), b"A");
+    let mut rest = [0u8; 16];
+    assert_eq!(r.read(&mut rest).expect("FIN, not a reset"), 0);
+
+    // A connection that never sends anything is closed without a word.
+    let mut c = connect(a);
+    assert!(read_to_close(&mut c).is_empty());
+
+    let lines = sl.wait_access(8, Duration::from_secs(10));
+    let st: Vec<&str> = lines.iter().map(|l| l["status"].as_str()).collect();
+    for want in ["405", "200", "400", "414", "431", "408"] {
+        assert!(st.contains(&want), "{want} not logged: {st:?}");
+    }
+}
+
+#[test]
+fn path_escapes_never_leak_a_byte() {
+    let dir = temp_dir("files-esc");
+    let secret = b"TOP-SECRET-0123456789";
+    std::fs::write(dir.join("secret.txt"), secret).unwrap();
+    let root = dir.join("www");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::write(root.join("sub/in.txt"), b"inside").unwrap();
+    std::fs::write(root.join(".hidden"), b"dot").unwrap();
+    std::fs::write(root.join("index.html"), b"<h1>index</h1>").unwrap();
+    std::os::unix::fs::symlink(dir.join("secret.txt"), root.join("out-link")).unwrap();
+    std::os::unix::fs::symlink("../secret.txt", root.join("rel-link")).unwrap();
+    std::os::unix::fs::symlink("sub/in.txt", root.join("in-link")).unwrap();
+    std::os::unix::fs::symlink(&dir, root.join("dir-link")).unwrap();
+    let p = free_port();
+    let p2 = free_port();
+    let routes = route("e", p, "root = \"www\"\nindex = \"index.html\"")
+        + &route("noindex", p2, "root = \"www/sub\"");
+    let sl = start("files-esc", dir.clone(), &routes);
+    let abs = dir.join("secret.txt");
+    let targets = [
+        "/../secret.txt".to_string(),
+        "/sub/../../secret.txt".into(),
+        "/%2e%2e/secret.txt".into(),
+        "/%2E%2E%2Fsecret.txt".into(),
+        "/sub%2F..%2F..%2Fsecret.txt".into(),
+        "/..%2fsecret.txt".into(),
+        abs.display().to_string(),
+        format!("http://localhost/..{}", "/secret.txt"),
+        format!("http://localhost{}", abs.display()),
+        "/out-link".into(),
+        "/rel-link".into(),
+        "/dir-link/secret.txt".into(),
+        "/sub/in.txt%00.html".into(),
+        "/.hidden".into(),
+        "/%2ehidden".into(),
+        "secret.txt".into(),
+        "/sub/".into(),
+    ];
+    for t in &targets {
+        let out = exchange_raw(
+            addr(p),
+            format!("GET {t} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert!(!out.contains("TOP-SECRET"), "{t} leaked the secret: {out}");
+        let status: u16 = out.split(' ').nth(1).unwrap().parse().unwrap();
+        assert!(status == 404 || status == 400, "{t}: {status}");
+    }
+    // Raw NUL in the target: rejected by the parser, never a file.
+    let out = exchange_raw(addr(p), b"GET /sub/in.txt\0x HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    // Inside the root, links that stay inside work.
+    assert_eq!(get(addr(p), "/in-link").1, b"inside");
+    assert_eq!(get(addr(p), "/sub//in.txt").1, b"inside");
+    assert_eq!(get(addr(p), "/sub%2Fin.txt").1, b"inside");
+    // A folder gives its index file, or 404 without one: no listings.
+    let (h, body) = get(addr(p), "/");
+    assert_eq!((h.status, body.as_slice()), (200, &b"<h1>index</h1>"[..]));
+    assert_eq!(get(addr(p2), "/").0.status, 404);
+    // A folder named without its slash: 301 to the slash form.
+    std::fs::create_dir(root.join("docs")).unwrap();
+    std::fs::write(root.join("docs/index.html"), b"docs").unwrap();
+    let (h, _) = get(addr(p), "/docs?x=1");
+    assert_eq!((h.status, h.get("location")), (301, Some("/docs/")));
+    assert_eq!(get(addr(p), "/docs/").1, b"docs");
+    let (h, _) = get(addr(p), "//evil.example");
+    assert_eq!(h.status, 404, "no such folder: no redirect at all");
+    assert_eq!(get(addr(p2), "/in.txt").1, b"inside");
+    let all = sl.access();
+    assert!(
+        all.iter()
+            .all(|l| l["body_bytes"] != secret.len().to_string())
+    );
+}
+
+/// A slow client downloads a large file; the file is truncated meanwhile.
+fn truncate_during_download(strategy: &str) {
+    let dir = temp_dir(&format!("files-trunc-{strategy}"));
+    let root = dir.join("www");
+    std::fs::create_dir(&root).unwrap();
+    let big = root.join("t.bin");
+    let p = free_port();
+    let sl = start(
+        &format!("trunc-{strategy}"),
+        dir,
+        &route(
+            "t",
+            p,
+            &format!("root = \"www\"\nstrategy = \"{strategy}\""),
+        ),
+    );
+    // mmap needs a lease, which any process holding the file open for
+    // writing denies -- including, for a moment, a child this test binary
+    // forks for another test (it inherits our descriptors until exec). If
+    // that happened the transfer used sendfile: run it again (bounded).
+    for attempt in 0..3 {
+        let line = truncate_once(&sl, p, &big);
+        if strategy == "mmap" && line["fallback"] == "no_lease" && attempt < 2 {
+            continue;
+        }
+        let end = &line["end"];
+        if strategy == "mmap" {
+            assert_eq!(end, "lease_break", "{line:?}");
+            assert!(sl.count_log("lease break") >= 1);
+        } else {
+            assert!(end == "truncated" || end == "client_reset", "{line:?}");
+        }
+        return;
+    }
+}
+
+/// Write a 64 MiB file, start a slow download, truncate the file
+/// mid-transfer; check the client got less and the next request gets the
+/// new content. Returns the access line of the cut transfer.
+fn truncate_once(sl: &Sluice, p: u16, big: &Path) -> HashMap<String, String> {
+    let total = 64 * MIB;
+    gen_file(big, 3, total);
+    let before = access_for(sl, "t").len();
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(64 * 1024).unwrap();
+    s.connect_timeout(&addr(p).into(), Duration::from_secs(5))
+        .unwrap();
+    let mut c: std::net::TcpStream = s.into();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    c.write_all(b"GET /t.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(c);
+    let h = read_head(&mut r).unwrap();
+    assert_eq!(h.content_length(), total);
+    let first = read_body(&mut r, 100_000);
+    assert_eq!(first.len(), 100_000);
+
+    // Truncate while sluice is blocked on the slow client. For mmap the
+    // open for writing waits until sluice gives the lease back.
+    let new = b"new content after truncation".to_vec();
+    let writer = {
+        let (big, new) = (big.to_path_buf(), new.clone());
+        thread::spawn(move || {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&big)
+                .unwrap();
+            f.write_all(&new).unwrap();
+        })
+    };
+    let rest = read_to_close(&mut r);
+    writer.join().unwrap();
+    let got = 100_000 + rest.len() as u64;
+    assert!(
+        got < total,
+        "the whole file arrived ({got} bytes) although it was truncated"
+    );
+    let line = wait_route(sl, "t", before + 1)[before].clone();
+    // The process lives on and serves the new content.
+    let (h, body) = get(addr(p), "/t.bin");
+    assert_eq!(h.status, 200);
+    assert_eq!(body, new);
+    wait_route(sl, "t", before + 2);
+    line
+}
+
+#[test]
+fn truncation_sendfile() {
+    truncate_during_download("sendfile");
+}
+#[test]
+fn truncation_mmap() {
+    truncate_during_download("mmap");
+}
+#[test]
+fn truncation_splice() {
+    truncate_during_download("splice");
+}
+#[test]
+fn truncation_copy() {
+    truncate_during_download("copy");
+}
+
+#[test]
+fn changed_files_are_served_fresh() {
+    let dir = temp_dir("files-fresh");
+    let root = dir.join("www");
+    std::fs::create_dir(&root).unwrap();
+    let f = root.join("f.txt");
+    std::fs::write(&f, b"one").unwrap();
+    let mut routes = String::new();
+    let mut ports = Vec::new();
+    for s in STRATEGIES {
+        let p = free_port();
+        routes += &route(s, p, &format!("root = \"www\"\nstrategy = \"{s}\""));
+        let rp = free_port();
+        routes += &route(
+            &format!("raw-{s}"),
+            rp,
+            &format!("file = \"www/f.txt\"\nprotocol = \"raw\"\nstrategy = \"{s}\""),
+        );
+        ports.push((p, rp));
+    }
+    let _sl = start("files-fresh", dir, &routes);
+    for (i, (p, rp)) in ports.iter().enumerate() {
+        let one = format!("one{i}");
+        std::fs::write(&f, &one).unwrap();
+        // Keep-alive connection: the same connection sees each change.
+        let mut c = connect(addr(*p));
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        c.write_all(b"GET /f.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let h = read_head(&mut r).unwrap();
+        assert_eq!(read_body(&mut r, h.content_length()), one.as_bytes());
+        // Grown in place.
+        let grown = format!("{one} and more");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&f)
+            .unwrap()
+            .write_all(b" and more")
+            .unwrap();
+        c.write_all(b"GET /f.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let h = read_head(&mut r).unwrap();
+        assert_eq!(read_body(&mut r, h.content_length()), grown.as_bytes());
+        assert_eq!(
+            recv_data(&mut connect(addr(*rp))),
+            digest_of(grown.as_bytes())
+        );
+        // Replaced by rename.
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, b"replaced!").unwrap();
+        std::fs::rename(&tmp, &f).unwrap();
+        c.write_all(b"GET /f.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let h = read_head(&mut r).unwrap();
+        assert_eq!(read_body(&mut r, h.content_length()), b"replaced!");
+        assert_eq!(recv_data(&mut connect(addr(*rp))), digest_of(b"replaced!"));
+        c.shutdown(Shutdown::Write).unwrap();
+        assert!(read_to_close(&mut r).is_empty());
+    }
+}
+
+#[test]
+fn mmap_without_lease_falls_back_to_sendfile() {
+    let dir = temp_dir("files-nolease");
+    let root = dir.join("www");
+    std::fs::create_dir(&root).unwrap();
+    let path = root.join("w.bin");
+    let want = gen_file(&path, 9, 3 * MIB + 5);
+    let p = free_port();
+    let sl = start(
+        "files-nolease",
+        dir,
+        &route("m", p, "root = \"www\"\nstrategy = \"mmap\""),
+    );
+    // Download until a transfer runs with mmap; returns the lines so far.
+    // (Without a writer one try is enough, but a child forked by another
+    // test may hold an inherited write descriptor for a moment.)
+    let until_mmap = |seen: usize| {
+        for n in seen + 1..seen + 10 {
+            let (_, body) = get(addr(p), "/w.bin");
+            assert_eq!(digest_of(&body), want);
+            let a = wait_route(&sl, "m", n);
+            if a[n - 1]["strategy"] == "mmap" {
+                assert_eq!(a[n - 1]["fallback"], "-");
+                return n;
+            }
+        }
+        panic!("no transfer ran with mmap");
+    };
+    let seen = until_mmap(0);
+    // This process holds the file open for writing: no read lease can be
+    // had (EAGAIN, even for root), so sluice must use sendfile.
+    let held = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    for _ in 0..3 {
+        let (h, body) = get(addr(p), "/w.bin");
+        assert_eq!(h.status, 200);
+        assert_eq!(digest_of(&body), want, "fallback bytes differ");
+    }
+    let a = wait_route(&sl, "m", seen + 3);
+    for l in &a[seen..] {
+        assert_eq!(
+            (l["strategy"].as_str(), l["fallback"].as_str()),
+            ("sendfile", "no_lease")
+        );
+    }
+    // Writer gone: mmap again.
+    drop(held);
+    until_mmap(seen + 3);
+    // Logged once, not once per transfer.
+    assert_eq!(sl.count_log("no read lease for mmap"), 1);
+}
+
+#[test]
+fn fallback_file_when_backends_are_down() {
+    let dir = temp_dir("files-fallback");
+    let page = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 12\r\nConnection: close\r\n\r\nmaintenance\n";
+    write_file(&dir, "maint.http", page);
+    let dead = free_port();
+    let mut routes = String::new();
+    let mut ports = Vec::new();
+    for s in STRATEGIES {
+        let p = free_port();
+        routes += &route(
+            s,
+            p,
+            &format!(
+                "backends = [\"127.0.0.1:{dead}\"]\nfallback_file = \"maint.http\"\nfallback_strategy = \"{s}\""
+            ),
+        );
+        ports.push((s, p));
+    }
+    let sl = start("files-fallback", dir, &routes);
+    for (s, p) in &ports {
+        for _ in 0..2 {
+            let mut c = connect(addr(*p));
+            c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+            let got = read_to_close(&mut c);
+            assert_eq!(got, page, "{s}");
+        }
+        let a = wait_route(&sl, s, 2);
+        for l in &a {
+            assert_eq!(l["end"], "fallback");
+            assert_eq!(l["body_bytes"], page.len().to_string());
+            assert_eq!(&l["strategy"], s);
+        }
+    }
+}
+
+#[test]
+fn raw_route_ignores_input_and_curl_downloads() {
+    let dir = temp_dir("files-raw");
+    let want = gen_file(&dir.join("blob.bin"), 42, 2 * MIB + 1);
+    let p = free_port();
+    let hp = free_port();
+    let routes = route(
+        "raw",
+        p,
+        "file = \"blob.bin\"\nprotocol = \"raw\"\nidle_timeout = \"5s\"",
+    ) + &route("web", hp, "file = \"blob.bin\"");
+    let sl = start("files-raw", dir.clone(), &routes);
+    // A client that talks first still gets exactly the file, then EOF.
+    let mut c = connect(addr(p));
+    c.write_all(b"hello?\r\nanyone\r\n").unwrap();
+    assert_eq!(recv_data(&mut c), want);
+    let a = wait_route(&sl, "raw", 1);
+    assert_eq!(a[0]["body_bytes"], (2 * MIB + 1).to_string());
+
+    let has_curl = std::process::Command::new("which")
+        .arg("curl")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if has_curl {
+        let out = dir.join("curl.out");
+        let st = std::process::Command::new("curl")
+            .args(["-sS", "--fail", "--noproxy", "*", "-o"])
+            .arg(&out)
+            .arg(format!("http://127.0.0.1:{hp}/"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert_eq!(digest_of(&std::fs::read(&out).unwrap()), want);
+    } else {
+        eprintln!("curl not installed: skipping the curl download");
+    }
+}
+
+#[test]
+fn graceful_stop_closes_idle_keep_alive_connections() {
+    let dir = temp_dir("files-drain");
+    std::fs::write(dir.join("a.txt"), b"abc").unwrap();
+    let p = free_port();
+    let toml = format!(
+        "[global]\nshutdown_timeout = \"60s\"\n{}",
+        route("d", p, "file = \"a.txt\"\nidle_timeout = \"60s\"")
+    );
+    let mut sl = Sluice::start_in(dir, &toml, &[]);
+    let mut c = connect(addr(p));
+    c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let h = read_head(&mut r).unwrap();
+    assert_eq!(read_body(&mut r, h.content_length()), b"abc");
+    // Idle keep-alive connection: a stop must not wait 60 s for it.
+    sl.signal("TERM");
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    assert!(
+        read_to_close(&mut r).is_empty(),
+        "closed with a FIN, nothing sent"
+    );
+    drop(r);
+    drop(c);
+    let st = sl
+        .wait_exit(Duration::from_secs(20))
+        .expect("sluice exits once idle connections closed");
+    assert!(st.success(), "{st}");
+}
+
+#[test]
+fn many_pipelined_requests_answered_in_order() {
+    let dir = temp_dir("files-pipe");
+    let root = dir.join("www");
+    std::fs::create_dir(&root).unwrap();
+    for i in 0..3 {
+        std::fs::write(
+            root.join(format!("p{i}")),
+            format!("body of p{i}").repeat(i + 1),
+        )
+        .unwrap();
+    }
+    let p = free_port();
+    let sl = start(
+        "files-pipe",
+        dir,
+        &route("p", p, "root = \"www\"\nstrategy = \"copy\""),
+    );
+    let n = 500;
+    let mut reqs = String::new();
+    for k in 0..n {
+        reqs += &format!("GET /p{} HTTP/1.1\r\nHost: t\r\n\r\n", k % 3);
+    }
+    let c = connect(addr(p));
+    let mut w = c.try_clone().unwrap();
+    // Write everything while reading (the server stops reading while its
+    // replies wait for us).
+    let writer = thread::spawn(move || w.write_all(reqs.as_bytes()).unwrap());
+    let mut r = BufReader::new(c);
+    for k in 0..n {
+        let h = read_head(&mut r).unwrap();
+        assert_eq!(h.status, 200, "response {k}");
+        let i = k % 3;
+        let want = format!("body of p{i}").repeat(i + 1);
+        assert_eq!(
+            read_body(&mut r, h.content_length()),
+            want.as_bytes(),
+            "response {k}"
+        );
+    }
+    writer.join().unwrap();
+    let a = wait_route(&sl, "p", n);
+    assert!(
+        a.iter()
+            .all(|l| l["status"] == "200" && l["strategy"] == "copy")
+    );
+}
