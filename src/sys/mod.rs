@@ -8,6 +8,8 @@
 //! wrappers, the way mio keeps its platform layer thin and the code above
 //! it safe.
 
+pub mod activation;
+
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
