@@ -132,8 +132,9 @@ impl Server {
             });
         }
         log::info!(
-            "sluice {} started: {} routes, {} listeners, {} workers, pipe budget {}",
+            "sluice {} started (pid {}): {} routes, {} listeners, {} workers, pipe budget {}",
             env!("CARGO_PKG_VERSION"),
+            std::process::id(),
             generation.routes.len(),
             generation.listeners.len(),
             workers.len(),

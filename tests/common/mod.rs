@@ -3,6 +3,8 @@
 //! peers (backends, clients) on loopback. Nothing here mocks the kernel.
 #![allow(dead_code)]
 
+pub mod admin;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -64,13 +66,22 @@ impl Sluice {
         cmd.arg("run")
             .arg("--config")
             .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let mut s = Self::launch(dir, config, cmd);
+        s.wait_log("started", Duration::from_secs(10));
+        s
+    }
+
+    /// Run `cmd` (which runs sluice on `config`, perhaps through a
+    /// wrapper such as systemd-socket-activate) and collect its stderr;
+    /// does not wait for anything.
+    pub fn launch(dir: PathBuf, config: PathBuf, mut cmd: Command) -> Sluice {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn sluice");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -84,15 +95,13 @@ impl Sluice {
                 l2.lock().unwrap().push(line);
             }
         });
-        let mut s = Sluice {
+        Sluice {
             child,
             dir,
             config,
             log,
             reader: Some(reader),
-        };
-        s.wait_log("started", Duration::from_secs(10));
-        s
+        }
     }
 
     pub fn pid(&self) -> u32 {
