@@ -280,8 +280,8 @@ impl Server {
                             ));
                         }
                     },
-                    Some(_) => None,
-                    None => Some(None),
+                    None if self.admin.addr().is_some() => Some(None),
+                    _ => None,
                 };
                 let generation = build_generation(
                     &cfg,
