@@ -344,9 +344,20 @@ impl Server {
         );
         self.shared.draining.store(true, Ordering::Relaxed);
         self.checker.clear(self.poll.registry());
+        // The same routes without listeners: once every worker has loaded
+        // it and the old generation is gone, no descriptor of a listening
+        // socket is left (ours go with `sockets`), so the kernel refuses
+        // new clients instead of queueing them.
+        let g = &self.generation;
+        let closed = Arc::new(Generation {
+            id: g.id,
+            routes: g.routes.clone(),
+            listeners: Vec::new(),
+            max_connections: g.max_connections,
+        });
+        self.send(|| Cmd::Load(closed.clone()));
+        self.generation = closed;
         self.send(|| Cmd::Drain(deadline));
-        // Workers have deregistered their duplicates once they see the
-        // command; closing ours lets the kernel refuse new clients.
         self.sockets.clear();
         deadline
     }
