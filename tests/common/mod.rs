@@ -325,7 +325,14 @@ impl Backend {
     where
         F: Fn(TcpStream) -> String + Send + Sync + 'static,
     {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::spawn_on(TcpListener::bind("127.0.0.1:0").unwrap(), f)
+    }
+
+    /// Like `spawn`, on a listener the test bound (a chosen port).
+    pub fn spawn_on<F>(l: TcpListener, f: F) -> Backend
+    where
+        F: Fn(TcpStream) -> String + Send + Sync + 'static,
+    {
         let addr = l.local_addr().unwrap();
         let results = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -351,7 +358,12 @@ impl Backend {
 
     /// A backend that sends its `name` and a newline, then echoes.
     pub fn named(name: &'static str) -> Backend {
-        Backend::spawn(move |mut s| {
+        Self::from_listener(TcpListener::bind("127.0.0.1:0").unwrap(), name)
+    }
+
+    /// `named`, on a listener the test bound.
+    pub fn from_listener(l: TcpListener, name: &'static str) -> Backend {
+        Backend::spawn_on(l, move |mut s| {
             let _ = s.write_all(format!("{name}\n").as_bytes());
             let mut buf = [0u8; 65536];
             loop {
