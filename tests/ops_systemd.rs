@@ -1,0 +1,136 @@
+//! systemd integration through the real binary: socket activation under
+//! `systemd-socket-activate` (the listener comes from systemd, and a
+//! client that connected before sluice ran is served), and the unit files
+//! checked by `systemd-analyze verify` (systemd/verify).
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn socket_activation_takes_listeners_from_systemd() {
+    if !have("systemd-socket-activate") {
+        eprintln!("systemd-socket-activate not installed (apt-get install systemd): skipped");
+        return;
+    }
+    let b = Backend::named("b");
+    // Route "r" listens on two addresses; systemd passes only the first.
+    // A third socket is passed under a name no route has.
+    let (passed, own, stray) = (free_port(), free_port(), free_port());
+    let dir = temp_dir("activate");
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[route]]\nname = \"r\"\nlisten = [\"127.0.0.1:{passed}\", \"127.0.0.1:{own}\"]\nbackends = \"{}\"\n",
+            b.addr
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.arg("-l")
+        .arg(format!("127.0.0.1:{passed}"))
+        .arg("-l")
+        .arg(format!("127.0.0.1:{stray}"))
+        .arg("--fdname=r:stray")
+        .arg("-E")
+        .arg("RUST_LOG=info")
+        .arg(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&config);
+    let mut sl = Sluice::launch(dir, config, cmd);
+    sl.wait_log(
+        &format!("Listening on 127.0.0.1:{stray}"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        sl.count_log("sluice 0.1.0 started"),
+        0,
+        "not started before a client"
+    );
+
+    // This client connects and sends before sluice even runs: systemd
+    // holds it in the socket's backlog and starts sluice for it.
+    let mut c = connect(addr(passed));
+    c.write_all(b"early bytes\n").unwrap();
+    let started = sl.wait_log("started (pid", Duration::from_secs(10));
+    assert_eq!(read_line(&mut c), "b", "the early client is served");
+    assert_eq!(
+        read_line(&mut c),
+        "early bytes",
+        "and its early bytes arrive"
+    );
+    let from_systemd =
+        format!("route r: listening on 127.0.0.1:{passed} with a socket from systemd (fd 3)");
+    assert_eq!(sl.count_log(&from_systemd), 1, "{:?}", sl.logs());
+    let (sent, got) = exchange(c, 5, 1 << 20);
+    assert_eq!(sent, got);
+
+    // The address systemd did not pass is bound by sluice itself.
+    let mut c = connect(addr(own));
+    assert_eq!(read_line(&mut c), "b");
+    drop(c);
+    // The stray socket was refused by name, logged and closed.
+    let warn = sl.wait_log("named \"stray\"", Duration::from_secs(5));
+    assert!(
+        warn.contains("WARN") && warn.contains(&format!("127.0.0.1:{stray}")),
+        "{warn}"
+    );
+    let r = TcpStream::connect_timeout(&addr(stray), Duration::from_secs(2));
+    assert!(r.is_err(), "the stray socket is closed: {r:?}");
+
+    // Stop sluice (a child of systemd-socket-activate) gracefully.
+    let pid = started
+        .split("started (pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .expect("pid in the started line")
+        .to_string();
+    let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(st.success());
+    sl.wait_log("all connections finished", Duration::from_secs(10));
+    // systemd-socket-activate waits for sluice and exits with its status.
+    let st = sl.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(st.code(), Some(0));
+}
+
+#[test]
+fn unit_files_pass_systemd_analyze_verify() {
+    if !have("systemd-analyze") {
+        eprintln!("systemd-analyze not installed (apt-get install systemd): skipped");
+        return;
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/verify");
+    let out = Command::new(&script)
+        .env("SLUICE_BIN", BIN)
+        .output()
+        .expect("run systemd/verify");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("sluice.service and sluice.socket ok"),
+        "{text}"
+    );
+}
