@@ -129,7 +129,7 @@ fn twenty_reloads_refuse_and_reset_nothing() {
     // bound and closed around the one that must never blink.
     let cfg = |generation: u64| {
         let backend = if generation % 2 == 1 { a.addr } else { b.addr };
-        let extra = if generation % 2 == 0 {
+        let extra = if generation.is_multiple_of(2) {
             route("other", other, a.addr)
         } else {
             String::new()
