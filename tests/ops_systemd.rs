@@ -31,15 +31,16 @@ fn socket_activation_takes_listeners_from_systemd() {
         return;
     }
     let b = Backend::named("b");
-    // Route "r" listens on two addresses; systemd passes only the first.
-    // A third socket is passed under a name no route has.
-    let (passed, own, stray) = (free_port(), free_port(), free_port());
+    // Route "r" listens on three addresses; systemd passes two of them
+    // (both named "r": matched by name and address) and a socket under a
+    // name no route has.
+    let (passed, passed2, own, stray) = (free_port(), free_port(), free_port(), free_port());
     let dir = temp_dir("activate");
     let config = dir.join("sluice.toml");
     std::fs::write(
         &config,
         format!(
-            "[[route]]\nname = \"r\"\nlisten = [\"127.0.0.1:{passed}\", \"127.0.0.1:{own}\"]\nbackends = \"{}\"\n",
+            "[[route]]\nname = \"r\"\nlisten = [\"127.0.0.1:{passed}\", \"127.0.0.1:{passed2}\", \"127.0.0.1:{own}\"]\nbackends = \"{}\"\n",
             b.addr
         ),
     )
@@ -49,7 +50,9 @@ fn socket_activation_takes_listeners_from_systemd() {
         .arg(format!("127.0.0.1:{passed}"))
         .arg("-l")
         .arg(format!("127.0.0.1:{stray}"))
-        .arg("--fdname=r:stray")
+        .arg("-l")
+        .arg(format!("127.0.0.1:{passed2}"))
+        .arg("--fdname=r:stray:r")
         .arg("-E")
         .arg("RUST_LOG=info")
         .arg(BIN)
@@ -81,6 +84,13 @@ fn socket_activation_takes_listeners_from_systemd() {
     let from_systemd =
         format!("route r: listening on 127.0.0.1:{passed} with a socket from systemd (fd 3)");
     assert_eq!(sl.count_log(&from_systemd), 1, "{:?}", sl.logs());
+    let second =
+        format!("route r: listening on 127.0.0.1:{passed2} with a socket from systemd (fd 5)");
+    assert_eq!(sl.count_log(&second), 1, "{:?}", sl.logs());
+    assert_eq!(sl.count_log("with a socket from systemd"), 2);
+    let mut c2 = connect(addr(passed2));
+    assert_eq!(read_line(&mut c2), "b");
+    drop(c2);
     let (sent, got) = exchange(c, 5, 1 << 20);
     assert_eq!(sent, got);
 

@@ -369,3 +369,15 @@ fn backends(o: &mut Out, routes: &[std::sync::Arc<RouteRt>]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::escape;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("plain-name_1.x:80"), "plain-name_1.x:80");
+        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape("line\nbreak"), "line\\nbreak");
+    }
+}

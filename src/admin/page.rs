@@ -144,3 +144,24 @@ fn route(h: &mut String, r: &RouteRt) {
         sum(|c| &c.connect_failures),
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{bytes, esc};
+
+    #[test]
+    fn html_is_escaped() {
+        assert_eq!(
+            esc("<b>\"x\" & 'y'</b>"),
+            "&lt;b&gt;&quot;x&quot; &amp; &#39;y&#39;&lt;/b&gt;"
+        );
+        assert_eq!(esc("app2.internal:9000"), "app2.internal:9000");
+    }
+
+    #[test]
+    fn bytes_read_at_a_glance() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(3 << 20), "3.0 MiB");
+        assert_eq!(bytes(1536), "1.5 KiB");
+    }
+}
