@@ -331,3 +331,59 @@ fn admin_listener_survives_reloads_and_can_move() {
     let refused = TcpStream::connect_timeout(&addr(a1), Duration::from_secs(2));
     assert!(refused.is_err(), "the old admin address is closed");
 }
+
+#[test]
+fn admin_connections_are_capped() {
+    let aport = free_port();
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{}\"\nbackends = \"127.0.0.1:1\"\n",
+        free_port()
+    );
+    let mut sl = Sluice::start("admin-cap", &toml);
+    // 64 clients that never finish their request hold every admin slot.
+    let hogs: Vec<TcpStream> = (0..64)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr(aport)).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    // One more is closed at once, without an answer, and logged.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = TcpStream::connect(addr(aport)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n");
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        if buf.is_empty() {
+            break;
+        }
+        // The last hog may not have been accepted yet when we connected.
+        assert!(
+            Instant::now() < end,
+            "never refused: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+    sl.wait_log(
+        "64 admin connections open; refusing",
+        Duration::from_secs(5),
+    );
+    // Once the hogs go away (or time out), admin requests are served again.
+    drop(hogs);
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = TcpStream::connect(addr(aport)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n");
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        if !buf.is_empty() {
+            assert_eq!(parse_response(&buf).status, 200);
+            break;
+        }
+        assert!(Instant::now() < end, "admin never served again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -16,6 +16,18 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// Kills a process by pid when dropped (a test that fails half-way must
+/// not leave a sluice running).
+struct KillOnDrop(String);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Command::new("kill").args(["-KILL", &self.0]).status();
+        }
+    }
+}
+
 fn have(tool: &str) -> bool {
     Command::new("sh")
         .arg("-c")
@@ -75,6 +87,14 @@ fn socket_activation_takes_listeners_from_systemd() {
     let mut c = connect(addr(passed));
     c.write_all(b"early bytes\n").unwrap();
     let started = sl.wait_log("started (pid", Duration::from_secs(10));
+    let pid = started
+        .split("started (pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .expect("pid in the started line")
+        .to_string();
+    // sluice is systemd-socket-activate's child: never leave it behind.
+    let _guard = KillOnDrop(pid.clone());
     assert_eq!(read_line(&mut c), "b", "the early client is served");
     assert_eq!(
         read_line(&mut c),
@@ -108,12 +128,6 @@ fn socket_activation_takes_listeners_from_systemd() {
     assert!(r.is_err(), "the stray socket is closed: {r:?}");
 
     // Stop sluice (a child of systemd-socket-activate) gracefully.
-    let pid = started
-        .split("started (pid ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .expect("pid in the started line")
-        .to_string();
     let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(st.success());
     sl.wait_log("all connections finished", Duration::from_secs(10));
