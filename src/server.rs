@@ -68,6 +68,7 @@ pub struct Server {
     env_log: bool,
     /// The main thread's poll: signals, admin, health checks.
     poll: Poll,
+    signals: Signals,
     admin: Admin,
     checker: Checker,
     started: SystemTime,
@@ -98,6 +99,13 @@ impl Server {
         let generation = build_generation(&cfg, 1, None, &mut sockets).map_err(StartError)?;
         let generation = Arc::new(generation);
         let poll = Poll::new().map_err(|e| StartError(format!("cannot create a poll: {e}")))?;
+        // Handlers go in before anything can tell the world we started: a
+        // SIGHUP that came before them would kill the process.
+        let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])
+            .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|e| StartError(format!("cannot watch signals: {e}")))?;
         let mut admin = Admin::new(ADMIN, ADMIN_CONNS);
         if let Some(a) = &cfg.admin {
             let sock = bind(a.listen).map_err(|e| {
@@ -150,6 +158,7 @@ impl Server {
             stats: Arc::new(ProcessStats::default()),
             env_log,
             poll,
+            signals,
             admin,
             checker,
             started: SystemTime::now(),
@@ -158,21 +167,6 @@ impl Server {
 
     /// Serve until stopped. Returns the process exit code.
     pub fn run(mut self) -> i32 {
-        let mut signals = match Signals::new([SIGHUP, SIGTERM, SIGINT]) {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!("cannot install signal handlers: {e}");
-                return 1;
-            }
-        };
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)
-        {
-            log::error!("cannot watch signals: {e}");
-            return 1;
-        }
         notify(&[sd_notify::NotifyState::Ready]);
         let mut events = Events::with_capacity(64);
         let mut stopping: Option<Instant> = None;
@@ -212,7 +206,8 @@ impl Server {
                 } else if self.checker.owns(token) {
                     self.checker.on_event(token, ev, self.poll.registry());
                 } else if token == SIGNALS {
-                    for sig in signals.pending() {
+                    let pending: Vec<i32> = self.signals.pending().collect();
+                    for sig in pending {
                         match sig {
                             SIGHUP if stopping.is_none() => self.reload(),
                             SIGTERM | SIGINT if stopping.is_none() => {
