@@ -62,6 +62,10 @@ pub struct Server {
     generation: Arc<Generation>,
     /// Every listening socket, by address; survives reloads.
     sockets: HashMap<SocketAddr, Arc<std::net::TcpListener>>,
+    /// Sockets systemd passed, by route name and address. Kept for the
+    /// life of the process: systemd holds them open anyway, so a route a
+    /// reload removes and a later one brings back gets the same socket.
+    activated: Activated,
     workers: Vec<WorkerHandle>,
     pub stats: Arc<ProcessStats>,
     /// RUST_LOG set: it wins over `log_level` on reloads too.
@@ -95,8 +99,10 @@ impl Server {
             pipes: PipeBudget::new(cfg.global.max_pipes),
             draining: AtomicBool::new(false),
         });
-        let mut sockets = activated_sockets(&cfg);
-        let generation = build_generation(&cfg, 1, None, &mut sockets).map_err(StartError)?;
+        let activated = activated_sockets(&cfg);
+        let mut sockets = HashMap::new();
+        let generation =
+            build_generation(&cfg, 1, None, &mut sockets, &activated).map_err(StartError)?;
         let generation = Arc::new(generation);
         let poll = Poll::new().map_err(|e| StartError(format!("cannot create a poll: {e}")))?;
         // Handlers go in before anything can tell the world we started: a
@@ -154,6 +160,7 @@ impl Server {
             shared,
             generation,
             sockets,
+            activated,
             workers,
             stats: Arc::new(ProcessStats::default()),
             env_log,
@@ -283,6 +290,7 @@ impl Server {
                     self.generation.id + 1,
                     Some(&self.generation),
                     &mut self.sockets,
+                    &self.activated,
                 )?;
                 Ok((cfg, generation, admin))
             });
@@ -365,6 +373,7 @@ fn build_generation(
     id: u64,
     prev: Option<&Generation>,
     sockets: &mut HashMap<SocketAddr, Arc<std::net::TcpListener>>,
+    activated: &Activated,
 ) -> Result<Generation, String> {
     let workers = cfg.global.workers;
     let mut routes = Vec::new();
@@ -380,9 +389,12 @@ fn build_generation(
         for addr in &r.listen {
             let sock = match sockets.get(addr) {
                 Some(s) => s.clone(),
-                None => match bind(*addr) {
+                None => match activated
+                    .get(&(r.name.clone(), *addr))
+                    .map(|s| Ok(s.clone()))
+                    .unwrap_or_else(|| bind(*addr).map(Arc::new))
+                {
                     Ok(s) => {
-                        let s = Arc::new(s);
                         sockets.insert(*addr, s.clone());
                         fresh.push(*addr);
                         s
@@ -416,11 +428,14 @@ fn build_generation(
     })
 }
 
-/// Sockets systemd passed (socket activation), keyed by address, for the
-/// routes they were named for. A socket is used by the route whose name
-/// is its `FileDescriptorName=` and that listens on its address; any
-/// other passed socket is logged and closed.
-fn activated_sockets(cfg: &Config) -> HashMap<SocketAddr, Arc<std::net::TcpListener>> {
+/// Sockets systemd passed, keyed by (route name, address).
+type Activated = HashMap<(String, SocketAddr), Arc<std::net::TcpListener>>;
+
+/// Sockets systemd passed (socket activation) for the routes they were
+/// named for. A socket is used by the route whose name is its
+/// `FileDescriptorName=` and that listens on its address; any other
+/// passed socket is logged and closed.
+fn activated_sockets(cfg: &Config) -> Activated {
     let mut out = HashMap::new();
     let (passed, rejected) = match crate::sys::activation::take_listen_fds() {
         Ok(x) => x,
@@ -443,14 +458,14 @@ fn activated_sockets(cfg: &Config) -> HashMap<SocketAddr, Arc<std::net::TcpListe
             .iter()
             .find(|r| r.name == a.name && r.listen.contains(&a.addr));
         match route {
-            Some(r) if !out.contains_key(&a.addr) => {
+            Some(r) if !out.contains_key(&(r.name.clone(), a.addr)) => {
                 log::info!(
                     "route {}: listening on {} with a socket from systemd (fd {})",
                     r.name,
                     a.addr,
                     a.fd
                 );
-                out.insert(a.addr, Arc::new(a.sock));
+                out.insert((r.name.clone(), a.addr), Arc::new(a.sock));
             }
             _ => log::warn!(
                 "socket activation: fd {} named {:?} listens on {}, but no route of that name \

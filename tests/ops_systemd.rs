@@ -127,6 +127,34 @@ fn socket_activation_takes_listeners_from_systemd() {
     let r = TcpStream::connect_timeout(&addr(stray), Duration::from_secs(2));
     assert!(r.is_err(), "the stray socket is closed: {r:?}");
 
+    // A reload that drops a systemd socket from the route, then one that
+    // brings it back: the socket stays sluice's (as systemd keeps it
+    // open), so a client that connected in between is served after.
+    let cfg = |listen: &[u16]| {
+        let l: Vec<String> = listen
+            .iter()
+            .map(|p| format!("\"127.0.0.1:{p}\""))
+            .collect();
+        format!(
+            "[[route]]\nname = \"r\"\nlisten = [{}]\nbackends = \"{}\"\n",
+            l.join(", "),
+            b.addr
+        )
+    };
+    std::fs::write(&sl.config, cfg(&[passed, own])).unwrap();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
+    let mut waiting = connect(addr(passed2));
+    std::fs::write(&sl.config, cfg(&[passed, passed2, own])).unwrap();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    sl.wait_log("reload ok: generation 3", Duration::from_secs(10));
+    assert_eq!(
+        read_line(&mut waiting),
+        "b",
+        "queued client served after the route came back"
+    );
+    drop(waiting);
+
     // Stop sluice (a child of systemd-socket-activate) gracefully.
     let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(st.success());
