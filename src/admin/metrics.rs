@@ -320,10 +320,16 @@ const BACKEND_METRICS: [BackendMetric; 5] = [
 ];
 
 fn backends(o: &mut Out, routes: &[std::sync::Arc<RouteRt>]) {
-    // A backend listed twice in one route is reported once.
+    // A backend listed twice in one route (same name and address) is
+    // reported once.
     let unique = |r: &RouteRt| -> Vec<usize> {
         (0..r.backends.len())
-            .filter(|&i| !r.backends[..i].iter().any(|b| b.addr == r.backends[i].addr))
+            .filter(|&i| {
+                let b = &r.backends[i];
+                !r.backends[..i]
+                    .iter()
+                    .any(|o| o.addr == b.addr && o.name == b.name)
+            })
             .collect()
     };
     for (name, kind, help, f) in BACKEND_METRICS {

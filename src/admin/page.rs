@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use super::View;
-use crate::config::RouteKind;
+use crate::config::{Balance, FileStrategy, Protocol, ProxyStrategy, RouteKind};
 use crate::route::RouteRt;
 use crate::stats::Counters;
 
@@ -92,8 +92,38 @@ fn route(h: &mut String, r: &RouteRt) {
     let s = &r.shared.stats;
     let listen: Vec<String> = r.cfg.listen.iter().map(|a| a.to_string()).collect();
     let what = match &r.cfg.kind {
-        RouteKind::Proxy(p) => format!("proxy, {:?} strategy, {:?} balance", p.strategy, p.balance),
-        RouteKind::File(f) => format!("file, {:?} over {:?}", f.strategy, f.protocol),
+        RouteKind::Proxy(p) => {
+            let strategy = match p.strategy {
+                ProxyStrategy::Splice => "splice",
+                ProxyStrategy::Copy => "copy",
+                ProxyStrategy::Auto => "auto",
+            };
+            let balance = match p.balance {
+                Balance::RoundRobin => "round-robin",
+                Balance::LeastConnections => "least-connections",
+                Balance::SourceHash => "source-hash",
+                Balance::Random => "random",
+            };
+            let health = if p.health.active {
+                format!("checks every {:?}", p.health.interval)
+            } else {
+                "passive checks".to_string()
+            };
+            format!("proxy, strategy {strategy}, balance {balance}, {health}")
+        }
+        RouteKind::File(f) => {
+            let strategy = match f.strategy {
+                FileStrategy::Sendfile => "sendfile",
+                FileStrategy::Mmap => "mmap",
+                FileStrategy::Splice => "splice",
+                FileStrategy::Copy => "copy",
+            };
+            let protocol = match f.protocol {
+                Protocol::Http => "http",
+                Protocol::Raw => "raw",
+            };
+            format!("file ({protocol}), strategy {strategy}")
+        }
     };
     let _ = write!(
         h,
@@ -129,13 +159,29 @@ fn route(h: &mut String, r: &RouteRt) {
         );
     }
     let sum = |f: fn(&Counters) -> &std::sync::atomic::AtomicU64| s.sum(f);
+    let by_strategy: Vec<String> = [
+        ("splice", sum(|c| &c.bytes_splice)),
+        ("copy", sum(|c| &c.bytes_copy)),
+        ("sendfile", sum(|c| &c.bytes_sendfile)),
+        ("mmap", sum(|c| &c.bytes_mmap)),
+    ]
+    .into_iter()
+    .filter(|(_, n)| *n > 0)
+    .map(|(k, n)| format!("{k} {}", bytes(n)))
+    .collect();
+    let by_strategy = if by_strategy.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", by_strategy.join(", "))
+    };
     let _ = writeln!(
         h,
-        "<tr class=\"sum\"><td class=\"l\" colspan=\"3\">route total: {} in, {} out; \
+        "<tr class=\"sum\"><td class=\"l\" colspan=\"3\">route total: {} in, {} out{}; \
          {} denied, {} limited, {} without backend</td><td>{}</td><td>{}</td><td>{}</td>\
          <td colspan=\"2\"></td></tr>\n</table>",
         bytes(sum(|c| &c.bytes_in)),
         bytes(sum(|c| &c.bytes_out)),
+        esc(&by_strategy),
         sum(|c| &c.denied),
         sum(|c| &c.limited),
         sum(|c| &c.no_backend),
