@@ -117,3 +117,38 @@ fn checks_follow_the_backends_of_a_reload() {
     let got = names(port, 6);
     assert!(got.iter().all(|n| n == "a"), "{got:?}");
 }
+
+#[test]
+fn with_active_checks_only_the_checker_brings_a_backend_back() {
+    let live = Backend::named("live");
+    // Nobody listens on "flaky" at first; later it comes up on that port.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let flaky = l.local_addr().unwrap();
+    drop(l);
+    let (port, aport) = (free_port(), free_port());
+    let toml = format!(
+        "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nbackends = [\"{}\", \"{flaky}\"]\n\
+         [route.health]\ninterval = \"300ms\"\ntimeout = \"300ms\"\nrise = 6\nfall = 1\n",
+        live.addr
+    );
+    let mut sl = Sluice::start("health-rise", &toml);
+    sl.wait_log("is DOWN", Duration::from_secs(10));
+    // It listens again. Passive-only health would retry it after
+    // `interval` (300ms); with active checks it stays out until 6 good
+    // checks in a row (at least 1.5s from now).
+    let relisten = Instant::now();
+    let back = Backend::from_listener(TcpListener::bind(flaky).unwrap(), "flaky");
+    std::thread::sleep(Duration::from_millis(700));
+    let got = names(port, 6);
+    let early = sl.count_log("is UP");
+    assert_eq!(early, 0, "UP too early");
+    assert!(got.iter().all(|n| n == "live"), "{got:?}");
+    let up_line = sl.wait_log("is UP", Duration::from_secs(10));
+    assert!(up_line.contains("6 good checks in a row"), "{up_line}");
+    assert!(relisten.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(up(&scrape(addr(aport)), flaky), 1.0);
+    let got = names(port, 4);
+    assert_eq!(got.iter().filter(|n| *n == "flaky").count(), 2, "{got:?}");
+    assert!(back.accepted() >= 2);
+}
