@@ -120,7 +120,18 @@ impl Sluice {
                 return l;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
-                thread::sleep(Duration::from_millis(50));
+                // Everything it printed is in once its stderr closes (the
+                // line may have come just before the exit); a grandchild
+                // may hold stderr open, so wait a bounded time.
+                let until = Instant::now() + Duration::from_secs(2);
+                while self.reader.as_ref().is_some_and(|r| !r.is_finished())
+                    && Instant::now() < until
+                {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                if let Some(l) = self.logs().into_iter().find(|l| l.contains(needle)) {
+                    return l;
+                }
                 panic!(
                     "sluice exited ({st}) before logging {needle:?}:\n{}",
                     self.logs().join("\n")
