@@ -36,7 +36,9 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// Take the sockets systemd passed to this process (none when the
 /// `LISTEN_*` variables are absent or name another process). Only the
-/// first call takes anything; later calls return nothing.
+/// first call takes anything; later calls return nothing. The server
+/// calls it first thing at start, before it opens any descriptor of its
+/// own, so the numbers systemd names cannot belong to anything else.
 pub fn take_listen_fds() -> io::Result<(Vec<Activated>, Vec<Rejected>)> {
     let fds: Vec<(i32, String)> = sd_notify::listen_fds_with_names()?.collect();
     if fds.is_empty() || TAKEN.swap(true, Ordering::SeqCst) {
@@ -47,9 +49,11 @@ pub fn take_listen_fds() -> io::Result<(Vec<Activated>, Vec<Rejected>)> {
     for (fd, name) in fds {
         // SAFETY: by the socket activation protocol, descriptors 3 up to
         // 3 + LISTEN_FDS are open and handed to this process (LISTEN_PID
-        // was checked by `listen_fds_with_names`); nothing in sluice opens
-        // them by number, and the TAKEN flag makes sure they are wrapped
-        // once only, so the OwnedFd is their sole owner.
+        // was checked, and each fd proved open by F_GETFD, in
+        // `listen_fds_with_names`). They were inherited, so nothing in
+        // sluice opened them, nothing else uses them by number, and the
+        // TAKEN flag makes sure they are wrapped once only: the OwnedFd is
+        // their sole owner.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         match check(Socket::from(owned)) {
             Ok((addr, sock)) => ok.push(Activated {
