@@ -122,18 +122,23 @@ impl Checker {
             if !p.health.active {
                 continue;
             }
-            for b in &r.backends {
+            let n = r.backends.len() as u32;
+            for (i, b) in r.backends.iter().enumerate() {
                 if targets.iter().any(|t: &Target| Arc::ptr_eq(&t.backend, b)) {
                     continue; // the same backend listed twice
                 }
                 let old = self.targets.iter().find(|t| Arc::ptr_eq(&t.backend, b));
+                // New backends: first probes spread over one interval, so
+                // a route with many backends does not connect to all of
+                // them in the same instant.
+                let first = now + p.health.interval / n.max(1) * i as u32;
                 targets.push(Target {
                     route: r.cfg.name.clone(),
                     backend: b.clone(),
                     health: p.health.clone(),
                     due: old
                         .map(|t| t.due.min(now + p.health.interval))
-                        .unwrap_or(now),
+                        .unwrap_or(first),
                     probing: old.is_some_and(|t| t.probing),
                 });
             }
