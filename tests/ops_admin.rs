@@ -387,3 +387,29 @@ fn admin_connections_are_capped() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_client_that_half_closes_after_its_request_is_answered() {
+    let aport = free_port();
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{}\"\nbackends = \"127.0.0.1:1\"\n",
+        free_port()
+    );
+    let _sl = Sluice::start("admin-halfclose", &toml);
+    let mut s = TcpStream::connect(addr(aport)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let r = parse_response(&buf);
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    // Half a request and a half-close: closed without an answer.
+    let mut s = TcpStream::connect(addr(aport)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.0\r\n").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    assert!(buf.is_empty(), "{:?}", String::from_utf8_lossy(&buf));
+}

@@ -178,6 +178,7 @@ fn close(registry: &Registry, mut c: Conn) {
 fn step(c: &mut Conn, view: &View, now: Instant) -> bool {
     if c.out.is_none() {
         let mut chunk = [0u8; 2048];
+        let mut eof = false;
         loop {
             let room = MAX_REQUEST - c.buf.len();
             if room == 0 {
@@ -185,7 +186,11 @@ fn step(c: &mut Conn, view: &View, now: Instant) -> bool {
             }
             let want = room.min(chunk.len());
             match c.stream.read(&mut chunk[..want]) {
-                Ok(0) => return true, // gone before asking anything
+                Ok(0) => {
+                    // A client may half-close right after its request.
+                    eof = true;
+                    break;
+                }
                 Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -201,6 +206,7 @@ fn step(c: &mut Conn, view: &View, now: Instant) -> bool {
                 log::debug!("admin: {} {method} {path}", c.peer);
                 respond(method, path, view)
             }
+            Ok(httparse::Status::Partial) if eof => return true, // gone mid-request
             Ok(httparse::Status::Partial) if c.buf.len() >= MAX_REQUEST => plain(
                 431,
                 "Request Header Fields Too Large",
