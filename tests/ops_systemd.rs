@@ -186,3 +186,69 @@ fn unit_files_pass_systemd_analyze_verify() {
         "{text}"
     );
 }
+
+#[test]
+fn passed_descriptors_that_are_not_listeners_are_refused() {
+    let b = Backend::named("b");
+    let port = free_port();
+    let dir = temp_dir("activate-bad");
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nbackends = \"{}\"\n",
+            b.addr
+        ),
+    )
+    .unwrap();
+    let not_a_socket = write_file(&dir, "plain.txt", b"not a socket");
+    // fd 3 is a regular file, announced as route r's socket, with the
+    // right LISTEN_PID (the shell execs sluice in its own process).
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(
+            "exec 3<\"$2\"; export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=r; \
+             exec \"$0\" run --config \"$1\"",
+        )
+        .arg(BIN)
+        .arg(&config)
+        .arg(&not_a_socket)
+        .env("RUST_LOG", "info");
+    let mut sl = Sluice::launch(dir, config, cmd);
+    sl.wait_log("started (pid", Duration::from_secs(10));
+    let warn = sl.wait_log("fd 3 (\"r\") is not usable", Duration::from_secs(5));
+    assert!(
+        warn.contains("is not usable: not a socket; closing it"),
+        "{warn}"
+    );
+    assert_eq!(sl.count_log("with a socket from systemd"), 0);
+    // The route binds its address itself and serves.
+    let mut c = connect(addr(port));
+    assert_eq!(read_line(&mut c), "b");
+
+    // LISTEN_PID naming another process: the variables are ignored.
+    let port = free_port();
+    let dir = temp_dir("activate-otherpid");
+    let mut sl = Sluice::start_in(
+        dir,
+        &format!(
+            "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nbackends = \"{}\"\n",
+            b.addr
+        ),
+        &[
+            ("LISTEN_PID", "1"),
+            ("LISTEN_FDS", "1"),
+            ("LISTEN_FDNAMES", "r"),
+        ],
+    );
+    let mut c = connect(addr(port));
+    assert_eq!(read_line(&mut c), "b");
+    assert_eq!(sl.count_log("socket activation"), 0, "{:?}", sl.logs());
+    assert_eq!(sl.count_log("with a socket from systemd"), 0);
+    drop(c);
+    sl.signal("TERM");
+    assert_eq!(
+        sl.wait_exit(Duration::from_secs(10)).and_then(|s| s.code()),
+        Some(0)
+    );
+}

@@ -40,6 +40,14 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 /// calls it first thing at start, before it opens any descriptor of its
 /// own, so the numbers systemd names cannot belong to anything else.
 pub fn take_listen_fds() -> io::Result<(Vec<Activated>, Vec<Rejected>)> {
+    // Variables meant for another process (say, inherited from a parent
+    // that was socket-activated) are not ours: ignore them quietly. The
+    // crate checks LISTEN_PID too, but then still compares LISTEN_FDNAMES
+    // with the empty list and reports an error.
+    let pid = std::env::var("LISTEN_PID").ok();
+    if pid.and_then(|p| p.trim().parse::<u32>().ok()) != Some(std::process::id()) {
+        return Ok((Vec::new(), Vec::new()));
+    }
     let fds: Vec<(i32, String)> = sd_notify::listen_fds_with_names()?.collect();
     if fds.is_empty() || TAKEN.swap(true, Ordering::SeqCst) {
         return Ok((Vec::new(), Vec::new()));
@@ -74,7 +82,11 @@ pub fn take_listen_fds() -> io::Result<(Vec<Activated>, Vec<Rejected>)> {
 
 /// A passed socket must be a listening TCP socket; make it non-blocking.
 fn check(sock: Socket) -> io::Result<(SocketAddr, std::net::TcpListener)> {
-    if sock.r#type()? != Type::STREAM {
+    let kind = sock.r#type().map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOTSOCK) => io::Error::other("not a socket"),
+        _ => e,
+    })?;
+    if kind != Type::STREAM {
         return Err(io::Error::other("not a stream socket"));
     }
     if !sock.is_listener()? {
