@@ -30,13 +30,15 @@ fn metrics_count_the_traffic_sent() {
     const LEN: u64 = 3 << 20;
     const CONNS: u64 = 3;
     let b = bulk_backend(LEN);
-    let (port, aport) = (free_port(), free_port());
+    let (port, aport, cport) = (free_port(), free_port(), free_port());
     let toml = format!(
         "[global]\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
          [[route]]\nname = \"bulk\"\nlisten = \"127.0.0.1:{port}\"\nbackends = [\"{}\"]\nstrategy = \"splice\"\n\n\
-         [[route]]\nname = \"idle\"\nlisten = \"127.0.0.1:{}\"\nbackends = [\"127.0.0.1:1\"]\n",
+         [[route]]\nname = \"idle\"\nlisten = \"127.0.0.1:{}\"\nbackends = [\"127.0.0.1:1\"]\n\n\
+         [[route]]\nname = \"copied\"\nlisten = \"127.0.0.1:{cport}\"\nbackends = [\"{}\"]\nstrategy = \"copy\"\n",
         b.addr,
-        free_port()
+        free_port(),
+        b.addr
     );
     let sl = Sluice::start("admin-metrics", &toml);
     let expect_down = send_data(&mut std::io::sink(), 2, LEN);
@@ -45,10 +47,26 @@ fn metrics_count_the_traffic_sent() {
         assert_eq!(sent.len, LEN);
         assert_eq!(got, expect_down, "connection {i}: bytes from the backend");
     }
-    let got = b.wait_results(CONNS as usize, Duration::from_secs(30));
+    // One more through the copy route.
+    let (_, got) = exchange(connect(addr(cport)), 99, LEN);
+    assert_eq!(got, expect_down);
+    let got = b.wait_results(CONNS as usize + 1, Duration::from_secs(30));
     assert!(got.iter().all(|r| *r == LEN.to_string()), "{got:?}");
     // Counters are final once every session has closed (access line).
-    sl.wait_access(CONNS as usize, Duration::from_secs(10));
+    sl.wait_access(CONNS as usize + 1, Duration::from_secs(10));
+    let m = scrape(addr(aport));
+    let c = [("route", "copied")];
+    assert_eq!(m.get("sluice_route_connections_total", &c), 1.0);
+    assert_eq!(m.get("sluice_route_bytes_in_total", &c), LEN as f64);
+    assert_eq!(m.get("sluice_route_bytes_out_total", &c), LEN as f64);
+    let copied = |s: &str| {
+        m.get(
+            "sluice_route_strategy_bytes_total",
+            &[("route", "copied"), ("strategy", s)],
+        )
+    };
+    assert_eq!(copied("copy"), (2 * LEN) as f64, "every byte copied");
+    assert_eq!(copied("splice"), 0.0);
 
     let m = scrape(addr(aport));
     let r = [("route", "bulk")];
@@ -128,7 +146,7 @@ fn metrics_count_the_traffic_sent() {
     let mut c = connect(addr(sl_port(&toml, "idle")));
     let mut buf = [0u8; 1];
     assert_eq!(c.read(&mut buf).unwrap_or(0), 0, "closed without a backend");
-    sl.wait_access(CONNS as usize + 1, Duration::from_secs(10));
+    sl.wait_access(CONNS as usize + 2, Duration::from_secs(10));
     let m = scrape(addr(aport));
     let r = [("route", "idle")];
     assert_eq!(m.get("sluice_route_connections_total", &r), 1.0);
