@@ -25,6 +25,7 @@ use std::time::Instant;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use crate::handshake::Accepted;
 use crate::pump::{Fallback, Flow, FlowError, FlowParams, Pools, Ready};
 use crate::route::RouteRt;
 use crate::stats::Counters;
@@ -59,6 +60,9 @@ pub enum End {
     Limited = 10,
     /// Refused by allow/deny.
     Denied = 11,
+    /// `accept_proxy`: the PROXY header was malformed, too long, or did
+    /// not arrive within header_timeout.
+    BadProxyHeader = 12,
 }
 
 impl End {
@@ -75,6 +79,7 @@ impl End {
         End::Shutdown,
         End::Limited,
         End::Denied,
+        End::BadProxyHeader,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -91,6 +96,7 @@ impl End {
             End::Shutdown => "shutdown",
             End::Limited => "limit",
             End::Denied => "denied",
+            End::BadProxyHeader => "bad_proxy_header",
         }
     }
 }
@@ -113,7 +119,16 @@ pub struct ProxyConn {
     route: Arc<RouteRt>,
     key: usize,
     client: TcpStream,
+    /// The client as sluice treats it (a PROXY header's source, if any).
     peer: SocketAddr,
+    /// The destination a PROXY header gave; else this socket's local
+    /// address is what `send_proxy` announces.
+    dst: Option<SocketAddr>,
+    /// The socket's real peer when a PROXY header named the client.
+    via: Option<SocketAddr>,
+    /// Client bytes read before the relay (after a PROXY header); they go
+    /// to the backend first, right after any header sluice sends.
+    early: Vec<u8>,
     cr: Ready,
     backend: Option<TcpStream>,
     br: Ready,
@@ -138,16 +153,17 @@ pub struct ProxyConn {
 }
 
 impl ProxyConn {
-    /// Start a connection for an accepted client: register it and begin
-    /// connecting to a backend. An `End` means it is over already (no
-    /// backend could be tried): close it.
+    /// Start a connection for an accepted client: register it (unless a
+    /// handshake already did) and begin connecting to a backend. An `End`
+    /// means it is over already (no backend could be tried): close it.
     pub fn start(
         route: Arc<RouteRt>,
         key: usize,
-        client: TcpStream,
-        peer: SocketAddr,
+        acc: Accepted,
         ctx: &mut Ctx,
     ) -> (ProxyConn, Option<End>) {
+        let peer = acc.peer;
+        let registered = acc.ready.is_some();
         let p = route.proxy().expect("proxy route");
         let params = FlowParams {
             strategy: p.strategy,
@@ -156,9 +172,12 @@ impl ProxyConn {
         };
         let mut conn = ProxyConn {
             key,
-            client,
+            client: acc.stream,
             peer,
-            cr: Ready::default(),
+            dst: acc.dst,
+            via: acc.via,
+            early: acc.early,
+            cr: acc.ready.unwrap_or_default(),
             backend: None,
             br: Ready::default(),
             bidx: None,
@@ -168,18 +187,21 @@ impl ProxyConn {
             last_err: None,
             up: Flow::new(params),
             down: Flow::new(params),
-            started: ctx.now,
+            started: acc.since,
             deadline: ctx.now,
             first_fin: None,
             reported: [0; 4],
             route,
         };
         let _ = conn.client.set_nodelay(true);
-        if let Err(e) = ctx.registry.register(
-            &mut conn.client,
-            token(key, Side::Client),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        // A handshake already registered the socket under this same token.
+        if !registered
+            && let Err(e) = ctx.registry.register(
+                &mut conn.client,
+                token(key, Side::Client),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+        {
             log::warn!(
                 "route {}: cannot register client {peer}: {e}",
                 conn.route.cfg.name
@@ -192,6 +214,12 @@ impl ProxyConn {
 
     pub fn route(&self) -> &Arc<RouteRt> {
         &self.route
+    }
+
+    /// Whether opening a backend socket failed for want of descriptors
+    /// (or memory) in this process.
+    pub fn out_of_descriptors(&self) -> bool {
+        self.last_err.as_ref().is_some_and(local_exhaustion)
     }
 
     /// Try backends in balance order until a non-blocking connect starts.
@@ -219,6 +247,18 @@ impl ProxyConn {
                     self.connecting = true;
                     self.deadline = ctx.now + connect_timeout;
                     return Ok(());
+                }
+                Err(e) if local_exhaustion(&e) => {
+                    // Out of descriptors or memory here, not a backend
+                    // fault: no passive-health blame, no point trying the
+                    // others now.
+                    log::warn!(
+                        "route {}: cannot open a socket to a backend for client {}: {e}",
+                        self.route.cfg.name,
+                        self.peer
+                    );
+                    self.last_err = Some(e);
+                    return Err(End::ConnectFailed);
                 }
                 Err(e) => self.connect_failed(i, e, ctx),
             }
@@ -288,6 +328,7 @@ impl ProxyConn {
                         self.route.backends[i].total.fetch_add(1, Ordering::Relaxed);
                     }
                     self.deadline = ctx.now + self.route.cfg.idle_timeout;
+                    self.preload(ctx);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {
                     if err || ev.is_write_closed() {
@@ -303,6 +344,29 @@ impl ProxyConn {
             return None;
         }
         self.relay(ctx)
+    }
+
+    /// The backend just connected: queue what it must receive before any
+    /// new client byte — the PROXY header (`send_proxy`), then the client
+    /// bytes a handshake read past its header.
+    fn preload(&mut self, ctx: &mut Ctx) {
+        let mut pools = Pools {
+            pipes: ctx.pools.pipes,
+            bufs: ctx.pools.bufs,
+        };
+        if let Some(v) = self.route.proxy().and_then(|p| p.send_proxy) {
+            let dst = match self.dst {
+                Some(d) => d,
+                None => self.client.local_addr().unwrap_or_else(|e| {
+                    log::debug!("client {}: no local address: {e}", self.peer);
+                    SocketAddr::new(unspecified(self.peer), 0)
+                }),
+            };
+            let header = crate::proxy_proto::build(v, self.peer, dst);
+            self.up.preload(&header, false, &mut pools);
+        }
+        let early = std::mem::take(&mut self.early);
+        self.up.preload(&early, true, &mut pools);
     }
 
     /// Run both flows until neither can progress.
@@ -457,10 +521,13 @@ impl ProxyConn {
             Some(i) => self.route.backends[i].addr.to_string(),
             None => "-".to_string(),
         };
-        let why = match (&self.last_err, end) {
+        let mut why = match (&self.last_err, end) {
             (Some(e), End::ConnectFailed) => format!(" error=\"{e}\""),
             _ => String::new(),
         };
+        if let Some(v) = self.via {
+            why.push_str(&format!(" via={v}"));
+        }
         log::info!(
             target: "access",
             "route={} client={} backend={} strategy={} up_strategy={} down_strategy={} bytes_in={} bytes_out={} spliced={} copied={} fallback={} duration_ms={} end={}{}",
@@ -480,6 +547,22 @@ impl ProxyConn {
             why,
         );
     }
+}
+
+/// The unspecified address of `a`'s family.
+fn unspecified(a: SocketAddr) -> std::net::IpAddr {
+    match a {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
+/// Errors that say this process is out of descriptors or memory.
+pub fn local_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// The strategy the whole connection ran, for the access log.

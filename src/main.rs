@@ -7,8 +7,10 @@
 mod admin;
 mod config;
 mod conn;
+mod handshake;
 mod health;
 mod pipe_pool;
+mod proxy_proto;
 mod pump;
 mod route;
 mod server;

@@ -40,6 +40,9 @@ pub struct Counters {
     pub connect_failures: AtomicU64,
     /// Connections that found no backend to talk to.
     pub no_backend: AtomicU64,
+    /// `accept_proxy`: connections closed for a malformed, too long or
+    /// missing (timed out) PROXY header.
+    pub proxy_header_errors: AtomicU64,
     /// Connections ended by each reason (indexed by `conn::End as usize`).
     pub ends: [AtomicU64; END_KINDS],
     /// HTTP responses by status class (1xx..5xx at index 1..5).
@@ -47,7 +50,7 @@ pub struct Counters {
 }
 
 /// Number of distinct `conn::End` reasons.
-pub const END_KINDS: usize = 12;
+pub const END_KINDS: usize = 13;
 
 impl Counters {
     pub fn add(c: &AtomicU64, n: u64) {

@@ -4,7 +4,8 @@
 //! generation (each worker registers its own duplicate of the shared
 //! listening socket, so connections spread over workers and a reload
 //! never closes a listening socket), admits or refuses each client
-//! (drain, allow/deny, limits), and drives sessions on their events.
+//! (drain, allow/deny, limits — after the PROXY header when the route
+//! expects one, see `handshake`), and drives sessions on their events.
 //!
 //! Timers cost nothing per tick: each session has one deadline and one
 //! entry in a binary heap. Activity only moves the deadline inside the
@@ -17,7 +18,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
@@ -28,7 +29,8 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::conn::{Ctx, End, ProxyConn, Side};
+use crate::conn::{Ctx, End, ProxyConn, Side, token};
+use crate::handshake::{Accepted, Handshake, Step};
 use crate::pipe_pool::{BufPool, PipeBudget, PipePool};
 use crate::pump::Pools;
 use crate::route::RouteRt;
@@ -81,8 +83,13 @@ struct Listener {
 }
 
 /// A session in the slab: one state machine per kind of connection.
+/// Stored inline (the slab is the allocation): boxing the big variant
+/// would cost an allocation per connection to save bytes per handshake.
+#[allow(clippy::large_enum_variant)]
 enum Session {
     Proxy(ProxyConn),
+    /// `accept_proxy`: waiting for the PROXY header (see `handshake`).
+    Handshake(Handshake),
 }
 
 struct Entry {
@@ -90,7 +97,8 @@ struct Entry {
     id: u64,
     /// The time of this session's one heap entry.
     scheduled: Instant,
-    peer: SocketAddr,
+    /// The client IP counted against `max_connections_per_ip`, once known.
+    ip: Option<IpAddr>,
     sess: Session,
 }
 
@@ -98,11 +106,13 @@ impl Entry {
     fn deadline(&self) -> Instant {
         match &self.sess {
             Session::Proxy(c) => c.deadline,
+            Session::Handshake(h) => h.deadline,
         }
     }
     fn route(&self) -> &Arc<RouteRt> {
         match &self.sess {
             Session::Proxy(c) => c.route(),
+            Session::Handshake(h) => h.route(),
         }
     }
 }
@@ -289,7 +299,12 @@ impl Worker {
     fn accept(&mut self, i: usize, now: Instant) -> bool {
         for _ in 0..ACCEPT_BATCH {
             match self.listeners[i].sock.accept() {
-                Ok((stream, peer)) => self.admit(i, stream, peer, now),
+                Ok((stream, peer)) => {
+                    self.admit(i, stream, peer, now);
+                    if self.listeners[i].paused_until.is_some() {
+                        return false; // that client found no descriptor left
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
@@ -311,91 +326,166 @@ impl Worker {
         true
     }
 
+    /// Admission, in order: allow/deny on the socket's address (unless a
+    /// PROXY header will name the client), the global and route caps
+    /// (counted from accept: a connection waiting for its header holds a
+    /// descriptor too), then either the PROXY handshake or the session.
     fn admit(&mut self, li: usize, stream: TcpStream, peer: SocketAddr, now: Instant) {
         let route = self.listeners[li].route.clone();
         let c = route.shared.stats.slot(self.id);
         Counters::inc(&c.conns);
-        if let Some(end) = self.refuse(&route, peer) {
-            match end {
-                End::Denied => Counters::inc(&c.denied),
-                _ => Counters::inc(&c.limited),
-            }
-            Counters::inc(&c.ends[end as usize]);
-            log::info!(target: "access", "route={} client={} end={}", route.cfg.name, peer, end.as_str());
-            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        let acc = Accepted::plain(stream, peer, now);
+        let end = if route.cfg.accept_proxy {
+            None // judged on the address in the header, once it is in
+        } else {
+            deny(&route, acc.peer.ip())
+        };
+        if let Some(end) = end.or_else(|| self.take_caps(&route)) {
+            self.refused(&route, acc, end, now);
             return;
         }
         c.active.fetch_add(1, Ordering::Relaxed);
         let key = self.slab.vacant_key();
         let id = self.next_id;
         self.next_id += 1;
-        let mut ctx = Ctx {
-            pools: Pools {
-                pipes: &mut self.pipes,
-                bufs: &mut self.bufs,
-            },
-            registry: self.poll.registry(),
-            now,
-            worker: self.id,
-            rng: &mut self.rng,
-        };
-        let (conn, end) = ProxyConn::start(route.clone(), key, stream, peer, &mut ctx);
-        if let Some(end) = end {
-            conn.close(end, &mut ctx);
-            self.release(&route, peer);
+        if !route.cfg.accept_proxy {
+            self.start_session(key, id, route, acc, now);
             return;
         }
+        let mut ctx = self.ctx(now);
+        let tok = token(key, Side::Client);
+        let (h, step) = Handshake::start(route, tok, acc.stream, acc.peer, &mut ctx);
+        let entry = Entry {
+            id,
+            scheduled: h.deadline,
+            ip: None,
+            sess: Session::Handshake(h),
+        };
+        match step {
+            Step::Fail(end) => self.close(entry, end, now),
+            Step::Wait | Step::Done => {
+                self.timers.push(Reverse((entry.scheduled, key, id)));
+                self.slab.insert(entry);
+            }
+        }
+    }
+
+    /// The PROXY header is in: admit the client it names, by the same
+    /// rules as a client without a header (the caps are already counted).
+    fn hand_over(&mut self, key: usize, h: Handshake, now: Instant) {
+        let route = h.route().clone();
+        let acc = h.finish();
+        if let Some(end) = deny(&route, acc.peer.ip()) {
+            self.refused(&route, acc, end, now);
+            self.release(&route, None);
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.start_session(key, id, route, acc, now);
+    }
+
+    /// Count the client against its IP's limit and start the session its
+    /// route runs. The one place a session kind is chosen: a handshake
+    /// hands over here too. Global and route caps are already counted.
+    fn start_session(
+        &mut self,
+        key: usize,
+        id: u64,
+        route: Arc<RouteRt>,
+        acc: Accepted,
+        now: Instant,
+    ) {
+        let ip = acc.peer.ip();
+        if let Some(end) = self.take_ip(&route, ip) {
+            self.refused(&route, acc, end, now);
+            self.release(&route, None);
+            return;
+        }
+        let mut ctx = self.ctx(now);
+        let (conn, end) = ProxyConn::start(route, key, acc, &mut ctx);
         let sess = Session::Proxy(conn);
         let mut entry = Entry {
             id,
             scheduled: now,
-            peer,
+            ip: Some(ip),
             sess,
         };
+        if let Some(end) = end {
+            self.close(entry, end, now);
+            return;
+        }
         entry.scheduled = entry.deadline();
         self.timers.push(Reverse((entry.scheduled, key, id)));
-        self.slab.insert(entry);
+        let k = self.slab.insert(entry);
+        debug_assert_eq!(k, key);
     }
 
-    /// Why a new client must be turned away, if it must. On `None` the
-    /// client has been counted against every limit.
-    fn refuse(&self, route: &RouteRt, peer: SocketAddr) -> Option<End> {
-        let ip = peer.ip();
-        let cfg = &route.cfg;
-        if cfg.deny.iter().any(|n| n.contains(&ip))
-            || (!cfg.allow.is_empty() && !cfg.allow.iter().any(|n| n.contains(&ip)))
-        {
-            return Some(End::Denied);
+    /// Turn a client away at once: count, log, and close with a reset
+    /// (SO_LINGER 0). A reset frees the socket without leaving TIME_WAIT
+    /// behind on sluice's side, which matters most under the floods that
+    /// fill limits, and the client learns at once it was refused instead
+    /// of reading an EOF that looks like an empty answer.
+    fn refused(&self, route: &RouteRt, mut acc: Accepted, end: End, now: Instant) {
+        let c = route.shared.stats.slot(self.id);
+        match end {
+            End::Denied => Counters::inc(&c.denied),
+            _ => Counters::inc(&c.limited),
         }
+        Counters::inc(&c.ends[end as usize]);
+        let via = acc.via.map(|v| format!(" via={v}")).unwrap_or_default();
+        log::info!(
+            target: "access",
+            "route={} client={} backend=- bytes_in=0 bytes_out=0 duration_ms={} end={}{via}",
+            route.cfg.name,
+            acc.peer,
+            now.saturating_duration_since(acc.since).as_millis(),
+            end.as_str()
+        );
+        if acc.ready.is_some() {
+            let _ = self.poll.registry().deregister(&mut acc.stream);
+        }
+        let _ = socket2::SockRef::from(&acc.stream).set_linger(Some(Duration::ZERO));
+    }
+
+    /// Count a new connection against the global and route caps.
+    fn take_caps(&self, route: &RouteRt) -> Option<End> {
         if self.shared.active.fetch_add(1, Ordering::AcqRel) >= self.generation.max_connections {
             self.shared.active.fetch_sub(1, Ordering::AcqRel);
             return Some(End::Limited);
         }
-        if route.shared.active.fetch_add(1, Ordering::AcqRel) >= cfg.max_connections {
+        if route.shared.active.fetch_add(1, Ordering::AcqRel) >= route.cfg.max_connections {
             route.shared.active.fetch_sub(1, Ordering::AcqRel);
             self.shared.active.fetch_sub(1, Ordering::AcqRel);
             return Some(End::Limited);
         }
-        if cfg.max_connections_per_ip > 0 {
-            let mut m = route
-                .shared
-                .per_ip
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let n = m.entry(ip).or_insert(0);
-            if *n >= cfg.max_connections_per_ip {
-                drop(m);
-                route.shared.active.fetch_sub(1, Ordering::AcqRel);
-                self.shared.active.fetch_sub(1, Ordering::AcqRel);
-                return Some(End::Limited);
-            }
-            *n += 1;
-        }
         None
     }
 
-    /// Undo what `refuse` counted when a session ends.
-    fn release(&self, route: &RouteRt, peer: SocketAddr) {
+    /// Count a client against `max_connections_per_ip`.
+    fn take_ip(&self, route: &RouteRt, ip: IpAddr) -> Option<End> {
+        let cap = route.cfg.max_connections_per_ip;
+        if cap == 0 {
+            return None;
+        }
+        let mut m = route
+            .shared
+            .per_ip
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= cap {
+            if *n == 0 {
+                m.remove(&ip);
+            }
+            return Some(End::Limited);
+        }
+        *n += 1;
+        None
+    }
+
+    /// Undo what `take_caps` (and, with `ip`, `take_ip`) counted.
+    fn release(&self, route: &RouteRt, ip: Option<IpAddr>) {
         self.shared.active.fetch_sub(1, Ordering::AcqRel);
         route.shared.active.fetch_sub(1, Ordering::AcqRel);
         route
@@ -404,16 +494,18 @@ impl Worker {
             .slot(self.id)
             .active
             .fetch_sub(1, Ordering::Relaxed);
-        if route.cfg.max_connections_per_ip > 0 {
+        if let Some(ip) = ip
+            && route.cfg.max_connections_per_ip > 0
+        {
             let mut m = route
                 .shared
                 .per_ip
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = m.get_mut(&peer.ip()) {
+            if let Some(n) = m.get_mut(&ip) {
                 *n -= 1;
                 if *n == 0 {
-                    m.remove(&peer.ip());
+                    m.remove(&ip);
                 }
             }
         }
@@ -445,6 +537,16 @@ impl Worker {
         let mut ctx = self.ctx(now);
         let end = match &mut entry.sess {
             Session::Proxy(c) => c.on_event(side, ev, &mut ctx),
+            Session::Handshake(h) => match h.on_event(ev) {
+                Step::Wait => None,
+                Step::Fail(end) => Some(end),
+                Step::Done => {
+                    if let Session::Handshake(h) = entry.sess {
+                        self.hand_over(key, h, now);
+                    }
+                    return;
+                }
+            },
         };
         self.settle(key, entry, end, now);
     }
@@ -467,11 +569,36 @@ impl Worker {
 
     fn close(&mut self, entry: Entry, end: End, now: Instant) {
         let route = entry.route().clone();
+        let starved = matches!(&entry.sess, Session::Proxy(c) if c.out_of_descriptors());
         let mut ctx = self.ctx(now);
         match entry.sess {
             Session::Proxy(c) => c.close(end, &mut ctx),
+            Session::Handshake(h) => h.close(end, &mut ctx),
         }
-        self.release(&route, entry.peer);
+        self.release(&route, entry.ip);
+        self.after_close(starved, now);
+    }
+
+    /// A closed session gave its descriptors back, so listeners resting
+    /// after EMFILE may accept again now rather than at their timer —
+    /// unless the session ended for want of a descriptor itself: then
+    /// every listener rests, and queued clients wait in the backlog
+    /// instead of being accepted only to be dropped (as HAProxy and nginx
+    /// do on EMFILE).
+    fn after_close(&mut self, starved: bool, now: Instant) {
+        if starved {
+            log::warn!(
+                "worker {}: out of file descriptors; pausing accepts for {ACCEPT_PAUSE:?}",
+                self.id
+            );
+        }
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            if starved {
+                l.paused_until.get_or_insert(now + ACCEPT_PAUSE);
+            } else if l.paused_until.take().is_some() && !self.backlog.contains(&i) {
+                self.backlog.push(i);
+            }
+        }
     }
 
     fn fire_timers(&mut self, now: Instant) {
@@ -492,6 +619,10 @@ impl Worker {
                 let mut ctx = self.ctx(now);
                 match &mut entry.sess {
                     Session::Proxy(c) => c.on_timeout(&mut ctx),
+                    Session::Handshake(h) => match h.on_timeout(now) {
+                        Step::Fail(end) => Some(end),
+                        Step::Wait | Step::Done => None,
+                    },
                 }
             };
             if end.is_none() {
@@ -509,6 +640,14 @@ impl Worker {
             self.close(entry, End::Shutdown, now);
         }
     }
+}
+
+/// Refused by `allow`/`deny` (`deny` wins; an empty `allow` admits all).
+fn deny(route: &RouteRt, ip: IpAddr) -> Option<End> {
+    let cfg = &route.cfg;
+    let denied = cfg.deny.iter().any(|n| n.contains(&ip))
+        || (!cfg.allow.is_empty() && !cfg.allow.iter().any(|n| n.contains(&ip)));
+    denied.then_some(End::Denied)
 }
 
 /// Make a waker for a worker's poll (before the worker thread starts).

@@ -16,18 +16,6 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// Kills a process by pid when dropped (a test that fails half-way must
-/// not leave a sluice running).
-struct KillOnDrop(String);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let _ = Command::new("kill").args(["-KILL", &self.0]).status();
-        }
-    }
-}
-
 fn have(tool: &str) -> bool {
     Command::new("sh")
         .arg("-c")
@@ -86,15 +74,7 @@ fn socket_activation_takes_listeners_from_systemd() {
     // holds it in the socket's backlog and starts sluice for it.
     let mut c = connect(addr(passed));
     c.write_all(b"early bytes\n").unwrap();
-    let started = sl.wait_log("started (pid", Duration::from_secs(10));
-    let pid = started
-        .split("started (pid ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .expect("pid in the started line")
-        .to_string();
-    // sluice is systemd-socket-activate's child: never leave it behind.
-    let _guard = KillOnDrop(pid.clone());
+    sl.wait_started();
     assert_eq!(read_line(&mut c), "b", "the early client is served");
     assert_eq!(
         read_line(&mut c),
@@ -142,11 +122,11 @@ fn socket_activation_takes_listeners_from_systemd() {
         )
     };
     std::fs::write(&sl.config, cfg(&[passed, own])).unwrap();
-    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    sl.signal("HUP");
     sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
     let mut waiting = connect(addr(passed2));
     std::fs::write(&sl.config, cfg(&[passed, passed2, own])).unwrap();
-    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    sl.signal("HUP");
     sl.wait_log("reload ok: generation 3", Duration::from_secs(10));
     assert_eq!(
         read_line(&mut waiting),
@@ -156,8 +136,7 @@ fn socket_activation_takes_listeners_from_systemd() {
     drop(waiting);
 
     // Stop sluice (a child of systemd-socket-activate) gracefully.
-    let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(st.success());
+    sl.signal("TERM");
     sl.wait_log("all connections finished", Duration::from_secs(10));
     // systemd-socket-activate waits for sluice and exits with its status.
     let st = sl.wait_exit(Duration::from_secs(10)).expect("exits");
@@ -215,7 +194,7 @@ fn passed_descriptors_that_are_not_listeners_are_refused() {
         .arg(&not_a_socket)
         .env("RUST_LOG", "info");
     let mut sl = Sluice::launch(dir, config, cmd);
-    sl.wait_log("started (pid", Duration::from_secs(10));
+    sl.wait_started();
     let warn = sl.wait_log("fd 3 (\"r\") is not usable", Duration::from_secs(5));
     assert!(
         warn.contains("is not usable: not a socket; closing it"),

@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -462,4 +463,41 @@ fn a_reset_from_the_backend_resets_the_client() {
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
     let a = sl.wait_access(1, Duration::from_secs(5));
     assert_eq!(a[0]["end"], "backend_reset");
+}
+
+/// splice(2) refused by the kernel for a socket (EINVAL) must make that
+/// connection copy instead, byte-exact, counted as a fallback. The refusal
+/// is real: strace injects EINVAL into every splice call sluice makes.
+#[test]
+fn splice_refused_by_the_kernel_falls_back_to_copy() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        panic!("strace is required for this test (.ci/run installs it)");
+    }
+    let len = 4 * MIB;
+    let b = bulk_backend(len);
+    let port = free_port();
+    let sl = Sluice::start_wrapped(
+        "einval",
+        &proxy_config(port, &[b.addr.to_string()], "strategy = \"splice\""),
+        &[
+            "strace",
+            "-f",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=splice",
+            "-e",
+            "inject=splice:error=EINVAL",
+        ],
+    );
+    let (sent, got) = exchange(connect(addr(port)), 5, len);
+    assert_eq!(got, send_data(&mut std::io::sink(), 2, len));
+    assert_eq!(
+        b.wait_results(1, Duration::from_secs(30))[0],
+        format!("{}:{:x?}", sent.len, sent.sha)
+    );
+    let a = sl.wait_access(1, Duration::from_secs(10));
+    assert_eq!(a[0]["fallback"], "splice_refused");
+    assert_eq!(a[0]["strategy"], "copy");
+    assert_eq!(a[0]["copied"], (2 * len).to_string());
 }

@@ -115,6 +115,9 @@ pub struct Flow {
     pub copied: u64,
     /// First reason this flow had to copy although it wanted to splice.
     pub fallback: Option<Fallback>,
+    /// Leading held bytes that are sluice's own (a PROXY header), not the
+    /// source's: delivered first, but not counted as relayed.
+    uncounted: usize,
 }
 
 impl Flow {
@@ -130,6 +133,56 @@ impl Flow {
             spliced: 0,
             copied: 0,
             fallback: None,
+            uncounted: 0,
+        }
+    }
+
+    /// Put `bytes` in front of everything this flow will still move, so
+    /// they are the first the destination receives: a PROXY header, or
+    /// client bytes read before the relay began. They sit in a copy
+    /// buffer that `run` flushes like any other; once it is empty the
+    /// flow goes on with its strategy. `counted`: whether they count as
+    /// relayed bytes (client bytes do, sluice's own header does not).
+    /// Call before the flow has read anything from its source, and with
+    /// uncounted bytes before counted ones.
+    pub fn preload(&mut self, bytes: &[u8], counted: bool, pools: &mut Pools) {
+        if bytes.is_empty() {
+            return;
+        }
+        debug_assert!(counted || self.pending() == self.uncounted);
+        if let Held::Splice(p) = &self.held
+            && p.len == 0
+        {
+            self.release(pools);
+        }
+        let pending = self.pending();
+        let need = pending + bytes.len();
+        let fits = matches!(&self.held, Held::Copy(p) if p.buf.len() >= need);
+        if !fits {
+            debug_assert!(matches!(self.held, Held::Idle | Held::Copy(_)));
+            // A buffer of the route's size when the bytes fit one (so it
+            // goes back to the pool), else one just big enough.
+            let size = self.params.buffer_size.max(need);
+            let mut c = CopyPump::new(pools.bufs.get(size));
+            if let Held::Copy(old) = std::mem::replace(&mut self.held, Held::Idle) {
+                c.buf[..pending].copy_from_slice(&old.buf[old.start..old.end]);
+                c.end = pending;
+                self.put_buf(old.buf, pools);
+            }
+            self.held = Held::Copy(c);
+        }
+        if let Held::Copy(c) = &mut self.held {
+            if c.buf.len() - c.end < bytes.len() {
+                // Room at the front only: move the pending bytes down.
+                c.buf.copy_within(c.start..c.end, 0);
+                c.end -= c.start;
+                c.start = 0;
+            }
+            c.buf[c.end..c.end + bytes.len()].copy_from_slice(bytes);
+            c.end += bytes.len();
+        }
+        if !counted {
+            self.uncounted += bytes.len();
         }
     }
 
@@ -172,10 +225,13 @@ impl Flow {
                 match res {
                     Ok(n) => {
                         progress = n > 0;
-                        delivered += n as u64;
+                        let own = n.min(self.uncounted);
+                        self.uncounted -= own;
+                        let relayed = (n - own) as u64;
+                        delivered += relayed;
                         match self.held {
-                            Held::Splice(_) => self.spliced += n as u64,
-                            _ => self.copied += n as u64,
+                            Held::Splice(_) => self.spliced += relayed,
+                            _ => self.copied += relayed,
                         }
                         self.pipe_maybe_full = false;
                         if n < want {
@@ -302,7 +358,15 @@ impl Flow {
         match std::mem::replace(&mut self.held, Held::Idle) {
             Held::Idle => {}
             Held::Splice(p) => pools.pipes.put(p.pipe, p.len == 0),
-            Held::Copy(p) => pools.bufs.put(p.buf),
+            Held::Copy(p) => self.put_buf(p.buf, pools),
+        }
+    }
+
+    /// Pool a buffer of the route's size; drop an odd-sized one (made by
+    /// `preload`) so the pool never fills with sizes nobody asks for.
+    fn put_buf(&self, buf: Box<[u8]>, pools: &mut Pools) {
+        if buf.len() == self.params.buffer_size {
+            pools.bufs.put(buf);
         }
     }
 

@@ -49,6 +49,7 @@ pub struct Sluice {
     pub config: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
+    pid: u32,
 }
 
 impl Sluice {
@@ -60,9 +61,26 @@ impl Sluice {
     }
 
     pub fn start_in(dir: PathBuf, toml: &str, env: &[(&str, &str)]) -> Sluice {
+        Self::spawn(dir, toml, env, &[])
+    }
+
+    /// Start sluice under a wrapper command, e.g. `["prlimit",
+    /// "--nofile=64:64", "--"]` to run it with few file descriptors.
+    pub fn start_wrapped(name: &str, toml: &str, wrapper: &[&str]) -> Sluice {
+        Self::spawn(temp_dir(name), toml, &[], wrapper)
+    }
+
+    fn spawn(dir: PathBuf, toml: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Sluice {
         let config = dir.join("sluice.toml");
         std::fs::write(&config, toml).unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(&config)
@@ -71,7 +89,7 @@ impl Sluice {
             cmd.env(k, v);
         }
         let mut s = Self::launch(dir, config, cmd);
-        s.wait_log("started", Duration::from_secs(10));
+        s.wait_started();
         s
     }
 
@@ -101,11 +119,67 @@ impl Sluice {
             config,
             log,
             reader: Some(reader),
+            pid: 0,
         }
     }
 
+    /// Wait for sluice's "started (pid N)" line and remember N (the
+    /// process a wrapper such as systemd-socket-activate started).
+    pub fn wait_started(&mut self) {
+        let line = self.wait_log("started (pid ", Duration::from_secs(10));
+        let tail = &line[line.find("started (pid ").unwrap() + 13..];
+        self.pid = tail[..tail.find(')').unwrap()].parse().unwrap();
+    }
+
+    /// The sluice process id (not the wrapper's, when there is one).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
+    }
+
+    /// CPU time (user + system, all threads) the process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the parenthesised command name; utime and stime
+        // are fields 14 and 15 of the whole line, in clock ticks.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        let hz = Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(100);
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// Access lines with `end=END`.
+    pub fn ends(&self, end: &str) -> usize {
+        self.access().iter().filter(|l| l["end"] == end).count()
+    }
+
+    /// Wait until `n` access lines say `end=END`; returns all lines.
+    pub fn wait_ends(
+        &self,
+        end: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<HashMap<String, String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let a = self.access();
+            if a.iter().filter(|l| l["end"] == end).count() >= n {
+                return a;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "fewer than {n} access lines with end={end}:\n{}",
+                    self.logs().join("\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn logs(&self) -> Vec<String> {
@@ -181,9 +255,11 @@ impl Sluice {
     }
 
     pub fn signal(&self, sig: &str) {
+        // pid 0 would signal the whole process group, test runner included.
+        assert_ne!(self.pid, 0, "signal before sluice said it started");
         let st = Command::new("kill")
             .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
+            .arg(self.pid.to_string())
             .status()
             .unwrap();
         assert!(st.success());
@@ -206,6 +282,12 @@ impl Sluice {
 
 impl Drop for Sluice {
     fn drop(&mut self) {
+        if self.pid != 0 && self.pid != self.child.id() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(self.pid.to_string())
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         if thread::panicking() {
@@ -439,4 +521,175 @@ pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, data).unwrap();
     p
+}
+
+/// Connect to `addr` from the local address `from` (any port).
+pub fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
+    try_connect_from(from, addr).expect("connect to sluice")
+}
+
+/// Connect to `addr` from `from`; a client that is refused at once may
+/// see its connect fail with a reset.
+pub fn try_connect_from(from: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    s.bind(&SocketAddr::new(from, 0).into())?;
+    s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.set_write_timeout(Some(Duration::from_secs(60)))?;
+    Ok(s)
+}
+
+/// Assert that sluice closed `s` (EOF or reset) without sending a byte,
+/// within a bounded wait.
+pub fn assert_closed(s: &mut TcpStream, what: &str) {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{what}: got {n} bytes, wanted a close"),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset) => {}
+        Err(e) => panic!("{what}: not closed: {e}"),
+    }
+}
+
+/// A PROXY header as a backend received it, parsed with `ppp`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenHeader {
+    /// "v1" or "v2".
+    pub version: &'static str,
+    /// "PROXY"/"LOCAL" (v2), "TCP4"/"TCP6"/"UNKNOWN" (v1).
+    pub kind: String,
+    pub src: Option<SocketAddr>,
+    pub dst: Option<SocketAddr>,
+}
+
+impl std::fmt::Display for SeenHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = |x: &Option<SocketAddr>| x.map(|a| a.to_string()).unwrap_or("-".into());
+        write!(
+            f,
+            "{} {} {} {}",
+            self.version,
+            self.kind,
+            a(&self.src),
+            a(&self.dst)
+        )
+    }
+}
+
+/// Read exactly one PROXY header (v1 or v2) from `s`, byte by byte so not
+/// one byte of the stream behind it is consumed, and parse it with `ppp`.
+pub fn read_proxy_header(s: &mut TcpStream) -> Result<SeenHeader, String> {
+    let mut buf = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(1) => buf.push(b[0]),
+            Ok(_) => return Err(format!("EOF after {} header bytes: {buf:?}", buf.len())),
+            Err(e) => return Err(format!("read after {} header bytes: {e}", buf.len())),
+        }
+        if buf.len() > 600 {
+            return Err(format!("no header in {buf:?}"));
+        }
+        if buf[0] == b'P' {
+            // v1: a line; parse it once complete.
+            if b[0] != b'\n' {
+                continue;
+            }
+            let h = ppp::v1::Header::try_from(buf.as_slice()).map_err(|e| format!("{e}"))?;
+            let (kind, src, dst) = match h.addresses {
+                ppp::v1::Addresses::Tcp4(a) => (
+                    "TCP4",
+                    Some(SocketAddr::from((a.source_address, a.source_port))),
+                    Some(SocketAddr::from((
+                        a.destination_address,
+                        a.destination_port,
+                    ))),
+                ),
+                ppp::v1::Addresses::Tcp6(a) => (
+                    "TCP6",
+                    Some(SocketAddr::from((a.source_address, a.source_port))),
+                    Some(SocketAddr::from((
+                        a.destination_address,
+                        a.destination_port,
+                    ))),
+                ),
+                ppp::v1::Addresses::Unknown => ("UNKNOWN", None, None),
+            };
+            return Ok(SeenHeader {
+                version: "v1",
+                kind: kind.into(),
+                src,
+                dst,
+            });
+        }
+        match ppp::v2::Header::try_from(buf.as_slice()) {
+            Ok(h) => {
+                let (src, dst) = match h.addresses {
+                    ppp::v2::Addresses::IPv4(a) => (
+                        Some(SocketAddr::from((a.source_address, a.source_port))),
+                        Some(SocketAddr::from((
+                            a.destination_address,
+                            a.destination_port,
+                        ))),
+                    ),
+                    ppp::v2::Addresses::IPv6(a) => (
+                        Some(SocketAddr::from((a.source_address, a.source_port))),
+                        Some(SocketAddr::from((
+                            a.destination_address,
+                            a.destination_port,
+                        ))),
+                    ),
+                    _ => (None, None),
+                };
+                let kind = match h.command {
+                    ppp::v2::Command::Proxy => "PROXY",
+                    ppp::v2::Command::Local => "LOCAL",
+                };
+                return Ok(SeenHeader {
+                    version: "v2",
+                    kind: kind.into(),
+                    src,
+                    dst,
+                });
+            }
+            Err(ppp::v2::ParseError::Incomplete(_)) | Err(ppp::v2::ParseError::Partial(..)) => {}
+            Err(e) => return Err(format!("{e} in {buf:?}")),
+        }
+    }
+}
+
+/// A backend that expects a PROXY header: it parses it, answers with one
+/// line describing it (`SeenHeader`'s Display, or `ERR ...`), then echoes
+/// the stream that follows. Its result is that same line.
+pub fn proxy_backend() -> Backend {
+    Backend::spawn(|mut s| {
+        let line = match read_proxy_header(&mut s) {
+            Ok(h) => h.to_string(),
+            Err(e) => format!("ERR {e}"),
+        };
+        let _ = s.write_all(format!("{line}\n").as_bytes());
+        let mut buf = [0u8; 65536];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = s.shutdown(Shutdown::Write);
+        line
+    })
+}
+
+/// Send `len` bytes (seed) through an echo path on `s` and check every
+/// byte came back in order.
+pub fn assert_echo(s: TcpStream, seed: u64, len: u64) {
+    let (sent, got) = exchange(s, seed, len);
+    assert_eq!(sent, got, "echo differs from what was sent");
 }
