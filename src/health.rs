@@ -1,16 +1,30 @@
-//! Backend health: passive marking from real traffic, shared by workers.
+//! Backend health: passive marking from real traffic, shared by workers,
+//! and the active checker the main thread runs.
 //!
-//! Every failed connect counts against the backend; `fall` failures in a
-//! row mark it down, and balance then skips it. A successful connect
-//! resets the count. With active checks enabled (`[route.health]`), only
-//! the checker brings a down backend back (after `rise` good checks);
+//! Passive: every failed connect counts against the backend; `fall`
+//! failures in a row mark it down, and balance then skips it. A successful
+//! connect resets the count. With active checks enabled (`[route.health]`),
+//! only the checker brings a down backend back (after `rise` good checks);
 //! without them a down backend is given another chance once `interval`
 //! has passed since it went down, so a route never stays dark for good.
+//!
+//! Active: `Checker` probes every backend of every route with a
+//! `[route.health]` table by opening a TCP connection, on its own timer,
+//! with non-blocking connects registered in the main thread's poll — one
+//! poll for all probes, never a thread per backend. Results land in the
+//! shared `BackendRt` (`up`, `fails`, `rises`, `last_check`), where
+//! balancing and /metrics read them.
 
-use std::sync::OnceLock;
+use std::io;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use slab::Slab;
+
+use crate::config::Health;
 use crate::route::{BackendRt, RouteRt};
 
 /// Milliseconds since the process started, as a cheap shared clock.
@@ -58,4 +72,237 @@ pub fn maybe_retry(b: &BackendRt, interval: Duration) -> bool {
         return true;
     }
     false
+}
+
+/// One backend the checker probes.
+struct Target {
+    route: String,
+    backend: Arc<BackendRt>,
+    health: Health,
+    /// When the next probe starts.
+    due: Instant,
+    /// A probe is in flight.
+    probing: bool,
+}
+
+/// A TCP connect in flight.
+struct Probe {
+    backend: Arc<BackendRt>,
+    stream: TcpStream,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+/// Active TCP connect checks for every backend of the current generation.
+pub struct Checker {
+    /// First mio token of the checker's probes (token = base + slab key).
+    base: usize,
+    targets: Vec<Target>,
+    probes: Slab<Probe>,
+}
+
+impl Checker {
+    /// A checker whose probes use tokens from `base` up.
+    pub fn new(base: usize) -> Self {
+        Checker {
+            base,
+            targets: Vec::new(),
+            probes: Slab::new(),
+        }
+    }
+
+    /// Probe the backends of these routes from now on. Backends carried
+    /// over from the previous generation (same `BackendRt`) keep their
+    /// schedule and in-flight probe; probes of backends no longer checked
+    /// are dropped.
+    pub fn follow(&mut self, routes: &[Arc<RouteRt>], registry: &Registry, now: Instant) {
+        let mut targets = Vec::new();
+        for r in routes {
+            let Some(p) = r.proxy() else { continue };
+            if !p.health.active {
+                continue;
+            }
+            let n = r.backends.len() as u32;
+            for (i, b) in r.backends.iter().enumerate() {
+                if targets.iter().any(|t: &Target| Arc::ptr_eq(&t.backend, b)) {
+                    continue; // the same backend listed twice
+                }
+                let old = self.targets.iter().find(|t| Arc::ptr_eq(&t.backend, b));
+                // New backends: first probes spread over one interval, so
+                // a route with many backends does not connect to all of
+                // them in the same instant.
+                let first = now + p.health.interval / n.max(1) * i as u32;
+                targets.push(Target {
+                    route: r.cfg.name.clone(),
+                    backend: b.clone(),
+                    health: p.health.clone(),
+                    due: old
+                        .map(|t| t.due.min(now + p.health.interval))
+                        .unwrap_or(first),
+                    probing: old.is_some_and(|t| t.probing),
+                });
+            }
+        }
+        self.targets = targets;
+        let gone: Vec<usize> = self
+            .probes
+            .iter()
+            .filter(|(_, p)| {
+                !self
+                    .targets
+                    .iter()
+                    .any(|t| Arc::ptr_eq(&t.backend, &p.backend))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in gone {
+            let mut p = self.probes.remove(k);
+            let _ = registry.deregister(&mut p.stream);
+        }
+    }
+
+    /// Stop every probe (graceful stop).
+    pub fn clear(&mut self, registry: &Registry) {
+        for mut p in self.probes.drain() {
+            let _ = registry.deregister(&mut p.stream);
+        }
+        self.targets.clear();
+    }
+
+    /// Whether a poll token belongs to a probe.
+    pub fn owns(&self, token: Token) -> bool {
+        token.0 >= self.base && self.probes.contains(token.0 - self.base)
+    }
+
+    /// When `run` next has something to do.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        let due = self.targets.iter().filter(|t| !t.probing).map(|t| t.due);
+        let deadlines = self.probes.iter().map(|(_, p)| p.deadline);
+        due.chain(deadlines).min()
+    }
+
+    /// Start the probes that are due and fail those that timed out.
+    pub fn run(&mut self, registry: &Registry, now: Instant) {
+        let expired: Vec<usize> = self
+            .probes
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for k in expired {
+            let t = self.probes[k].timeout;
+            self.finish(k, Err(format!("no connection within {t:?}")), registry);
+        }
+        for i in 0..self.targets.len() {
+            let t = &mut self.targets[i];
+            if t.probing || t.due > now {
+                continue;
+            }
+            t.due = now + t.health.interval;
+            let addr = t.backend.addr;
+            let timeout = t.health.timeout;
+            let started = TcpStream::connect(addr).and_then(|mut stream| {
+                let entry = self.probes.vacant_entry();
+                registry.register(
+                    &mut stream,
+                    Token(self.base + entry.key()),
+                    Interest::WRITABLE,
+                )?;
+                entry.insert(Probe {
+                    backend: self.targets[i].backend.clone(),
+                    stream,
+                    deadline: now + timeout,
+                    timeout,
+                });
+                Ok(())
+            });
+            match started {
+                Ok(()) => self.targets[i].probing = true,
+                Err(e) => self.record(i, Err(e.to_string())),
+            }
+        }
+    }
+
+    /// A probe's socket became writable or failed.
+    pub fn on_event(&mut self, token: Token, ev: &mio::event::Event, registry: &Registry) {
+        let k = token.0 - self.base;
+        let Some(p) = self.probes.get(k) else { return };
+        let result = match p.stream.take_error() {
+            Ok(Some(e)) | Err(e) => Err(e.to_string()),
+            Ok(None) => match p.stream.peer_addr() {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    if ev.is_error() || ev.is_write_closed() {
+                        Err(io::Error::from(io::ErrorKind::ConnectionRefused).to_string())
+                    } else {
+                        return; // still connecting
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        self.finish(k, result, registry);
+    }
+
+    fn finish(&mut self, k: usize, result: Result<(), String>, registry: &Registry) {
+        let mut p = self.probes.remove(k);
+        let _ = registry.deregister(&mut p.stream);
+        if let Some(i) = self
+            .targets
+            .iter()
+            .position(|t| Arc::ptr_eq(&t.backend, &p.backend))
+        {
+            self.targets[i].probing = false;
+            self.record(i, result);
+        }
+    }
+
+    /// Apply one check result to the backend's state; log changes.
+    fn record(&self, i: usize, result: Result<(), String>) {
+        let t = &self.targets[i];
+        let b = &t.backend;
+        match result {
+            Ok(()) => {
+                b.checks_ok.fetch_add(1, Ordering::Relaxed);
+                b.last_check.store(1, Ordering::Relaxed);
+                b.fails.store(0, Ordering::Relaxed);
+                if b.is_up() {
+                    return;
+                }
+                let rises = b.rises.fetch_add(1, Ordering::Relaxed) + 1;
+                if rises >= t.health.rise {
+                    b.rises.store(0, Ordering::Relaxed);
+                    b.down_at.store(0, Ordering::Relaxed);
+                    b.up.store(true, Ordering::Relaxed);
+                    log::warn!(
+                        "route {}: backend {} ({}) is UP ({rises} good checks in a row)",
+                        t.route,
+                        b.name,
+                        b.addr
+                    );
+                }
+            }
+            Err(why) => {
+                b.checks_failed.fetch_add(1, Ordering::Relaxed);
+                b.last_check.store(2, Ordering::Relaxed);
+                b.rises.store(0, Ordering::Relaxed);
+                let fails = b.fails.fetch_add(1, Ordering::Relaxed) + 1;
+                log::debug!(
+                    "route {}: backend {} ({}) check failed: {why}",
+                    t.route,
+                    b.name,
+                    b.addr
+                );
+                if fails >= t.health.fall && b.up.swap(false, Ordering::Relaxed) {
+                    b.down_at.store(now_ms(), Ordering::Relaxed);
+                    log::warn!(
+                        "route {}: backend {} ({}) is DOWN ({fails} failed checks in a row: {why})",
+                        t.route,
+                        b.name,
+                        b.addr
+                    );
+                }
+            }
+        }
+    }
 }

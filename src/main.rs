@@ -4,6 +4,7 @@
 //! This file is only the command line: parse arguments, set up logging,
 //! then hand over to `config` (for `check`) or `server` (for `run`).
 
+mod admin;
 mod config;
 mod conn;
 mod file_conn;

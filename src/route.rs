@@ -40,6 +40,9 @@ pub struct BackendRt {
     pub last_check: AtomicU32,
     /// When it went down (`health::now_ms`), 0 while up.
     pub down_at: AtomicU64,
+    /// Active health checks that passed and that failed, ever.
+    pub checks_ok: AtomicU64,
+    pub checks_failed: AtomicU64,
 }
 
 impl BackendRt {
@@ -55,6 +58,8 @@ impl BackendRt {
             failures: AtomicU64::new(0),
             last_check: AtomicU32::new(0),
             down_at: AtomicU64::new(0),
+            checks_ok: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
         }
     }
 

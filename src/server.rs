@@ -6,6 +6,12 @@
 //! did not change), builds a `Generation` per configuration, and tells the
 //! workers about it over a channel. SIGHUP reloads, SIGTERM/SIGINT drain
 //! (a second one exits at once).
+//!
+//! Its poll also serves the admin listener (`admin`) and runs the active
+//! health checks (`health::Checker`), both non-blocking and bounded, so
+//! neither can stall a worker. Under systemd socket activation the
+//! listening sockets come from systemd (`sys::activation`), matched to
+//! routes by `FileDescriptorName=` and address.
 
 use std::collections::HashMap;
 use std::io;
@@ -15,19 +21,26 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use socket2::{Domain, Socket, Type};
 
+use crate::admin::{self, Admin};
 use crate::config::{self, Config};
+use crate::health::Checker;
 use crate::pipe_pool::PipeBudget;
 use crate::route::RouteRt;
 use crate::worker::{self, Cmd, Generation, Shared, SharedListener, Worker};
 
 const SIGNALS: Token = Token(0);
+const ADMIN: Token = Token(1);
+/// Admin connections use tokens from here up.
+const ADMIN_CONNS: usize = 1 << 32;
+/// Health-check probes use tokens from here up.
+const PROBES: usize = 1 << 48;
 
 /// Process-wide counters the main thread keeps.
 #[derive(Default)]
@@ -49,10 +62,20 @@ pub struct Server {
     generation: Arc<Generation>,
     /// Every listening socket, by address; survives reloads.
     sockets: HashMap<SocketAddr, Arc<std::net::TcpListener>>,
+    /// Sockets systemd passed, by route name and address. Kept for the
+    /// life of the process: systemd holds them open anyway, so a route a
+    /// reload removes and a later one brings back gets the same socket.
+    activated: Activated,
     workers: Vec<WorkerHandle>,
     pub stats: Arc<ProcessStats>,
     /// RUST_LOG set: it wins over `log_level` on reloads too.
     env_log: bool,
+    /// The main thread's poll: signals, admin, health checks.
+    poll: Poll,
+    signals: Signals,
+    admin: Admin,
+    checker: Checker,
+    started: SystemTime,
 }
 
 /// Why the server could not start.
@@ -76,9 +99,34 @@ impl Server {
             pipes: PipeBudget::new(cfg.global.max_pipes),
             draining: AtomicBool::new(false),
         });
+        let activated = activated_sockets(&cfg);
         let mut sockets = HashMap::new();
-        let generation = build_generation(&cfg, 1, None, &mut sockets).map_err(StartError)?;
+        let generation =
+            build_generation(&cfg, 1, None, &mut sockets, &activated).map_err(StartError)?;
         let generation = Arc::new(generation);
+        let poll = Poll::new().map_err(|e| StartError(format!("cannot create a poll: {e}")))?;
+        // Handlers go in before anything can tell the world we started: a
+        // SIGHUP that came before them would kill the process.
+        let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])
+            .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|e| StartError(format!("cannot watch signals: {e}")))?;
+        let mut admin = Admin::new(ADMIN, ADMIN_CONNS);
+        if let Some(a) = &cfg.admin {
+            let sock = bind(a.listen).map_err(|e| {
+                StartError(format!(
+                    "{}: admin: cannot listen on {}: {e}",
+                    cfg.path.display(),
+                    a.listen
+                ))
+            })?;
+            admin
+                .set_listener(poll.registry(), Some((a.listen, sock)))
+                .map_err(|e| StartError(format!("admin: cannot watch the listener: {e}")))?;
+        }
+        let mut checker = Checker::new(PROBES);
+        checker.follow(&generation.routes, poll.registry(), Instant::now());
         let mut workers = Vec::new();
         for id in 0..cfg.global.workers {
             let poll = Poll::new().map_err(|e| StartError(format!("cannot create a poll: {e}")))?;
@@ -112,49 +160,61 @@ impl Server {
             shared,
             generation,
             sockets,
+            activated,
             workers,
             stats: Arc::new(ProcessStats::default()),
             env_log,
+            poll,
+            signals,
+            admin,
+            checker,
+            started: SystemTime::now(),
         })
     }
 
     /// Serve until stopped. Returns the process exit code.
     pub fn run(mut self) -> i32 {
-        let mut poll = match Poll::new() {
-            Ok(p) => p,
-            Err(e) => {
-                log::error!("cannot create the main poll: {e}");
-                return 1;
-            }
-        };
-        let mut signals = match Signals::new([SIGHUP, SIGTERM, SIGINT]) {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!("cannot install signal handlers: {e}");
-                return 1;
-            }
-        };
-        if let Err(e) = poll
-            .registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)
-        {
-            log::error!("cannot watch signals: {e}");
-            return 1;
-        }
         notify(&[sd_notify::NotifyState::Ready]);
         let mut events = Events::with_capacity(64);
         let mut stopping: Option<Instant> = None;
         loop {
-            let timeout = stopping.map(|_| Duration::from_millis(50));
-            if let Err(e) = poll.poll(&mut events, timeout)
+            let now = Instant::now();
+            let wake = [self.admin.next_wakeup(), self.checker.next_wakeup()]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|t| t.saturating_duration_since(now));
+            let timeout = match stopping {
+                Some(_) => Some(wake.map_or(Duration::from_millis(50), |w| {
+                    w.min(Duration::from_millis(50))
+                })),
+                None => wake,
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
             {
                 log::error!("main poll failed: {e}");
                 return 1;
             }
+            let now = Instant::now();
             for ev in events.iter() {
-                if ev.token() == SIGNALS {
-                    for sig in signals.pending() {
+                let token = ev.token();
+                if token == ADMIN {
+                    self.admin.accept(self.poll.registry(), now);
+                } else if self.admin.owns(token) {
+                    let view = admin::View {
+                        generation: &self.generation,
+                        shared: &self.shared,
+                        process: &self.stats,
+                        workers: self.workers.len(),
+                        started: self.started,
+                    };
+                    self.admin.on_event(token, self.poll.registry(), &view, now);
+                } else if self.checker.owns(token) {
+                    self.checker.on_event(token, ev, self.poll.registry());
+                } else if token == SIGNALS {
+                    let pending: Vec<i32> = self.signals.pending().collect();
+                    for sig in pending {
                         match sig {
                             SIGHUP if stopping.is_none() => self.reload(),
                             SIGTERM | SIGINT if stopping.is_none() => {
@@ -169,6 +229,9 @@ impl Server {
                     }
                 }
             }
+            let now = Instant::now();
+            self.admin.expire(self.poll.registry(), now);
+            self.checker.run(self.poll.registry(), now);
             if stopping.is_some()
                 && self
                     .workers
@@ -206,16 +269,41 @@ impl Server {
         let result = config::load(&self.path)
             .map_err(|e| e.to_string())
             .and_then(|cfg| {
+                // A new admin address is bound before anything changes, so
+                // a failure leaves the old configuration whole.
+                let want = cfg.admin.as_ref().map(|a| a.listen);
+                let admin = match want {
+                    Some(a) if Some(a) != self.admin.addr() => match bind(a) {
+                        Ok(s) => Some(Some((a, s))),
+                        Err(e) => {
+                            return Err(format!(
+                                "{}: admin: cannot listen on {a}: {e}",
+                                cfg.path.display()
+                            ));
+                        }
+                    },
+                    None if self.admin.addr().is_some() => Some(None),
+                    _ => None,
+                };
                 let generation = build_generation(
                     &cfg,
                     self.generation.id + 1,
                     Some(&self.generation),
                     &mut self.sockets,
+                    &self.activated,
                 )?;
-                Ok((cfg, generation))
+                Ok((cfg, generation, admin))
             });
         match result {
-            Ok((cfg, generation)) => {
+            Ok((cfg, generation, admin)) => {
+                if let Some(new) = admin {
+                    let addr = new.as_ref().map(|(a, _)| *a);
+                    if let Err(e) = self.admin.set_listener(self.poll.registry(), new) {
+                        log::error!("admin: cannot watch the listener on {addr:?}: {e}");
+                    } else if addr.is_none() {
+                        log::info!("admin: listener closed (no [admin] table any more)");
+                    }
+                }
                 if cfg.global.workers != self.cfg.global.workers {
                     log::warn!("reload: `workers` changed; it takes effect on restart only");
                 }
@@ -234,6 +322,8 @@ impl Server {
                     generation.routes.len(),
                     generation.listeners.len()
                 );
+                self.checker
+                    .follow(&generation.routes, self.poll.registry(), Instant::now());
                 self.generation = generation;
                 self.cfg = cfg;
                 self.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -256,9 +346,21 @@ impl Server {
             self.shared.active.load(Ordering::Relaxed)
         );
         self.shared.draining.store(true, Ordering::Relaxed);
+        self.checker.clear(self.poll.registry());
+        // The same routes without listeners: once every worker has loaded
+        // it and the old generation is gone, no descriptor of a listening
+        // socket is left (ours go with `sockets`), so the kernel refuses
+        // new clients instead of queueing them.
+        let g = &self.generation;
+        let closed = Arc::new(Generation {
+            id: g.id,
+            routes: g.routes.clone(),
+            listeners: Vec::new(),
+            max_connections: g.max_connections,
+        });
+        self.send(|| Cmd::Load(closed.clone()));
+        self.generation = closed;
         self.send(|| Cmd::Drain(deadline));
-        // Workers have deregistered their duplicates once they see the
-        // command; closing ours lets the kernel refuse new clients.
         self.sockets.clear();
         deadline
     }
@@ -271,6 +373,7 @@ fn build_generation(
     id: u64,
     prev: Option<&Generation>,
     sockets: &mut HashMap<SocketAddr, Arc<std::net::TcpListener>>,
+    activated: &Activated,
 ) -> Result<Generation, String> {
     let workers = cfg.global.workers;
     let mut routes = Vec::new();
@@ -289,9 +392,12 @@ fn build_generation(
         for addr in &r.listen {
             let sock = match sockets.get(addr) {
                 Some(s) => s.clone(),
-                None => match bind(*addr) {
+                None => match activated
+                    .get(&(r.name.clone(), *addr))
+                    .map(|s| Ok(s.clone()))
+                    .unwrap_or_else(|| bind(*addr).map(Arc::new))
+                {
                     Ok(s) => {
-                        let s = Arc::new(s);
                         sockets.insert(*addr, s.clone());
                         fresh.push(*addr);
                         s
@@ -325,8 +431,59 @@ fn build_generation(
     })
 }
 
+/// Sockets systemd passed, keyed by (route name, address).
+type Activated = HashMap<(String, SocketAddr), Arc<std::net::TcpListener>>;
+
+/// Sockets systemd passed (socket activation) for the routes they were
+/// named for. A socket is used by the route whose name is its
+/// `FileDescriptorName=` and that listens on its address; any other
+/// passed socket is logged and closed.
+fn activated_sockets(cfg: &Config) -> Activated {
+    let mut out = HashMap::new();
+    let (passed, rejected) = match crate::sys::activation::take_listen_fds() {
+        Ok(x) => x,
+        Err(e) => {
+            log::warn!("socket activation: cannot read LISTEN_FDS/LISTEN_FDNAMES: {e}");
+            return out;
+        }
+    };
+    for r in rejected {
+        log::warn!(
+            "socket activation: fd {} ({:?}) is not usable: {}; closing it",
+            r.fd,
+            r.name,
+            r.why
+        );
+    }
+    for a in passed {
+        let route = cfg
+            .routes
+            .iter()
+            .find(|r| r.name == a.name && r.listen.contains(&a.addr));
+        match route {
+            Some(r) if !out.contains_key(&(r.name.clone(), a.addr)) => {
+                log::info!(
+                    "route {}: listening on {} with a socket from systemd (fd {})",
+                    r.name,
+                    a.addr,
+                    a.fd
+                );
+                out.insert((r.name.clone(), a.addr), Arc::new(a.sock));
+            }
+            _ => log::warn!(
+                "socket activation: fd {} named {:?} listens on {}, but no route of that name \
+                 listens there (FileDescriptorName= must be the route name); closing it",
+                a.fd,
+                a.name,
+                a.addr
+            ),
+        }
+    }
+    out
+}
+
 /// A non-blocking listening socket with the options a proxy wants.
-fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     sock.set_reuse_address(true)?;
     if addr.is_ipv6() {

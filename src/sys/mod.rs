@@ -8,6 +8,7 @@
 //! wrappers, the way mio keeps its platform layer thin and the code above
 //! it safe.
 
+pub mod activation;
 pub mod file;
 
 use std::io;

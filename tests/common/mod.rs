@@ -3,6 +3,8 @@
 //! peers (backends, clients) on loopback. Nothing here mocks the kernel.
 #![allow(dead_code)]
 
+pub mod admin;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -82,13 +84,22 @@ impl Sluice {
         cmd.arg("run")
             .arg("--config")
             .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let mut s = Self::launch(dir, config, cmd);
+        s.wait_started();
+        s
+    }
+
+    /// Run `cmd` (which runs sluice on `config`, perhaps through a
+    /// wrapper such as systemd-socket-activate) and collect its stderr;
+    /// does not wait for anything.
+    pub fn launch(dir: PathBuf, config: PathBuf, mut cmd: Command) -> Sluice {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn sluice");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -102,18 +113,22 @@ impl Sluice {
                 l2.lock().unwrap().push(line);
             }
         });
-        let mut s = Sluice {
+        Sluice {
             child,
             dir,
             config,
             log,
             reader: Some(reader),
             pid: 0,
-        };
-        let line = s.wait_log("started (pid ", Duration::from_secs(10));
+        }
+    }
+
+    /// Wait for sluice's "started (pid N)" line and remember N (the
+    /// process a wrapper such as systemd-socket-activate started).
+    pub fn wait_started(&mut self) {
+        let line = self.wait_log("started (pid ", Duration::from_secs(10));
         let tail = &line[line.find("started (pid ").unwrap() + 13..];
-        s.pid = tail[..tail.find(')').unwrap()].parse().unwrap();
-        s
+        self.pid = tail[..tail.find(')').unwrap()].parse().unwrap();
     }
 
     /// The sluice process id (not the wrapper's, when there is one).
@@ -179,7 +194,18 @@ impl Sluice {
                 return l;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
-                thread::sleep(Duration::from_millis(50));
+                // Everything it printed is in once its stderr closes (the
+                // line may have come just before the exit); a grandchild
+                // may hold stderr open, so wait a bounded time.
+                let until = Instant::now() + Duration::from_secs(2);
+                while self.reader.as_ref().is_some_and(|r| !r.is_finished())
+                    && Instant::now() < until
+                {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                if let Some(l) = self.logs().into_iter().find(|l| l.contains(needle)) {
+                    return l;
+                }
                 panic!(
                     "sluice exited ({st}) before logging {needle:?}:\n{}",
                     self.logs().join("\n")
@@ -229,6 +255,8 @@ impl Sluice {
     }
 
     pub fn signal(&self, sig: &str) {
+        // pid 0 would signal the whole process group, test runner included.
+        assert_ne!(self.pid, 0, "signal before sluice said it started");
         let st = Command::new("kill")
             .arg(format!("-{sig}"))
             .arg(self.pid.to_string())
@@ -390,7 +418,14 @@ impl Backend {
     where
         F: Fn(TcpStream) -> String + Send + Sync + 'static,
     {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::spawn_on(TcpListener::bind("127.0.0.1:0").unwrap(), f)
+    }
+
+    /// Like `spawn`, on a listener the test bound (a chosen port).
+    pub fn spawn_on<F>(l: TcpListener, f: F) -> Backend
+    where
+        F: Fn(TcpStream) -> String + Send + Sync + 'static,
+    {
         let addr = l.local_addr().unwrap();
         let results = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -416,7 +451,12 @@ impl Backend {
 
     /// A backend that sends its `name` and a newline, then echoes.
     pub fn named(name: &'static str) -> Backend {
-        Backend::spawn(move |mut s| {
+        Self::from_listener(TcpListener::bind("127.0.0.1:0").unwrap(), name)
+    }
+
+    /// `named`, on a listener the test bound.
+    pub fn from_listener(l: TcpListener, name: &'static str) -> Backend {
+        Backend::spawn_on(l, move |mut s| {
             let _ = s.write_all(format!("{name}\n").as_bytes());
             let mut buf = [0u8; 65536];
             loop {

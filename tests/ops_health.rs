@@ -1,0 +1,154 @@
+//! Active health checks through the real binary: a dead backend is taken
+//! out (metrics say up=0, traffic goes only to the live one) and brought
+//! back once it listens again (up=1, traffic resumes); checks follow the
+//! backends of a reloaded configuration.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use common::admin::{Metrics, scrape};
+use common::*;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn config(port: u16, aport: u16, backends: &[SocketAddr]) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    format!(
+        "[global]\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nbackends = [{}]\n\
+         [route.health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 2\n",
+        list.join(", ")
+    )
+}
+
+/// A per-backend metric of route "r".
+fn bget(m: &Metrics, name: &str, b: SocketAddr) -> f64 {
+    let a = b.to_string();
+    m.get(name, &[("route", "r"), ("backend", &a), ("address", &a)])
+}
+
+fn up(m: &Metrics, b: SocketAddr) -> f64 {
+    bget(m, "sluice_backend_up", b)
+}
+
+/// Names the backends answered with for `n` new connections.
+fn names(port: u16, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let mut c = connect(addr(port));
+            read_line(&mut c)
+        })
+        .collect()
+}
+
+#[test]
+fn checks_take_a_dead_backend_out_and_bring_it_back() {
+    let live = Backend::named("live");
+    // A port with nobody behind it (yet).
+    let dead = addr(free_port());
+    let (port, aport) = (free_port(), free_port());
+    let mut sl = Sluice::start("health", &config(port, aport, &[live.addr, dead]));
+    let down = sl.wait_log("is DOWN", Duration::from_secs(10));
+    assert!(down.contains(&dead.to_string()), "{down}");
+    assert!(down.contains("2 failed checks in a row"), "{down}");
+    let m = scrape(addr(aport));
+    assert_eq!(up(&m, dead), 0.0);
+    assert_eq!(up(&m, live.addr), 1.0);
+    assert_eq!(bget(&m, "sluice_backend_last_check", dead), 0.0);
+    assert!(
+        m.sum(
+            "sluice_backend_health_checks_total",
+            &[("address", &dead.to_string()), ("result", "failed")]
+        ) >= 2.0
+    );
+    // Traffic goes only to the live backend, and no client sees a failed
+    // connect.
+    let before = m.get("sluice_route_connect_failures_total", &[("route", "r")]);
+    let got = names(port, 10);
+    assert!(got.iter().all(|n| n == "live"), "{got:?}");
+    let m = scrape(addr(aport));
+    assert_eq!(
+        m.get("sluice_route_connect_failures_total", &[("route", "r")]),
+        before
+    );
+
+    // The backend comes to life: `rise` good checks bring it back.
+    let l = TcpListener::bind(dead).expect("rebind the dead backend's port");
+    let back = Backend::from_listener(l, "back");
+    let up_line = sl.wait_log("is UP", Duration::from_secs(10));
+    assert!(up_line.contains(&dead.to_string()), "{up_line}");
+    let m = scrape(addr(aport));
+    assert_eq!(up(&m, dead), 1.0);
+    assert_eq!(bget(&m, "sluice_backend_last_check", dead), 1.0);
+    let got = names(port, 10);
+    let n_back = got.iter().filter(|n| *n == "back").count();
+    assert_eq!(n_back, 5, "round robin over both again: {got:?}");
+    assert!(back.accepted() >= 5);
+}
+
+#[test]
+fn checks_follow_the_backends_of_a_reload() {
+    let a = Backend::named("a");
+    let dead = addr(free_port());
+    let (port, aport) = (free_port(), free_port());
+    let mut sl = Sluice::start("health-reload", &config(port, aport, &[a.addr]));
+    // Wait for a first passing check of "a".
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(addr(aport));
+        if bget(&m, "sluice_backend_last_check", a.addr) == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < end, "no check of {}", a.addr);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&sl.config, config(port, aport, &[a.addr, dead])).unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
+    let line = sl.wait_log("is DOWN", Duration::from_secs(10));
+    assert!(line.contains(&dead.to_string()), "{line}");
+    let m = scrape(addr(aport));
+    assert_eq!(up(&m, dead), 0.0);
+    assert_eq!(up(&m, a.addr), 1.0, "state of a kept backend carried over");
+    let got = names(port, 6);
+    assert!(got.iter().all(|n| n == "a"), "{got:?}");
+}
+
+#[test]
+fn with_active_checks_only_the_checker_brings_a_backend_back() {
+    let live = Backend::named("live");
+    // Nobody listens on "flaky" at first; later it comes up on that port.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let flaky = l.local_addr().unwrap();
+    drop(l);
+    let (port, aport) = (free_port(), free_port());
+    let toml = format!(
+        "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nbackends = [\"{}\", \"{flaky}\"]\n\
+         [route.health]\ninterval = \"300ms\"\ntimeout = \"300ms\"\nrise = 6\nfall = 1\n",
+        live.addr
+    );
+    let mut sl = Sluice::start("health-rise", &toml);
+    sl.wait_log("is DOWN", Duration::from_secs(10));
+    // It listens again. Passive-only health would retry it after
+    // `interval` (300ms); with active checks it stays out until 6 good
+    // checks in a row (at least 1.5s from now).
+    let relisten = Instant::now();
+    let back = Backend::from_listener(TcpListener::bind(flaky).unwrap(), "flaky");
+    std::thread::sleep(Duration::from_millis(700));
+    let got = names(port, 6);
+    let early = sl.count_log("is UP");
+    assert_eq!(early, 0, "UP too early");
+    assert!(got.iter().all(|n| n == "live"), "{got:?}");
+    let up_line = sl.wait_log("is UP", Duration::from_secs(10));
+    assert!(up_line.contains("6 good checks in a row"), "{up_line}");
+    assert!(relisten.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(up(&scrape(addr(aport)), flaky), 1.0);
+    let got = names(port, 4);
+    assert_eq!(got.iter().filter(|n| *n == "flaky").count(), 2, "{got:?}");
+    assert!(back.accepted() >= 2);
+}

@@ -1,0 +1,300 @@
+//! Live reload (SIGHUP) and the systemd notifications around it, through
+//! the real binary: READY/RELOADING/STOPPING on a NOTIFY_SOCKET the test
+//! binds, 20 reloads under a client loop with zero failures, a bad config
+//! that leaves the old one serving, and a reload that changes backends
+//! and routes while a connection stays open on the old ones.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::admin::scrape;
+use common::*;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn route(name: &str, port: u16, backend: SocketAddr) -> String {
+    format!(
+        "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nbackends = \"{backend}\"\n\n"
+    )
+}
+
+/// One notification datagram, as text.
+fn recv(sock: &UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = sock
+        .recv(&mut buf)
+        .expect("a notification within the timeout");
+    String::from_utf8(buf[..n].to_vec()).unwrap()
+}
+
+#[test]
+fn notifies_ready_reloading_ready_stopping() {
+    let dir = temp_dir("notify");
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let b = Backend::named("b");
+    let port = free_port();
+    let mut sl = Sluice::start_in(
+        dir,
+        &route("r", port, b.addr),
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    assert_eq!(recv(&sock), "READY=1\n");
+    // READY comes after the listeners are bound: a client is served now.
+    let mut c = connect(addr(port));
+    assert_eq!(read_line(&mut c), "b");
+
+    let mut last = 0u64;
+    for generation in 2..=3 {
+        sl.signal("HUP");
+        // RELOADING=1 and MONOTONIC_USEC in one datagram, then READY=1.
+        let msg = recv(&sock);
+        let lines: Vec<&str> = msg.lines().collect();
+        assert_eq!(lines.len(), 2, "{msg:?}");
+        assert_eq!(lines[0], "RELOADING=1");
+        let usec: u64 = lines[1]
+            .strip_prefix("MONOTONIC_USEC=")
+            .unwrap_or_else(|| panic!("{msg:?}"))
+            .parse()
+            .unwrap();
+        assert!(
+            usec > last,
+            "MONOTONIC_USEC moves forward: {usec} after {last}"
+        );
+        last = usec;
+        assert_eq!(recv(&sock), "READY=1\n");
+        sl.wait_log(
+            &format!("reload ok: generation {generation}"),
+            Duration::from_secs(5),
+        );
+    }
+    // A failed reload is bracketed the same way.
+    std::fs::write(&sl.config, "[[route]\n").unwrap();
+    sl.signal("HUP");
+    assert!(recv(&sock).starts_with("RELOADING=1\nMONOTONIC_USEC="));
+    assert_eq!(recv(&sock), "READY=1\n");
+    sl.wait_log("reload failed", Duration::from_secs(5));
+
+    drop(c);
+    sl.signal("TERM");
+    assert_eq!(recv(&sock), "STOPPING=1\n");
+    let st = sl.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(st.code(), Some(0));
+}
+
+/// Connect, read the backend's name, echo 4 KiB, close; the name.
+fn round_trip(port: u16, seed: u64) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&addr(port), Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = read_line(&mut s);
+    if name.is_empty() {
+        return Err("no greeting (closed or reset)".into());
+    }
+    let mut data = vec![0u8; 4096];
+    DataGen::new(seed).fill(&mut data);
+    s.write_all(&data).map_err(|e| format!("write: {e}"))?;
+    let mut back = vec![0u8; data.len()];
+    s.read_exact(&mut back).map_err(|e| format!("read: {e}"))?;
+    if back != data {
+        return Err("echo differs".into());
+    }
+    s.shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .map_err(|e| format!("read to end: {e}"))?;
+    if !rest.is_empty() {
+        return Err("bytes after the echo".into());
+    }
+    Ok(name)
+}
+
+#[test]
+fn twenty_reloads_refuse_and_reset_nothing() {
+    let (a, b) = (Backend::named("a"), Backend::named("b"));
+    let (port, other) = (free_port(), free_port());
+    // Every other generation also has a second route, so listeners are
+    // bound and closed around the one that must never blink.
+    let cfg = |generation: u64| {
+        let backend = if generation % 2 == 1 { a.addr } else { b.addr };
+        let extra = if generation.is_multiple_of(2) {
+            route("other", other, a.addr)
+        } else {
+            String::new()
+        };
+        format!(
+            "[global]\nworkers = 2\n\n{}{extra}",
+            route("r", port, backend)
+        )
+    };
+    let mut sl = Sluice::start("reload-loop", &cfg(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..2)
+        .map(|t| {
+            let (stop, ok) = (stop.clone(), ok.clone());
+            thread::spawn(move || {
+                let mut fails = Vec::new();
+                let mut names = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    match round_trip(port, t * 1_000_000 + i) {
+                        Ok(n) => {
+                            names.push(n);
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => fails.push(e),
+                    }
+                    i += 1;
+                }
+                (fails, names)
+            })
+        })
+        .collect();
+    for generation in 2..=21u64 {
+        let before = ok.load(Ordering::Relaxed);
+        std::fs::write(&sl.config, cfg(generation)).unwrap();
+        sl.signal("HUP");
+        sl.wait_log(
+            &format!("reload ok: generation {generation}"),
+            Duration::from_secs(10),
+        );
+        // Let traffic flow on the new generation before the next reload.
+        let end = Instant::now() + Duration::from_secs(10);
+        while ok.load(Ordering::Relaxed) < before + 4 {
+            assert!(Instant::now() < end, "no traffic after reload {generation}");
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    let mut seen = std::collections::HashSet::new();
+    for c in clients {
+        let (fails, names) = c.join().unwrap();
+        assert!(
+            fails.is_empty(),
+            "failed exchanges during reloads: {fails:?}"
+        );
+        total += names.len();
+        seen.extend(names);
+    }
+    assert!(total >= 80, "{total} exchanges");
+    assert_eq!(seen.len(), 2, "both generations' backends served: {seen:?}");
+    assert_eq!(sl.count_log("reload ok"), 20);
+    let access = sl.wait_access(total, Duration::from_secs(10));
+    for l in &access {
+        assert!(
+            l["end"] == "client_closed" || l["end"] == "backend_closed",
+            "connection ended badly: {l:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_reload_keeps_the_old_config_serving() {
+    let (a, b) = (Backend::named("a"), Backend::named("b"));
+    let (port, aport) = (free_port(), free_port());
+    let admin = format!("[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n");
+    let mut sl = Sluice::start(
+        "reload-bad",
+        &format!("{admin}{}", route("r", port, a.addr)),
+    );
+    // Syntax error on line 4, then a semantic error.
+    let bad = format!(
+        "{admin}[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\nbackends = \"{}\"\n",
+        b.addr
+    );
+    std::fs::write(&sl.config, bad).unwrap();
+    sl.signal("HUP");
+    let line = sl.wait_log("reload failed", Duration::from_secs(10));
+    let at = line.find("sluice.toml:").expect("the file is named") + "sluice.toml:".len();
+    let loc: Vec<&str> = line[at..].splitn(3, ':').collect();
+    assert_eq!(loc[0], "6", "line of the error: {line}");
+    assert!(loc[1].parse::<u32>().is_ok(), "column of the error: {line}");
+    assert!(
+        line.contains("still serving the previous configuration"),
+        "{line}"
+    );
+    let mut c = connect(addr(port));
+    assert_eq!(read_line(&mut c), "a", "old backend still used");
+
+    let semantic = format!("{admin}{}", route("r", port, b.addr)).replace("backends", "backend");
+    std::fs::write(&sl.config, semantic).unwrap();
+    sl.signal("HUP");
+    let end = Instant::now() + Duration::from_secs(10);
+    while sl.count_log("reload failed") < 2 {
+        assert!(Instant::now() < end);
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = connect(addr(port));
+    assert_eq!(read_line(&mut c), "a");
+    let m = scrape(addr(aport));
+    assert_eq!(m.get("sluice_reloads_total", &[("result", "failed")]), 2.0);
+    assert_eq!(m.get("sluice_reloads_total", &[("result", "ok")]), 0.0);
+    assert_eq!(m.get("sluice_config_generation", &[]), 1.0);
+}
+
+#[test]
+fn reload_changes_backends_and_routes_but_not_open_connections() {
+    let (a, b) = (Backend::named("a"), Backend::named("b"));
+    let (p, old, new) = (free_port(), free_port(), free_port());
+    let mut sl = Sluice::start(
+        "reload-change",
+        &format!("{}{}", route("r", p, a.addr), route("old", old, a.addr)),
+    );
+    let mut held = connect(addr(p));
+    assert_eq!(read_line(&mut held), "a");
+
+    std::fs::write(
+        &sl.config,
+        format!("{}{}", route("r", p, b.addr), route("new", new, b.addr)),
+    )
+    .unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
+
+    // New connections use the new backend, and the new route serves.
+    for _ in 0..3 {
+        let mut c = connect(addr(p));
+        assert_eq!(read_line(&mut c), "b");
+    }
+    let mut c = connect(addr(new));
+    assert_eq!(read_line(&mut c), "b");
+    drop(c);
+    // The removed route stops accepting (once every worker let go).
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect_timeout(&addr(old), Duration::from_secs(1)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            _ => {
+                assert!(Instant::now() < end, "route \"old\" still accepts");
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    // The connection opened before the reload still talks to "a", and
+    // finishes byte-exact.
+    let (sent, got) = exchange(held, 7, 2 << 20);
+    assert_eq!(sent, got, "echo from the old backend");
+    let r = a.wait_results(1, Duration::from_secs(10));
+    assert_eq!(r, vec!["a".to_string()]);
+    let access = sl.wait_access(5, Duration::from_secs(10));
+    let held_line = access
+        .iter()
+        .find(|l| l["backend"] == a.addr.to_string())
+        .expect("access line of the held connection");
+    assert_eq!(held_line["bytes_in"], (2u64 << 20).to_string());
+    assert_eq!(held_line["end"], "client_closed");
+}
