@@ -560,7 +560,7 @@ impl ProxyConn {
         }
         log::info!(
             target: "access",
-            "route={} client={} backend={} strategy={} up_strategy={} down_strategy={} bytes_in={} bytes_out={} spliced={} copied={} fallback={} duration_ms={} end={}{}",
+            "route={} client={} backend={} strategy={} up_strategy={} down_strategy={} bytes_in={} bytes_out={} spliced={} copied={} fallback={} duration_ms={} worker={} end={}{}",
             self.route.cfg.name,
             self.peer,
             backend,
@@ -573,6 +573,7 @@ impl ProxyConn {
             self.up.copied + self.down.copied,
             fallback.map(Fallback::as_str).unwrap_or("-"),
             ctx.now.saturating_duration_since(self.started).as_millis(),
+            ctx.worker,
             end.as_str(),
             why,
         );

@@ -60,8 +60,8 @@ pub struct Server {
     cfg: Config,
     shared: Arc<Shared>,
     generation: Arc<Generation>,
-    /// Every listening socket, by address; survives reloads.
-    sockets: HashMap<SocketAddr, Arc<std::net::TcpListener>>,
+    /// Every listening socket group, by address; survives reloads.
+    sockets: HashMap<SocketAddr, Group>,
     /// Sockets systemd passed, by route name and address. Kept for the
     /// life of the process: systemd holds them open anyway, so a route a
     /// reload removes and a later one brings back gets the same socket.
@@ -372,7 +372,7 @@ fn build_generation(
     cfg: &Config,
     id: u64,
     prev: Option<&Generation>,
-    sockets: &mut HashMap<SocketAddr, Arc<std::net::TcpListener>>,
+    sockets: &mut HashMap<SocketAddr, Group>,
     activated: &Activated,
 ) -> Result<Generation, String> {
     let workers = cfg.global.workers;
@@ -394,8 +394,8 @@ fn build_generation(
                 Some(s) => s.clone(),
                 None => match activated
                     .get(&(r.name.clone(), *addr))
-                    .map(|s| Ok(s.clone()))
-                    .unwrap_or_else(|| bind(*addr).map(Arc::new))
+                    .map(|s| Ok(vec![s.clone()]))
+                    .unwrap_or_else(|| bind_group(*addr, workers))
                 {
                     Ok(s) => {
                         sockets.insert(*addr, s.clone());
@@ -419,7 +419,7 @@ fn build_generation(
             listeners.push(SharedListener {
                 addr: *addr,
                 route: ri,
-                sock,
+                socks: sock,
             });
         }
     }
@@ -482,10 +482,31 @@ fn activated_sockets(cfg: &Config) -> Activated {
     out
 }
 
+/// The listening sockets of one address: one per worker, bound with
+/// SO_REUSEPORT so the kernel spreads new connections over the workers by
+/// connection hash; or a single socket every worker shares (one worker, or
+/// a socket systemd passed).
+pub type Group = Vec<Arc<std::net::TcpListener>>;
+
+/// Bind the listening group of `addr` for `workers` workers.
+fn bind_group(addr: SocketAddr, workers: usize) -> io::Result<Group> {
+    let reuse_port = workers > 1;
+    (0..if reuse_port { workers } else { 1 })
+        .map(|_| listen(addr, reuse_port).map(Arc::new))
+        .collect()
+}
+
 /// A non-blocking listening socket with the options a proxy wants.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    listen(addr, false)
+}
+
+fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     sock.set_reuse_address(true)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }

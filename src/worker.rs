@@ -60,11 +60,12 @@ const ACCEPT_BATCH: usize = 128;
 /// How long a listener rests after the process ran out of descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
-/// One listening socket of a generation, shared by all workers.
+/// One listening address of a generation: its sockets (one per worker
+/// with SO_REUSEPORT, or one that all workers share) and its route.
 pub struct SharedListener {
     pub addr: SocketAddr,
     pub route: usize,
-    pub sock: Arc<std::net::TcpListener>,
+    pub socks: crate::server::Group,
 }
 
 /// A configuration generation: what a reload replaces as a whole.
@@ -200,7 +201,8 @@ impl Worker {
     fn load(&mut self, generation: Arc<Generation>) -> io::Result<()> {
         self.unlisten();
         for (i, l) in generation.listeners.iter().enumerate() {
-            let mut sock = TcpListener::from_std(l.sock.try_clone()?);
+            let mine = &l.socks[self.id % l.socks.len()];
+            let mut sock = TcpListener::from_std(mine.try_clone()?);
             self.poll.registry().register(
                 &mut sock,
                 Token(LISTENER_BASE + i),

@@ -501,3 +501,32 @@ fn splice_refused_by_the_kernel_falls_back_to_copy() {
     assert_eq!(a[0]["strategy"], "copy");
     assert_eq!(a[0]["copied"], (2 * len).to_string());
 }
+
+/// With several workers, each has its own SO_REUSEPORT listening socket
+/// and the kernel spreads new connections over them: both workers serve.
+#[test]
+fn connections_spread_over_the_workers() {
+    let b = Backend::named("b");
+    let port = free_port();
+    let cfg = format!(
+        "[global]\nworkers = 2\n\n[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nbackends = [\"{}\"]\n",
+        b.addr
+    );
+    let sl = Sluice::start("workers", &cfg);
+    for _ in 0..40 {
+        let mut c = connect(addr(port));
+        assert_eq!(read_line(&mut c), "b");
+        c.write_all(b"x\n").unwrap();
+        assert_eq!(read_line(&mut c), "x");
+    }
+    let a = sl.wait_access(40, Duration::from_secs(10));
+    let on = |w: &str| a.iter().filter(|l| l["worker"] == w).count();
+    assert_eq!(on("0") + on("1"), 40, "{a:?}");
+    // By connection hash: 40 connections all on one worker has odds 2^-39.
+    assert!(
+        on("0") > 0 && on("1") > 0,
+        "worker 0: {}, worker 1: {}",
+        on("0"),
+        on("1")
+    );
+}
