@@ -18,6 +18,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -150,6 +151,12 @@ pub struct ProxyConn {
     /// Flow totals already added to the route counters:
     /// (up spliced, up copied, down spliced, down copied).
     reported: [u64; 4],
+    /// The backend stopped reading and its answer is delivered: waiting
+    /// (at most `LINGER`) for the client's FIN before closing.
+    lingering: bool,
+    /// The backend reset the connection: the error, and how long to wait
+    /// for the client to take what it was sent before resetting it too.
+    reset: Option<(io::Error, Instant)>,
 }
 
 impl ProxyConn {
@@ -191,6 +198,8 @@ impl ProxyConn {
             deadline: ctx.now,
             first_fin: None,
             reported: [0; 4],
+            lingering: false,
+            reset: None,
             route,
         };
         let _ = conn.client.set_nodelay(true);
@@ -306,12 +315,8 @@ impl ProxyConn {
             Side::Client => &mut self.cr,
             Side::Backend => &mut self.br,
         };
-        // An error or hang-up makes both directions "ready": the next
-        // syscall reports what happened.
+        r.update(ev);
         let err = ev.is_error();
-        r.read |= ev.is_readable() || ev.is_read_closed() || err;
-        r.write |= ev.is_writable() || ev.is_write_closed() || err;
-        r.hup |= ev.is_read_closed();
 
         if side == Side::Backend && self.connecting {
             let s = self.backend.as_ref()?;
@@ -386,6 +391,18 @@ impl ProxyConn {
         let up = match up {
             Ok(n) => n,
             Err(FlowError::Read(e)) => return Some(self.fail(Side::Client, &e)),
+            Err(FlowError::Write(e)) if is_reset(&e) => {
+                // The backend stopped reading (it answered and closed, say
+                // a 413 during an upload). Its answer may still be on the
+                // way: keep relaying it, and drop what the client sends.
+                log::debug!(
+                    "route {}: client {}: backend stopped reading ({e}); finishing its answer",
+                    self.route.cfg.name,
+                    self.peer
+                );
+                self.up.abort(&mut pools);
+                0
+            }
             Err(FlowError::Write(e)) => return Some(self.fail(Side::Backend, &e)),
         };
         let down = self.down.run(
@@ -397,12 +414,33 @@ impl ProxyConn {
         );
         let down = match down {
             Ok(n) => n,
+            Err(FlowError::Read(e)) if is_reset(&e) => {
+                // The backend reset the connection. What it sent before
+                // arrived in order: deliver it, then pass the reset on
+                // once the client has it all (see `reset_due`), as a
+                // direct connection would behave.
+                self.down.source_reset();
+                self.reset = Some((e, ctx.now + LINGER));
+                if let Err(FlowError::Write(e)) = self.down.run(
+                    backend,
+                    &mut self.br,
+                    &self.client,
+                    &mut self.cr,
+                    &mut pools,
+                ) {
+                    return Some(self.fail(Side::Client, &e));
+                }
+                0
+            }
             Err(FlowError::Read(e)) => return Some(self.fail(Side::Backend, &e)),
             Err(FlowError::Write(e)) => return Some(self.fail(Side::Client, &e)),
         };
         if up + down > 0 {
             self.deadline = ctx.now + self.route.cfg.idle_timeout;
             self.report(ctx.worker);
+        }
+        if self.reset.is_some() {
+            return self.reset_due(ctx);
         }
         if self.first_fin.is_none() {
             if self.up.eof {
@@ -412,23 +450,59 @@ impl ProxyConn {
             }
         }
         if self.up.done() && self.down.done() {
-            return Some(match self.first_fin {
+            let end = match self.first_fin {
                 Some(Side::Backend) => End::BackendClosed,
                 _ => End::ClientClosed,
-            });
+            };
+            if self.up.discarding() && !self.up.eof {
+                // Closing now, with the client's unread bytes queued, would
+                // reset the answer still in flight to it: wait (bounded)
+                // for its FIN, dropping what it sends.
+                if !self.lingering {
+                    self.lingering = true;
+                    self.deadline = self.deadline.min(ctx.now + LINGER);
+                }
+                return None;
+            }
+            return Some(end);
         }
         None
+    }
+
+    /// The backend reset the connection: reset the client too once it has
+    /// acknowledged every byte sluice holds or queued for it (a reset
+    /// throws away unsent data), or once `LINGER` has passed. There is no
+    /// event for "all acknowledged", so this checks again every few ms.
+    fn reset_due(&mut self, ctx: &mut Ctx) -> Option<End> {
+        let (_, until) = self.reset.as_ref()?;
+        let until = *until;
+        let drained = self.down.pending() == 0
+            && crate::sys::unsent_bytes(self.client.as_fd()).unwrap_or(0) == 0;
+        if drained || ctx.now >= until {
+            let (e, _) = self.reset.take()?;
+            return Some(self.fail(Side::Backend, &e));
+        }
+        self.deadline = until.min(ctx.now + RESET_CHECK);
+        None
+    }
+
+    /// A flow stopped at its per-turn budget: run again next loop turn.
+    pub fn wants_turn(&self) -> bool {
+        self.up.more || self.down.more
+    }
+
+    /// The worker's ready list gave this connection another turn.
+    pub fn resume(&mut self, ctx: &mut Ctx) -> Option<End> {
+        if self.connecting || self.backend.is_none() {
+            return None;
+        }
+        self.relay(ctx)
     }
 
     /// An I/O error on `side`: say how the connection ends, and make the
     /// other peer see a reset too when this one reset us.
     fn fail(&mut self, side: Side, e: &io::Error) -> End {
-        let reset = matches!(
-            e.kind(),
-            io::ErrorKind::ConnectionReset
-                | io::ErrorKind::BrokenPipe
-                | io::ErrorKind::ConnectionAborted
-        );
+        let reset = is_reset(e);
         log::debug!(
             "route {}: client {}: {:?} side error: {e}",
             self.route.cfg.name,
@@ -460,6 +534,18 @@ impl ProxyConn {
         if self.connecting {
             let e = io::Error::new(io::ErrorKind::TimedOut, "connect_timeout expired");
             return self.retry(e, ctx);
+        }
+        if self.reset.is_some() {
+            // Check again whether the client has everything; the relay
+            // (with no event) is what moves any bytes still held.
+            if let Some(end) = self.relay(ctx) {
+                return Some(end);
+            }
+            return self.reset_due(ctx);
+        }
+        if self.lingering {
+            // The answer had its time; the client never closed.
+            return Some(End::BackendClosed);
         }
         Some(End::IdleTimeout)
     }
@@ -547,37 +633,61 @@ impl ProxyConn {
             Counters::inc(&c.no_backend);
         }
         Counters::inc(&c.ends[end as usize]);
-        let backend = match self.bidx {
-            Some(i) => self.route.backends[i].addr.to_string(),
-            None => "-".to_string(),
-        };
-        let mut why = match (&self.last_err, end) {
-            (Some(e), End::ConnectFailed) => format!(" error=\"{e}\""),
-            _ => String::new(),
-        };
-        if let Some(v) = self.via {
-            why.push_str(&format!(" via={v}"));
+        // The access line costs some formatting: only when it is wanted.
+        if log::log_enabled!(target: "access", log::Level::Info) {
+            let backend = match self.bidx {
+                Some(i) => self.route.backends[i].addr.to_string(),
+                None => "-".to_string(),
+            };
+            let mut why = match (&self.last_err, end) {
+                (Some(e), End::ConnectFailed) => format!(" error=\"{e}\""),
+                _ => String::new(),
+            };
+            if let Some(v) = self.via {
+                why.push_str(&format!(" via={v}"));
+            }
+            log::info!(
+                target: "access",
+                "route={} client={} backend={} strategy={} up_strategy={} down_strategy={} bytes_in={} bytes_out={} spliced={} copied={} fallback={} duration_ms={} worker={} end={}{}",
+                self.route.cfg.name,
+                self.peer,
+                backend,
+                crate::pump::strategy_name(
+                    self.up.spliced + self.down.spliced,
+                    self.up.copied + self.down.copied
+                ),
+                self.up.strategy_used(),
+                self.down.strategy_used(),
+                self.up.spliced + self.up.copied,
+                self.down.spliced + self.down.copied,
+                self.up.spliced + self.down.spliced,
+                self.up.copied + self.down.copied,
+                fallback.map(Fallback::as_str).unwrap_or("-"),
+                ctx.now.saturating_duration_since(self.started).as_millis(),
+                ctx.worker,
+                end.as_str(),
+                why,
+            );
         }
-        log::info!(
-            target: "access",
-            "route={} client={} backend={} strategy={} up_strategy={} down_strategy={} bytes_in={} bytes_out={} spliced={} copied={} fallback={} duration_ms={} worker={} end={}{}",
-            self.route.cfg.name,
-            self.peer,
-            backend,
-            strategy_of(&self.up, &self.down),
-            self.up.strategy_used(),
-            self.down.strategy_used(),
-            self.up.spliced + self.up.copied,
-            self.down.spliced + self.down.copied,
-            self.up.spliced + self.down.spliced,
-            self.up.copied + self.down.copied,
-            fallback.map(Fallback::as_str).unwrap_or("-"),
-            ctx.now.saturating_duration_since(self.started).as_millis(),
-            ctx.worker,
-            end.as_str(),
-            why,
-        );
     }
+}
+
+/// How long a connection whose backend stopped reading waits for the
+/// client's FIN after the backend's answer is delivered.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How often a connection passing on a backend's reset checks whether the
+/// client has acknowledged everything.
+const RESET_CHECK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Whether an I/O error means the peer reset or abandoned the connection.
+pub fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    )
 }
 
 /// The unspecified address of `a`'s family.
@@ -594,16 +704,4 @@ pub fn local_exhaustion(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
-}
-
-/// The strategy the whole connection ran, for the access log.
-fn strategy_of(up: &Flow, down: &Flow) -> &'static str {
-    let s = up.spliced + down.spliced > 0;
-    let c = up.copied + down.copied > 0;
-    match (s, c) {
-        (true, true) => "splice+copy",
-        (true, false) => "splice",
-        (false, true) => "copy",
-        (false, false) => "none",
-    }
 }

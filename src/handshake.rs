@@ -149,10 +149,7 @@ impl Handshake {
 
     /// Readiness on the client socket: read what is there and parse.
     pub fn on_event(&mut self, ev: &mio::event::Event) -> Step {
-        let err = ev.is_error();
-        self.ready.read |= ev.is_readable() || ev.is_read_closed() || err;
-        self.ready.write |= ev.is_writable() || ev.is_write_closed() || err;
-        self.ready.hup |= ev.is_read_closed();
+        self.ready.update(ev);
         while self.ready.read {
             let n = match self.stream.read(&mut self.buf[self.len..]) {
                 Ok(n) => n,
@@ -162,9 +159,10 @@ impl Handshake {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    let end = match e.kind() {
-                        io::ErrorKind::ConnectionReset => End::ClientReset,
-                        _ => End::ClientError,
+                    let end = if crate::conn::is_reset(&e) {
+                        End::ClientReset
+                    } else {
+                        End::ClientError
                     };
                     return self.fail(end, format!("read: {e}"));
                 }

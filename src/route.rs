@@ -222,12 +222,7 @@ impl RouteRt {
                 // Start from the next up backend after the counter so that a
                 // down backend does not double its neighbour's share.
                 let c = self.shared.rr.fetch_add(1, Ordering::Relaxed);
-                let up: Vec<usize> = (0..n).filter(|&i| self.backends[i].is_up()).collect();
-                if up.is_empty() {
-                    c % n
-                } else {
-                    up[c % up.len()]
-                }
+                self.nth_up(c)
             }
             Balance::LeastConnections => {
                 let c = self.shared.rr.fetch_add(1, Ordering::Relaxed);
@@ -240,16 +235,27 @@ impl RouteRt {
             Balance::SourceHash => {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 client.hash(&mut h);
-                let up: Vec<usize> = (0..n).filter(|&i| self.backends[i].is_up()).collect();
-                let k = h.finish() as usize;
-                if up.is_empty() {
-                    k % n
-                } else {
-                    up[k % up.len()]
-                }
+                self.nth_up(h.finish() as usize)
             }
             Balance::Random => (xorshift(rng) % n as u64) as usize,
         }
+    }
+}
+
+impl RouteRt {
+    /// The `k`-th backend (modulo) among those up, or among all when none
+    /// is up; no allocation, since it runs for every new connection.
+    fn nth_up(&self, k: usize) -> usize {
+        let n = self.backends.len();
+        let up = self.backends.iter().filter(|b| b.is_up()).count();
+        if up == 0 {
+            return k % n;
+        }
+        let want = k % up;
+        (0..n)
+            .filter(|&i| self.backends[i].is_up())
+            .nth(want)
+            .unwrap_or(k % n)
     }
 }
 

@@ -102,7 +102,8 @@ impl Server {
         let activated = activated_sockets(&cfg);
         let mut sockets = HashMap::new();
         let generation =
-            build_generation(&cfg, 1, None, &mut sockets, &activated).map_err(StartError)?;
+            build_generation(&cfg, cfg.global.workers, 1, None, &mut sockets, &activated)
+                .map_err(StartError)?;
         let generation = Arc::new(generation);
         let poll = Poll::new().map_err(|e| StartError(format!("cannot create a poll: {e}")))?;
         // Handlers go in before anything can tell the world we started: a
@@ -285,8 +286,11 @@ impl Server {
                     None if self.admin.addr().is_some() => Some(None),
                     _ => None,
                 };
+                // The worker count is fixed for the life of the process:
+                // size socket groups and counters for the running workers.
                 let generation = build_generation(
                     &cfg,
+                    self.workers.len(),
                     self.generation.id + 1,
                     Some(&self.generation),
                     &mut self.sockets,
@@ -370,12 +374,12 @@ impl Server {
 /// address and route state of routes with the same name.
 fn build_generation(
     cfg: &Config,
+    workers: usize,
     id: u64,
     prev: Option<&Generation>,
     sockets: &mut HashMap<SocketAddr, Group>,
     activated: &Activated,
 ) -> Result<Generation, String> {
-    let workers = cfg.global.workers;
     let mut routes = Vec::new();
     let mut listeners = Vec::new();
     let mut fresh: Vec<SocketAddr> = Vec::new();
@@ -490,9 +494,16 @@ pub type Group = Vec<Arc<std::net::TcpListener>>;
 
 /// Bind the listening group of `addr` for `workers` workers.
 fn bind_group(addr: SocketAddr, workers: usize) -> io::Result<Group> {
-    let reuse_port = workers > 1;
-    (0..if reuse_port { workers } else { 1 })
-        .map(|_| listen(addr, reuse_port).map(Arc::new))
+    if workers <= 1 {
+        return Ok(vec![Arc::new(listen(addr, false)?)]);
+    }
+    // SO_REUSEPORT would let this group join one that another process
+    // (a second sluice on the same file) already listens with, splitting
+    // its traffic silently. Bind once without it first, so an address in
+    // use fails with EADDRINUSE as it does with one worker.
+    drop(listen(addr, false)?);
+    (0..workers)
+        .map(|_| listen(addr, true).map(Arc::new))
         .collect()
 }
 

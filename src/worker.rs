@@ -118,6 +118,8 @@ struct Entry {
     /// The client IP counted against `max_connections_per_ip`, once known.
     ip: Option<IpAddr>,
     sess: Session,
+    /// On the ready list already (so it is listed once).
+    queued: bool,
 }
 
 impl Entry {
@@ -137,7 +139,8 @@ impl Entry {
     }
     fn wants_turn(&self) -> bool {
         match &self.sess {
-            Session::Proxy(_) | Session::Handshake(_) => false,
+            Session::Proxy(c) => c.wants_turn(),
+            Session::Handshake(_) => false,
             Session::File(c) => c.wants_turn(),
         }
     }
@@ -199,22 +202,32 @@ impl Worker {
     /// Swap in a generation's listeners. Sockets are shared, so nothing is
     /// closed or re-bound: only this worker's registrations change.
     fn load(&mut self, generation: Arc<Generation>) -> io::Result<()> {
+        // Duplicate every socket first: if that fails (out of descriptors)
+        // this worker keeps listening on the old set, not on half of each.
+        let socks = generation
+            .listeners
+            .iter()
+            .map(|l| l.socks[self.id % l.socks.len()].try_clone())
+            .collect::<io::Result<Vec<_>>>()?;
         self.unlisten();
-        for (i, l) in generation.listeners.iter().enumerate() {
-            let mine = &l.socks[self.id % l.socks.len()];
-            let mut sock = TcpListener::from_std(mine.try_clone()?);
-            self.poll.registry().register(
-                &mut sock,
-                Token(LISTENER_BASE + i),
-                Interest::READABLE,
-            )?;
+        for (l, sock) in generation.listeners.iter().zip(socks) {
+            let mut sock = TcpListener::from_std(sock);
+            let token = Token(LISTENER_BASE + self.listeners.len());
+            if let Err(e) = self
+                .poll
+                .registry()
+                .register(&mut sock, token, Interest::READABLE)
+            {
+                log::error!("worker {}: cannot watch {}: {e}", self.id, l.addr);
+                continue;
+            }
             self.listeners.push(Listener {
                 sock,
                 route: generation.routes[l.route].clone(),
                 paused_until: None,
             });
             // A client may already wait in the backlog: no edge will say so.
-            self.backlog.push(i);
+            self.backlog.push(self.listeners.len() - 1);
         }
         self.generation = generation;
         Ok(())
@@ -367,6 +380,7 @@ impl Worker {
 
     /// Accept up to a batch from listener `i`; true = more may be waiting.
     fn accept(&mut self, i: usize, now: Instant) -> bool {
+        let mut errors = 0;
         for _ in 0..ACCEPT_BATCH {
             match self.listeners[i].sock.accept() {
                 Ok((stream, peer)) => {
@@ -388,8 +402,21 @@ impl Worker {
                         self.listeners[i].paused_until = Some(now + ACCEPT_PAUSE);
                         return false;
                     }
-                    // The client gave up before we accepted: next.
-                    _ => log::debug!("accept: {e}"),
+                    // The client gave up before we accepted (ECONNABORTED,
+                    // EPROTO...): next. An error that keeps coming rests
+                    // the listener rather than spin on it.
+                    _ => {
+                        log::debug!("accept: {e}");
+                        errors += 1;
+                        if errors >= 16 {
+                            log::warn!(
+                                "route {}: accept keeps failing ({e}); pausing this listener for {ACCEPT_PAUSE:?}",
+                                self.listeners[i].route.cfg.name
+                            );
+                            self.listeners[i].paused_until = Some(now + ACCEPT_PAUSE);
+                            return false;
+                        }
+                    }
                 },
             }
         }
@@ -430,6 +457,7 @@ impl Worker {
             scheduled: h.deadline,
             ip: None,
             sess: Session::Handshake(h),
+            queued: false,
         };
         match step {
             Step::Fail(end) => self.close(entry, end, now),
@@ -488,6 +516,7 @@ impl Worker {
             scheduled: now,
             ip: Some(ip),
             sess,
+            queued: false,
         };
         match end {
             Some(end) => self.close(entry, end, now),
@@ -500,6 +529,7 @@ impl Worker {
         entry.scheduled = entry.deadline();
         self.timers.push(Reverse((entry.scheduled, key, entry.id)));
         if entry.wants_turn() {
+            entry.queued = true;
             self.ready.push((key, entry.id));
         }
         let k = self.slab.insert(entry);
@@ -560,9 +590,6 @@ impl Worker {
             .unwrap_or_else(|e| e.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= cap {
-            if *n == 0 {
-                m.remove(&ip);
-            }
             return Some(End::Limited);
         }
         *n += 1;
@@ -644,9 +671,11 @@ impl Worker {
                 continue;
             }
             let mut entry = self.slab.remove(key);
+            entry.queued = false;
             let mut ctx = self.ctx(now);
             let end = match &mut entry.sess {
-                Session::Proxy(_) | Session::Handshake(_) => None,
+                Session::Proxy(c) => c.resume(&mut ctx),
+                Session::Handshake(_) => None,
                 Session::File(c) => c.resume(&mut ctx),
             };
             self.settle(key, entry, end, now);
@@ -702,7 +731,8 @@ impl Worker {
                     entry.scheduled = d;
                     self.timers.push(Reverse((d, key, entry.id)));
                 }
-                if entry.wants_turn() && !self.ready.contains(&(key, entry.id)) {
+                if entry.wants_turn() && !entry.queued {
+                    entry.queued = true;
                     self.ready.push((key, entry.id));
                 }
                 let k = self.slab.insert(entry);
@@ -728,6 +758,7 @@ impl Worker {
                     scheduled: now,
                     ip: entry.ip,
                     sess: Session::File(f),
+                    queued: false,
                 };
                 self.next_id += 1;
                 match fend {

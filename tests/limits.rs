@@ -394,7 +394,9 @@ fn exhaust_descriptors(accept_proxy: bool) {
     let dropped = sl.ends("connect_failed") - dropped0;
     eprintln!("CPU while out of descriptors: {cpu:?} in {wall:?}; {dropped} clients dropped");
     assert!(
-        cpu < Duration::from_millis(300),
+        // A spinning loop burns the whole second; resting costs next to
+        // nothing. The margin absorbs a busy 2-core machine.
+        cpu < Duration::from_millis(500),
         "sluice used {cpu:?} of CPU in {wall:?} while out of descriptors"
     );
     // Clients beyond what 64 descriptors hold (about 60 of the 90) wait in

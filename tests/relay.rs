@@ -460,7 +460,12 @@ fn a_reset_from_the_backend_resets_the_client() {
     c.write_all(b"hello").unwrap();
     let mut buf = [0u8; 16];
     let r = c.read(&mut buf);
-    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    // The backend's reset reaches the client as a reset, not as an EOF that
+    // would look like a complete (empty) answer.
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{r:?}"
+    );
     let a = sl.wait_access(1, Duration::from_secs(5));
     assert_eq!(a[0]["end"], "backend_reset");
 }
@@ -529,4 +534,114 @@ fn connections_spread_over_the_workers() {
         on("0"),
         on("1")
     );
+}
+
+/// The backend answers, half-closes, and closes with the client's upload
+/// unread, so its kernel resets sluice's backend socket (a 413 during an
+/// upload). The client reads slowly: it must still receive the whole
+/// answer before it sees the reset passed on, as it would talking to the
+/// backend directly, instead of a reset that throws the answer away.
+#[test]
+fn an_answer_survives_a_backend_that_resets_after_it() {
+    let answer = 512 * 1024;
+    let b = Backend::spawn(move |mut s| {
+        let mut first = [0u8; 1024];
+        s.read_exact(&mut first).unwrap();
+        send_data(&mut s, 21, answer);
+        s.shutdown(Shutdown::Write).unwrap();
+        // Give the answer time to reach sluice over loopback, then close
+        // with the upload unread: the kernel sends a reset.
+        thread::sleep(Duration::from_millis(300));
+        drop(s);
+        String::new()
+    });
+    for strategy in ["splice", "copy"] {
+        let port = free_port();
+        let sl = Sluice::start(
+            "backend-reset-after-answer",
+            &proxy_config(
+                port,
+                &[b.addr.to_string()],
+                &format!("strategy = \"{strategy}\""),
+            ),
+        );
+        let c = connect(addr(port));
+        let mut w = c.try_clone().unwrap();
+        let uploader = thread::spawn(move || {
+            // 64 MiB: more than the socket buffers on the way absorb, so
+            // the upload is still running when the backend gives up.
+            let chunk = vec![7u8; 64 * 1024];
+            for _ in 0..1024 {
+                if w.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = w.shutdown(Shutdown::Write);
+        });
+        // A slow client: nothing read until well after the backend reset.
+        thread::sleep(Duration::from_millis(600));
+        let mut r = c;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let how = loop {
+            match r.read(&mut buf) {
+                Ok(0) => break "eof".to_string(),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break format!("{:?}", e.kind()),
+            }
+        };
+        let mut want = vec![0u8; answer as usize];
+        DataGen::new(21).fill(&mut want);
+        assert_eq!(got.len(), want.len(), "{strategy}: ended by {how}");
+        assert!(got == want, "{strategy}: bytes differ");
+        // A FIN that reached sluice before the reset makes this an EOF, as
+        // it would be directly; otherwise the reset is passed on.
+        assert!(
+            how == "eof" || how == "ConnectionReset",
+            "{strategy}: {how}"
+        );
+        uploader.join().unwrap();
+        let a = sl.wait_access(1, Duration::from_secs(10));
+        assert_eq!(a[0]["bytes_out"], answer.to_string(), "{strategy}");
+        assert!(
+            a[0]["end"] == "backend_reset" || a[0]["end"] == "backend_closed",
+            "{strategy}: {}",
+            a[0]["end"]
+        );
+    }
+}
+
+/// `workers` takes effect at start only: a reload that raises it must
+/// still listen with the running workers, so every new connection on a
+/// route the reload added is served (none left in a socket nobody
+/// accepts on).
+#[test]
+fn a_reload_that_changes_workers_keeps_every_listener_served() {
+    let b = Backend::named("b");
+    let (p1, p2) = (free_port(), free_port());
+    let cfg = |workers: usize, second: bool| {
+        let mut c = format!(
+            "[global]\nworkers = {workers}\n\n[[route]]\nname = \"one\"\nlisten = \"127.0.0.1:{p1}\"\nbackends = [\"{}\"]\n",
+            b.addr
+        );
+        if second {
+            c.push_str(&format!(
+                "\n[[route]]\nname = \"two\"\nlisten = \"127.0.0.1:{p2}\"\nbackends = [\"{}\"]\n",
+                b.addr
+            ));
+        }
+        c
+    };
+    let mut sl = Sluice::start("reload-workers", &cfg(1, false));
+    std::fs::write(&sl.config, cfg(4, true)).unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload ok", Duration::from_secs(10));
+    for port in [p1, p2] {
+        for _ in 0..20 {
+            let mut c = connect(addr(port));
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(read_line(&mut c), "b", "port {port}");
+        }
+    }
+    assert!(sl.count_log("takes effect on restart only") >= 1);
 }

@@ -42,6 +42,20 @@ pub trait Pump {
     fn flush(&mut self, dst: &TcpStream) -> io::Result<usize>;
 }
 
+/// Bytes one flow delivers per event-loop turn before it yields to the
+/// worker's other connections (like nginx's `sendfile_max_chunk`).
+pub const TURN_BUDGET: u64 = 2 << 20;
+
+/// How bytes moved, for the access log: by splice, copy, both or neither.
+pub fn strategy_name(spliced: u64, copied: u64) -> &'static str {
+    match (spliced > 0, copied > 0) {
+        (true, true) => "splice+copy",
+        (true, false) => "splice",
+        (false, true) => "copy",
+        (false, false) => "none",
+    }
+}
+
 /// Per-route settings a flow needs.
 #[derive(Debug, Clone, Copy)]
 pub struct FlowParams {
@@ -91,6 +105,17 @@ pub struct Ready {
     pub hup: bool,
 }
 
+impl Ready {
+    /// Fold an event into the remembered readiness. An error or hang-up
+    /// makes both directions "ready": the next syscall says what happened.
+    pub fn update(&mut self, ev: &mio::event::Event) {
+        let err = ev.is_error();
+        self.read |= ev.is_readable() || ev.is_read_closed() || err;
+        self.write |= ev.is_writable() || ev.is_write_closed() || err;
+        self.hup |= ev.is_read_closed();
+    }
+}
+
 enum Held {
     Idle,
     Splice(SplicePump),
@@ -116,6 +141,15 @@ pub struct Flow {
     pub copied: u64,
     /// First reason this flow had to copy although it wanted to splice.
     pub fallback: Option<Fallback>,
+    /// The destination stopped taking bytes (EPIPE/reset): what the source
+    /// still sends is read and dropped, so the source's peer never sees a
+    /// reset for unread data while the other direction finishes.
+    discarding: bool,
+    /// The source was reset: finish without forwarding a FIN.
+    no_fin: bool,
+    /// The last `run` stopped at its byte budget with work left: run again
+    /// on the next loop turn (no edge will come for a still-ready socket).
+    pub more: bool,
     /// Leading held bytes that are sluice's own (a PROXY header), not the
     /// source's: delivered first, but not counted as relayed.
     uncounted: usize,
@@ -134,6 +168,9 @@ impl Flow {
             spliced: 0,
             copied: 0,
             fallback: None,
+            discarding: false,
+            no_fin: false,
+            more: false,
             uncounted: 0,
         }
     }
@@ -203,7 +240,9 @@ impl Flow {
     }
 
     /// Move bytes from `src` to `dst` until neither side can make
-    /// progress. Returns the bytes delivered during this call.
+    /// progress, or until `TURN_BUDGET` bytes moved (then `more` is set and
+    /// the connection asks for another turn, so one bulk stream cannot
+    /// hold its worker). Returns the bytes delivered during this call.
     pub fn run(
         &mut self,
         src: &TcpStream,
@@ -212,9 +251,18 @@ impl Flow {
         dr: &mut Ready,
         pools: &mut Pools,
     ) -> Result<u64, FlowError> {
+        self.more = false;
+        if self.discarding {
+            self.discard(src, sr);
+            return Ok(0);
+        }
         let mut delivered = 0u64;
         loop {
             let mut progress = false;
+            if delivered >= TURN_BUDGET {
+                self.more = true;
+                break;
+            }
 
             if self.pending() > 0 && dr.write {
                 let want = self.pending();
@@ -265,10 +313,48 @@ impl Flow {
             self.release(pools);
             // The peer may already be gone (ENOTCONN); the flow is over
             // either way, and a real write error shows on the other flow.
-            let _ = dst.shutdown(Shutdown::Write);
+            if !self.no_fin {
+                let _ = dst.shutdown(Shutdown::Write);
+            }
             self.shut = true;
         }
         Ok(delivered)
+    }
+
+    /// The destination is gone: drop what is held (a pipe with bytes is
+    /// closed, never pooled), count the direction as finished, and from now
+    /// on read and drop what the source sends.
+    pub fn abort(&mut self, pools: &mut Pools) {
+        self.release(pools);
+        self.discarding = true;
+        self.shut = true;
+    }
+
+    /// The source was reset: deliver what is held, but send no FIN after
+    /// it (the connection will pass the reset on instead).
+    pub fn source_reset(&mut self) {
+        self.eof = true;
+        self.no_fin = true;
+    }
+
+    /// Whether the flow is dropping its source's bytes (see `abort`).
+    pub fn discarding(&self) -> bool {
+        self.discarding
+    }
+
+    /// Read and drop until the source would block or ends.
+    fn discard(&mut self, mut src: &TcpStream, sr: &mut Ready) {
+        let mut sink = [0u8; 16 * 1024];
+        while sr.read && !self.eof {
+            match io::Read::read(&mut src, &mut sink) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => sr.read = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The source is gone too: nothing left to drain.
+                Err(_) => self.eof = true,
+            }
+        }
     }
 
     /// Room in the current holder, taking a holder from the pools when the
@@ -379,11 +465,6 @@ impl Flow {
 
     /// The strategy that actually moved this flow's bytes.
     pub fn strategy_used(&self) -> &'static str {
-        match (self.spliced > 0, self.copied > 0) {
-            (true, true) => "splice+copy",
-            (true, false) => "splice",
-            (false, true) => "copy",
-            (false, false) => "none",
-        }
+        strategy_name(self.spliced, self.copied)
     }
 }

@@ -116,6 +116,17 @@ pub fn sendfile(
     Ok(n)
 }
 
+/// Bytes a TCP socket has queued but the peer has not acknowledged yet
+/// (SIOCOUTQ, the same request number as TIOCOUTQ).
+pub fn unsent_bytes(sock: BorrowedFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which points to
+    // a live local; the fd is borrowed for the call.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    cvt(ret as libc::c_long)?;
+    Ok(n.max(0) as usize)
+}
+
 /// Raise the soft RLIMIT_NOFILE to the hard limit; returns the new limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit {
