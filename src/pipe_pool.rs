@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::sys;
 
-/// Free pipes kept per worker beyond which returned pipes are closed.
+/// Free pipes kept per worker beyond which returned pipes are closed
+/// (also never more than the worker's share of the budget, so idle pipes
+/// in one worker cannot starve the others).
 const MAX_IDLE_PIPES: usize = 256;
 /// Free buffers kept per worker and size.
 const MAX_IDLE_BUFS: usize = 256;
@@ -46,13 +48,17 @@ impl Pipe {
 #[derive(Debug)]
 pub struct PipeBudget {
     cap: usize,
+    /// Idle pipes one worker may keep.
+    idle_share: usize,
     used: AtomicUsize,
 }
 
 impl PipeBudget {
-    pub fn new(cap: usize) -> Arc<Self> {
+    /// A budget of `cap` pipes shared by `workers` workers.
+    pub fn new(cap: usize, workers: usize) -> Arc<Self> {
         Arc::new(PipeBudget {
             cap,
+            idle_share: (cap / workers.max(1)).clamp(1, MAX_IDLE_PIPES),
             used: AtomicUsize::new(0),
         })
     }
@@ -130,7 +136,7 @@ impl PipePool {
     /// Give a pipe back. `empty` must be true only when every byte written
     /// into it was read out again; otherwise it is closed, never reused.
     pub fn put(&mut self, pipe: Pipe, empty: bool) {
-        if !empty || self.idle >= MAX_IDLE_PIPES {
+        if !empty || self.idle >= self.budget.idle_share {
             drop(pipe);
             self.budget.give();
             return;
@@ -183,7 +189,7 @@ mod tests {
 
     #[test]
     fn budget_caps_pipes_and_dirty_pipes_are_not_reused() {
-        let budget = PipeBudget::new(2);
+        let budget = PipeBudget::new(2, 1);
         let mut pool = PipePool::new(budget.clone());
         let a = pool.get(65536).expect("first pipe");
         let b = pool.get(65536).expect("second pipe");
@@ -201,8 +207,27 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_keeps_only_its_share_of_idle_pipes() {
+        // 4 pipes for 2 workers: one worker may keep 2 idle, so the other
+        // can always make its own.
+        let budget = PipeBudget::new(4, 2);
+        let mut a = PipePool::new(budget.clone());
+        let p: Vec<Pipe> = (0..3).map(|_| a.get(65536).expect("pipe")).collect();
+        for pipe in p {
+            a.put(pipe, true);
+        }
+        assert_eq!(budget.used(), 2, "the third idle pipe was closed");
+        let mut b = PipePool::new(budget.clone());
+        let x = b.get(65536).expect("worker b gets a pipe");
+        let y = b.get(65536).expect("and a second");
+        assert!(b.get(65536).is_none(), "budget spent: 2 idle in a, 2 in b");
+        b.put(x, true);
+        b.put(y, true);
+    }
+
+    #[test]
     fn pipe_size_is_read_back() {
-        let budget = PipeBudget::new(4);
+        let budget = PipeBudget::new(4, 1);
         let mut pool = PipePool::new(budget);
         let p = pool.get(1 << 20).expect("pipe");
         // Root may get 1 MiB; others may be clamped, but never below a page.

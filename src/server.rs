@@ -96,7 +96,7 @@ impl Server {
         }
         let shared = Arc::new(Shared {
             active: AtomicUsize::new(0),
-            pipes: PipeBudget::new(cfg.global.max_pipes),
+            pipes: PipeBudget::new(cfg.global.max_pipes, cfg.global.workers),
             draining: AtomicBool::new(false),
         });
         let activated = activated_sockets(&cfg);
