@@ -803,6 +803,16 @@ impl Worker {
     }
 
     fn fire_timers(&mut self, now: Instant) {
+        // Entries of closed or re-filed sessions wait in the heap until
+        // they come due (up to an idle timeout away); under a high
+        // connection rate, sweep them out instead of letting the heap grow.
+        if self.timers.len() > 2 * self.slab.len() + 1024 {
+            let slab = &self.slab;
+            self.timers.retain(|Reverse((t, k, id))| {
+                slab.get(*k)
+                    .is_some_and(|e| e.id == *id && e.scheduled == *t)
+            });
+        }
         while let Some(&Reverse((t, key, id))) = self.timers.peek() {
             if t > now {
                 break;
