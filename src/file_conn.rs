@@ -534,7 +534,16 @@ impl FileConn {
             }
             return Step::Done;
         };
+        let fallback = body.fallback;
         let res = body.send(&self.sock, *budget);
+        if body.fallback != fallback && body.fallback == Some(BodyFallback::FileBlocked) {
+            Counters::inc(&c.fallback_file_blocked);
+            log::info!(
+                "route {}: splice from the file to {} would block; sending the rest with sendfile",
+                self.route.cfg.name,
+                self.peer
+            );
+        }
         let strategy_bytes = match body.strategy() {
             "mmap" => &c.bytes_mmap,
             "splice" => &c.bytes_splice,
@@ -600,7 +609,7 @@ impl FileConn {
                 );
             }
             Some(BodyFallback::NoPipe) => Counters::inc(&c.fallback_no_pipe),
-            None => {}
+            Some(BodyFallback::FileBlocked) | None => {}
         }
     }
 

@@ -342,3 +342,72 @@ fn response_head_is_sent_with_msg_more() {
     assert_eq!(seen, want, "{a:?}");
     assert!(seen.contains(&"splice".to_string()), "{seen:?}");
 }
+
+/// splice from a file that keeps answering EAGAIN (injected by strace
+/// into every splice call) must not spin: the body goes on with sendfile,
+/// byte-exact, logged as fallback=file_blocked and counted.
+#[test]
+fn splice_from_a_blocked_file_falls_back_to_sendfile() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        panic!("strace is required for this test (.ci/run installs it)");
+    }
+    let (p, aport) = (free_port(), free_port());
+    let routes = format!(
+        "\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n{}",
+        route(
+            "spl",
+            p,
+            "root = \"www\"\nstrategy = \"splice\"\nidle_timeout = \"5s\""
+        )
+    );
+    let (sl, _www) = start(
+        "sess-eagain",
+        &routes,
+        &[
+            "strace",
+            "-f",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=splice",
+            "-e",
+            "inject=splice:error=EAGAIN",
+            "--",
+        ],
+        &[("f.bin", 5, 1 << 20)],
+    );
+    let (h, body) = get(addr(p), "/f.bin");
+    assert_eq!(h.status, 200);
+    assert_eq!(
+        digest_of(&body),
+        send_data(&mut std::io::sink(), 5, 1 << 20)
+    );
+    let a = sl.wait_access(1, Duration::from_secs(10));
+    assert_eq!(
+        (
+            a[0]["strategy"].as_str(),
+            a[0]["fallback"].as_str(),
+            a[0]["end"].as_str()
+        ),
+        ("sendfile", "file_blocked", "ok"),
+        "{:?}",
+        a[0]
+    );
+    let m = common::admin::scrape(addr(aport));
+    let r = |reason| [("route", "spl"), ("reason", reason)];
+    assert_eq!(
+        m.get("sluice_route_splice_fallbacks_total", &r("file_blocked")),
+        1.0
+    );
+    assert_eq!(
+        m.get("sluice_route_splice_fallbacks_total", &r("no_pipe")),
+        0.0
+    );
+    assert_eq!(
+        m.get(
+            "sluice_route_strategy_bytes_total",
+            &[("route", "spl"), ("strategy", "sendfile")]
+        ),
+        (1 << 20) as f64
+    );
+}
