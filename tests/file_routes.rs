@@ -590,9 +590,9 @@ fn truncate_during_download(strategy: &str) {
 }
 
 /// Write a 64 MiB file, start a slow download, truncate the file
-/// mid-transfer; check the client got less, and exactly the start of the
-/// original bytes, and the next request gets the
-/// new content. Returns the access line of the cut transfer.
+/// mid-transfer; check the client got less, exactly the start of the
+/// original bytes, and that the next request gets the new content.
+/// Returns the access line of the cut transfer.
 fn truncate_once(sl: &Sluice, p: u16, big: &Path) -> HashMap<String, String> {
     let total = 64 * MIB;
     gen_file(big, 3, total);
