@@ -123,7 +123,7 @@ fn refused_connections_are_counted_by_cause() {
         dp,
         &format!("backends = \"{b}\"\ndeny = [\"127.0.0.0/8\"]"),
     );
-    let sl = start("metrics-refused", &config("", aport, &routes), |_| {});
+    let _sl = start("metrics-refused", &config("", aport, &routes), |_| {});
     // lim: one admitted and held; three refused.
     let mut held = vec![connect(addr(lp))];
     assert_eq!(read_line(&mut held[0]), "echo");
