@@ -161,6 +161,9 @@ impl FileConn {
             // the first request; more may wait in the socket (a header
             // that filled the handshake's read exactly).
             c.ready = r;
+            // Nothing was ever sent on it: its send buffer has room (a
+            // send that finds otherwise waits for the next edge).
+            c.ready.write = true;
             if !early.is_empty() {
                 c.inbuf = early;
                 c.in_request = true;
