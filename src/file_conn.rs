@@ -110,6 +110,10 @@ pub struct FileConn {
     draining: bool,
     /// Write side shut down; waiting for the client's FIN.
     lingering: bool,
+    /// The response that ended the connection was cut short (file
+    /// truncated, lease broken): a close that finds the client still
+    /// there resets, so it cannot take the short body for a whole one.
+    cut_short: bool,
     /// The client shut its write side.
     eof: bool,
     yielded: bool,
@@ -150,14 +154,21 @@ impl FileConn {
         };
         c.deadline = deadline;
         if let Some(r) = ready {
-            // A PROXY header came first: the socket is registered already,
-            // and bytes read past the header start the first request.
+            // A PROXY header came first: the socket is registered already
+            // and the handshake consumed its edges (EPOLLOUT included), so
+            // no event may come again: run the session on the worker's
+            // next turn whatever happened. Bytes read past the header start
+            // the first request; more may wait in the socket (a header
+            // that filled the handshake's read exactly).
             c.ready = r;
+            // Nothing was ever sent on it: its send buffer has room (a
+            // send that finds otherwise waits for the next edge).
+            c.ready.write = true;
             if !early.is_empty() {
                 c.inbuf = early;
                 c.in_request = true;
-                c.yielded = true; // parse them without waiting for an event
             }
+            c.yielded = true;
         } else if let Err(e) = ctx.registry.register(
             &mut c.sock,
             token(key, Side::Client),
@@ -244,6 +255,7 @@ impl FileConn {
             in_request: false,
             draining: false,
             lingering: false,
+            cut_short: false,
             eof: false,
             yielded: false,
             deadline: ctx.now,
@@ -359,6 +371,7 @@ impl FileConn {
     fn cut(&mut self, why: &'static str, ctx: &mut Ctx) {
         if let Some(r) = self.resp.take() {
             self.log_resp(r, why, ctx);
+            self.cut_short = true;
         }
         self.start_linger(ctx);
     }
@@ -524,7 +537,16 @@ impl FileConn {
             }
             return Step::Done;
         };
+        let fallback = body.fallback;
         let res = body.send(&self.sock, *budget);
+        if body.fallback != fallback && body.fallback == Some(BodyFallback::FileBlocked) {
+            Counters::inc(&c.fallback_file_blocked);
+            log::info!(
+                "route {}: splice from the file to {} would block; sending the rest with sendfile",
+                self.route.cfg.name,
+                self.peer
+            );
+        }
         let strategy_bytes = match body.strategy() {
             "mmap" => &c.bytes_mmap,
             "splice" => &c.bytes_splice,
@@ -590,7 +612,7 @@ impl FileConn {
                 );
             }
             Some(BodyFallback::NoPipe) => Counters::inc(&c.fallback_no_pipe),
-            None => {}
+            Some(BodyFallback::FileBlocked) | None => {}
         }
     }
 
@@ -620,8 +642,12 @@ impl FileConn {
     /// Close: log an unfinished response, release the body, count.
     pub fn close(mut self, end: End, ctx: &mut Ctx) {
         // A stuck transfer or a stop is cut with a reset; an idle
-        // keep-alive connection gets a plain FIN.
-        let busy = self.resp.is_some() || self.lingering || self.in_request;
+        // keep-alive connection gets a plain FIN. So does a lingering one
+        // whose response went out whole: `Sent::Done` means every byte is
+        // in the socket's send buffer, not that the client has read it,
+        // and a reset would discard what a slow reader has yet to get. The
+        // FIN is queued behind those bytes already; the kernel finishes.
+        let busy = self.resp.is_some() || (self.in_request && !self.lingering) || self.cut_short;
         if let Some(r) = self.resp.take() {
             self.log_resp(r, end.as_str(), ctx);
         }

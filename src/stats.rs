@@ -32,6 +32,9 @@ pub struct Counters {
     /// Connections that wanted to splice but had to copy, by reason.
     pub fallback_no_pipe: AtomicU64,
     pub fallback_refused: AtomicU64,
+    /// File routes: splice bodies whose file would not fill the pipe
+    /// (EAGAIN) and went on with sendfile.
+    pub fallback_file_blocked: AtomicU64,
     /// mmap strategy: leases broken under a transfer, and transfers that
     /// could not get a lease and used sendfile instead.
     pub lease_breaks: AtomicU64,

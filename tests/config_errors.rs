@@ -486,3 +486,101 @@ fn bad_addresses() {
         "invalid network \"10.0.0.0/33\" in `allow`",
     );
 }
+
+/// Values `check` once accepted that crashed the process: durations that
+/// overflow a deadline (`now + timeout`), buffers too large to allocate,
+/// a send_chunk so small the worker spins in syscalls. Each bound is
+/// reported at the value.
+#[test]
+fn values_past_their_bounds() {
+    rejects(
+        &format!("[global]\nshutdown_timeout = \"8d\"\n{PROXY}"),
+        "2:20",
+        "shutdown_timeout of 691200s is too long: expected at most 7d (604800s)",
+    );
+    rejects(
+        &format!("{PROXY}connect_timeout = \"9300000000000000000s\"\n"),
+        "5:19",
+        "connect_timeout of 9300000000000000000s is too long: expected at most 7d",
+    );
+    rejects(
+        &format!("{PROXY}idle_timeout = \"7d1s\"\n"),
+        "5:16",
+        "idle_timeout of 604801s is too long: expected at most 7d",
+    );
+    rejects(
+        &format!("{FILE}idle_timeout = \"8d\"\n"),
+        "5:16",
+        "idle_timeout of 691200s is too long",
+    );
+    rejects(
+        &format!("{ROOT}header_timeout = \"1000d\"\n"),
+        "5:18",
+        "header_timeout of 86400000s is too long",
+    );
+    rejects(
+        &format!("{PROXY}[route.health]\ninterval = \"8d\"\n"),
+        "6:12",
+        "interval of 691200s is too long",
+    );
+    rejects(
+        &format!("{PROXY}[route.health]\ntimeout = \"8d\"\n"),
+        "6:11",
+        "timeout of 691200s is too long",
+    );
+    rejects(
+        &format!("{PROXY}buffer_size = \"64TiB\"\n"),
+        "5:15",
+        "buffer_size 64TiB is too large: expected at most 64MiB",
+    );
+    rejects(
+        &format!("{FILE}strategy = \"copy\"\nbuffer_size = \"65MiB\"\n"),
+        "6:15",
+        "buffer_size 65MiB is too large: expected at most 64MiB",
+    );
+    rejects(
+        &format!("{FILE}send_chunk = 4095\n"),
+        "5:14",
+        "send_chunk 4095 is too small: expected at least 4KiB",
+    );
+    rejects(
+        &format!("{ROOT}send_chunk = \"1\"\n"),
+        "5:14",
+        "send_chunk 1 is too small: expected at least 4KiB",
+    );
+    rejects(
+        &format!("{FILE}send_chunk = \"2GiB\"\n"),
+        "5:14",
+        "send_chunk 2GiB is too large: expected at most 1GiB",
+    );
+    rejects(
+        &format!("{PROXY}pipe_size = \"2GiB\"\n"),
+        "5:13",
+        "pipe_size 2GiB is too large: expected at most 1GiB",
+    );
+}
+
+/// Every bound itself is accepted.
+#[test]
+fn values_at_their_bounds_pass() {
+    let dir = Dir::new();
+    let path = dir.0.join("sluice.toml");
+    let text = format!(
+        "[global]\nshutdown_timeout = \"7d\"\n\n{PROXY}connect_timeout = \"7d\"\nidle_timeout = \"604800s\"\n\
+         header_timeout = \"7d\"\nbuffer_size = \"64MiB\"\npipe_size = \"1GiB\"\n\
+         [route.health]\ninterval = \"7d\"\ntimeout = \"7d\"\n\n\
+         {FILE}send_chunk = \"4KiB\"\nidle_timeout = \"7d\"\n\n{ROOT}send_chunk = \"1GiB\"\n"
+    );
+    fs::write(&path, &text).unwrap();
+    let out = check(&path);
+    assert!(
+        out.status.success(),
+        "stderr: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ok: 3 routes (1 proxy, 2 file)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -441,3 +441,46 @@ fn running_out_of_descriptors_while_proxying_neither_spins_nor_stops() {
 fn running_out_of_descriptors_in_the_handshake_neither_spins_nor_stops() {
     exhaust_descriptors(true);
 }
+
+/// The longest settings `check` accepts (7d for every timeout and health
+/// interval) run: every deadline sluice computes from them (`now +
+/// setting`) stays in range, on a proxy route with health checks, a file
+/// route behind a PROXY header, and the graceful stop.
+#[test]
+fn longest_accepted_settings_run() {
+    let echo = Backend::named("echo");
+    let (pp, fp) = (free_port(), free_port());
+    let dir = temp_dir("limits-longest");
+    write_file(&dir, "f.txt", b"file body\n");
+    let toml = config(
+        "shutdown_timeout = \"7d\"",
+        &[
+            route(
+                "p",
+                pp,
+                &[echo.addr],
+                "connect_timeout = \"7d\"\nidle_timeout = \"7d\"\nheader_timeout = \"7d\"\n\
+                 buffer_size = \"64MiB\"\nstrategy = \"copy\"\n[route.health]\ninterval = \"7d\"\ntimeout = \"7d\"",
+            ),
+            format!(
+                "\n[[route]]\nname = \"f\"\nlisten = \"127.0.0.1:{fp}\"\nfile = \"f.txt\"\nprotocol = \"raw\"\n\
+                 accept_proxy = true\nidle_timeout = \"7d\"\nheader_timeout = \"7d\"\nsend_chunk = \"4KiB\"\n"
+            ),
+        ],
+    );
+    let mut sl = Sluice::start_in(dir, &toml, &[]);
+    let mut c = connect(v4(pp));
+    assert_eq!(read_line(&mut c), "echo");
+    let (sent, got) = exchange(c, 1, 256 * KIB);
+    assert_eq!(got, sent);
+    let mut f = connect(v4(fp));
+    f.write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 4242 443\r\n")
+        .unwrap();
+    assert_eq!(read_to_close(&mut f), b"file body\n");
+    drop(f);
+    sl.wait_access(2, Duration::from_secs(10));
+    sl.signal("TERM");
+    let st = sl.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(st.success(), "{st}");
+    assert_eq!(sl.count_log("panicked"), 0, "{}", sl.logs().join("\n"));
+}

@@ -1,6 +1,8 @@
 //! Graceful stop through the real binary: SIGTERM stops accepting, lets a
 //! long transfer finish byte-exact while /healthz says 503, and exits 0;
 //! `shutdown_timeout` closes what is left; a second signal exits at once.
+//! A panic on any thread takes the whole process down (logged first), so
+//! a service manager restarts it.
 
 mod common;
 
@@ -150,4 +152,49 @@ fn a_second_signal_exits_at_once() {
         .expect("exits at once");
     assert_eq!(st.code(), Some(0));
     assert_eq!(sl.count_log("second stop signal"), 1);
+}
+
+/// A thread that panics (a debug-build failpoint) aborts the process,
+/// with the panic logged at error level and the standard message kept;
+/// without the hook, the process would run on with the thread gone.
+#[test]
+fn a_panicking_thread_aborts_the_process() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = temp_dir("panic-abort");
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[global]\nworkers = 1\n\n[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{}\"\nbackends = \"127.0.0.1:1\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env("SLUICE_FAILPOINT", "panic");
+    let mut sl = Sluice::launch(dir, config, cmd);
+    let st = sl
+        .wait_exit(Duration::from_secs(20))
+        .expect("the process must end after a thread panics");
+    assert_eq!(st.signal(), Some(6), "aborted (SIGABRT): {st}");
+    let logs = sl.logs();
+    let error = logs
+        .iter()
+        .find(|l| l.contains("ERROR") && l.contains("failpoint: SLUICE_FAILPOINT=panic"))
+        .unwrap_or_else(|| panic!("no error line:\n{}", logs.join("\n")));
+    assert!(
+        error.contains("thread 'failpoint'") && error.contains("aborting"),
+        "{error}"
+    );
+    // The standard hook's message is still there.
+    assert!(
+        logs.iter()
+            .any(|l| l.starts_with("thread 'failpoint'") && l.contains("panicked at")),
+        "{}",
+        logs.join("\n")
+    );
 }

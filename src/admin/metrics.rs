@@ -162,6 +162,7 @@ pub fn render(v: &View) -> String {
         &[
             ("no_pipe", |c| &c.fallback_no_pipe),
             ("refused", |c| &c.fallback_refused),
+            ("file_blocked", |c| &c.fallback_file_blocked),
         ],
     );
     o.family(

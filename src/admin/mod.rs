@@ -4,7 +4,9 @@
 //! An admin client gets little: one request per connection, at most
 //! `MAX_REQUEST` bytes of head, `HEADER_TIMEOUT` to send it and
 //! `TOTAL_TIMEOUT` for the whole exchange, and at most `MAX_CONNS` such
-//! connections at once. Every socket is non-blocking, so a slow or
+//! connections at once. When all are taken, a new client evicts the
+//! oldest one that has not sent a whole request head yet, so idle or
+//! slow clients cannot lock a monitor out of `/healthz`. Every socket is non-blocking, so a slow or
 //! malicious client costs one slab entry and a small buffer until its
 //! timer fires; it can never stall the main thread or the workers.
 //! Requests are parsed with httparse; the response is built in full,
@@ -26,7 +28,8 @@ use crate::worker::{Generation, Shared};
 
 /// Largest request head accepted (bytes).
 const MAX_REQUEST: usize = 8 * 1024;
-/// Admin connections open at once; more are closed on accept.
+/// Admin connections open at once; beyond that a new one evicts the
+/// oldest that is still sending its head (or is refused if none is).
 const MAX_CONNS: usize = 64;
 /// Time a client has to send its whole request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,6 +54,8 @@ struct Conn {
     out: Option<Vec<u8>>,
     sent: usize,
     deadline: Instant,
+    /// Order of acceptance: the lowest is the oldest.
+    seq: u64,
 }
 
 /// The admin endpoint: its listening socket and its open connections.
@@ -61,6 +66,8 @@ pub struct Admin {
     /// First token of connections (token = base + slab key).
     base: usize,
     conns: Slab<Conn>,
+    /// Connections accepted so far (orders them for eviction).
+    accepted: u64,
 }
 
 impl Admin {
@@ -70,6 +77,7 @@ impl Admin {
             token,
             base,
             conns: Slab::new(),
+            accepted: 0,
         }
     }
 
@@ -135,9 +143,28 @@ impl Admin {
                 }
             };
             if self.conns.len() >= MAX_CONNS {
-                log::warn!("admin: {MAX_CONNS} admin connections open; refusing {peer}");
-                continue; // dropped: closed
+                // Evict the oldest client still sending its head: it had
+                // the longest to do it. One being answered is kept.
+                let oldest = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.out.is_none())
+                    .min_by_key(|(_, c)| c.seq)
+                    .map(|(k, _)| k);
+                let Some(k) = oldest else {
+                    log::warn!(
+                        "admin: {MAX_CONNS} admin connections being answered; refusing {peer}"
+                    );
+                    continue; // dropped: closed
+                };
+                let old = self.conns.remove(k);
+                log::warn!(
+                    "admin: {MAX_CONNS} admin connections open; closing {} (no request yet) for {peer}",
+                    old.peer
+                );
+                close(registry, old);
             }
+            self.accepted += 1;
             let entry = self.conns.vacant_entry();
             let token = Token(self.base + entry.key());
             if let Err(e) =
@@ -153,6 +180,7 @@ impl Admin {
                 out: None,
                 sent: 0,
                 deadline: now + HEADER_TIMEOUT,
+                seq: self.accepted,
             });
         }
     }

@@ -24,6 +24,12 @@ const MIB: usize = 1 << 20;
 /// Largest pipe_size accepted: F_SETPIPE_SZ takes an int, and real kernel
 /// limits (fs.pipe-max-size) are far below this anyway.
 const MAX_PIPE_SIZE: u64 = 1 << 30;
+/// Largest copy buffer: each copying connection holds one or two.
+const MAX_BUFFER_SIZE: u64 = 64 << 20;
+/// send_chunk bounds: a turn of less than 4 KiB burns CPU in syscalls and
+/// wake-ups; one of more than 1 GiB starves every other connection.
+const MIN_SEND_CHUNK: u64 = 4 << 10;
+const MAX_SEND_CHUNK: u64 = 1 << 30;
 
 pub const PROXY_STRATEGIES: &[(&str, ProxyStrategy)] = &[
     ("splice", ProxyStrategy::Splice),
@@ -276,7 +282,7 @@ fn proxy(src: &Source, r: &RawRoute, label: &str, base: &Path) -> Result<RouteKi
             "buffer_size",
             r.buffer_size.as_ref(),
             64 * 1024,
-            u64::MAX,
+            MAX_BUFFER_SIZE,
         )?,
         send_proxy: match &r.send_proxy {
             Some(v) => Some(values::choice(src, "send_proxy", v, PROXY_VERSIONS)?),
@@ -416,14 +422,21 @@ fn file(
             FileStrategy::Sendfile,
         )?,
         index,
-        send_chunk: values::size(src, "send_chunk", r.send_chunk.as_ref(), 2 * MIB, u64::MAX)?,
+        send_chunk: values::size_in(
+            src,
+            "send_chunk",
+            r.send_chunk.as_ref(),
+            2 * MIB,
+            MIN_SEND_CHUNK,
+            MAX_SEND_CHUNK,
+        )?,
         pipe_size: values::size(src, "pipe_size", r.pipe_size.as_ref(), MIB, MAX_PIPE_SIZE)?,
         buffer_size: values::size(
             src,
             "buffer_size",
             r.buffer_size.as_ref(),
             64 * 1024,
-            u64::MAX,
+            MAX_BUFFER_SIZE,
         )?,
         dotfiles: r.dotfiles.as_ref().is_some_and(|v| *v.get_ref()),
     }))

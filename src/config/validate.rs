@@ -107,9 +107,12 @@ fn global(src: &Source, raw: Option<&Spanned<RawGlobal>>) -> Result<Global, Conf
     Ok(Global {
         max_connections,
         max_pipes,
-        shutdown_timeout: g
-            .and_then(|g| g.shutdown_timeout.as_ref())
-            .map_or(Duration::from_secs(30), |d| d.get_ref().0),
+        shutdown_timeout: values::duration(
+            src,
+            "shutdown_timeout",
+            g.and_then(|g| g.shutdown_timeout.as_ref()),
+            Duration::from_secs(30),
+        )?,
         log_level: values::choice_or(
             src,
             "log_level",

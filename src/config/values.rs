@@ -66,7 +66,12 @@ pub fn choice_or<T: Copy>(
     value.map_or(Ok(default), |v| choice(src, key, v, options))
 }
 
-/// A duration that must not be zero.
+/// Longest duration any timeout or interval may be set to: 7 days. Far
+/// beyond any sane setting, and far from overflowing `Instant` arithmetic
+/// (a deadline is always `now + setting`).
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A duration that must not be zero (nor more than `MAX_DURATION`).
 pub fn positive_duration(
     src: &Source,
     key: &str,
@@ -74,10 +79,29 @@ pub fn positive_duration(
     default: Duration,
 ) -> Result<Duration, ConfigError> {
     match value {
-        None => Ok(default),
         Some(v) if v.get_ref().0.is_zero() => Err(src.error(
             &v.span(),
             format!("{key} must be greater than zero: expected a duration like 250ms, 3s, 5m"),
+        )),
+        _ => duration(src, key, value, default),
+    }
+}
+
+/// A duration of at most `MAX_DURATION` (zero allowed).
+pub fn duration(
+    src: &Source,
+    key: &str,
+    value: Option<&Spanned<Dur>>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) if v.get_ref().0 > MAX_DURATION => Err(src.error(
+            &v.span(),
+            format!(
+                "{key} of {}s is too long: expected at most 7d (604800s)",
+                v.get_ref().0.as_secs()
+            ),
         )),
         Some(v) => Ok(v.get_ref().0),
     }
@@ -91,6 +115,18 @@ pub fn size(
     default: usize,
     max: u64,
 ) -> Result<usize, ConfigError> {
+    size_in(src, key, value, default, 1, max)
+}
+
+/// A byte size that must be at least `min` (at least 1) and at most `max`.
+pub fn size_in(
+    src: &Source,
+    key: &str,
+    value: Option<&Spanned<Size>>,
+    default: usize,
+    min: u64,
+    max: u64,
+) -> Result<usize, ConfigError> {
     let Some(v) = value else {
         return Ok(default);
     };
@@ -99,6 +135,16 @@ pub fn size(
         return Err(src.error(
             &v.span(),
             format!("{key} must be greater than zero: expected a size like 64KiB or 1MiB"),
+        ));
+    }
+    if bytes < min {
+        return Err(src.error(
+            &v.span(),
+            format!(
+                "{key} {} is too small: expected at least {}",
+                format_size(bytes),
+                format_size(min)
+            ),
         ));
     }
     if bytes > max {

@@ -15,7 +15,9 @@
 //!   lease (file open for writing elsewhere, not ours, no CAP_LEASE, no
 //!   signal handler) the body uses sendfile instead and says why.
 //! - `splice`: file → pipe → socket, with a pipe from the worker's pool
-//!   (sendfile when the pool is empty).
+//!   (sendfile when the pool is empty, and for the rest of a body whose
+//!   file would not fill the empty pipe: EAGAIN there has no readiness
+//!   event to wait for, and retrying would spin).
 //! - `copy`: pread(2) into a pooled buffer, write(2) from it.
 //!
 //! Every strategy reports a file that ended before `end` as `Shrunk`
@@ -64,6 +66,9 @@ pub enum BodyFallback {
     NoLease,
     /// splice: the pipe pool was empty.
     NoPipe,
+    /// splice: the file would not fill the pipe (EAGAIN with the pipe
+    /// empty); retrying would spin, so the rest went with sendfile.
+    FileBlocked,
 }
 
 impl BodyFallback {
@@ -71,6 +76,7 @@ impl BodyFallback {
         match self {
             BodyFallback::NoLease => "no_lease",
             BodyFallback::NoPipe => "no_pipe",
+            BodyFallback::FileBlocked => "file_blocked",
         }
     }
 }
@@ -117,6 +123,9 @@ pub struct Body {
     pub fallback: Option<BodyFallback>,
     /// Why the lease could not be had, for the log.
     pub lease_error: Option<io::Error>,
+    /// The (empty) pipe of a splice body that went on with sendfile,
+    /// pooled again by `finish`.
+    parked: Option<Pipe>,
 }
 
 impl Body {
@@ -133,6 +142,7 @@ impl Body {
             sent: 0,
             fallback: None,
             lease_error: None,
+            parked: None,
         };
         b.mode = match p.strategy {
             FileStrategy::Sendfile => Mode::Sendfile,
@@ -253,8 +263,8 @@ impl Body {
                     },
                     None => Ok(None),
                 },
-                Mode::Splice { pipe, len } => {
-                    let Some(pipe) = pipe else {
+                Mode::Splice { pipe: slot, len } => {
+                    let Some(pipe) = slot.as_mut() else {
                         return Ok((moved, Sent::Shrunk));
                     };
                     if *len == 0 {
@@ -268,7 +278,15 @@ impl Body {
                             Ok(0) => return Ok((moved, Sent::Shrunk)),
                             Ok(n) => *len = n,
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                                return Ok((moved, Sent::Budget));
+                                // The pipe is empty, so the file is what
+                                // would block, and no readiness event
+                                // will say when it stops: send the rest
+                                // with sendfile (which waits on the
+                                // socket only) instead of spinning.
+                                self.parked = slot.take();
+                                self.fallback = Some(BodyFallback::FileBlocked);
+                                self.mode = Mode::Sendfile;
+                                continue;
                             }
                             Err(e) => return Err(e),
                         }
@@ -334,6 +352,9 @@ impl Body {
             Mode::Splice { pipe: Some(p), len } => pools.pipes.put(p, len == 0),
             Mode::Copy { buf: Some(b), .. } => pools.bufs.put(b),
             _ => {}
+        }
+        if let Some(p) = self.parked.take() {
+            pools.pipes.put(p, true);
         }
         self.unlease();
     }

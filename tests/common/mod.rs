@@ -70,6 +70,12 @@ impl Sluice {
         Self::spawn(temp_dir(name), toml, &[], wrapper)
     }
 
+    /// `start_wrapped` in a directory the test prepared (files the config
+    /// names must exist before sluice reads it); no wrapper is fine too.
+    pub fn start_wrapped_in(dir: PathBuf, toml: &str, wrapper: &[&str]) -> Sluice {
+        Self::spawn(dir, toml, &[], wrapper)
+    }
+
     fn spawn(dir: PathBuf, toml: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Sluice {
         let config = dir.join("sluice.toml");
         std::fs::write(&config, toml).unwrap();
