@@ -332,10 +332,7 @@ impl FileConn {
 
     /// Handle readiness. `Some(end)` means: close now.
     pub fn on_event(&mut self, ev: &mio::event::Event, ctx: &mut Ctx) -> Option<End> {
-        let err = ev.is_error();
-        self.ready.read |= ev.is_readable() || ev.is_read_closed() || err;
-        self.ready.write |= ev.is_writable() || ev.is_write_closed() || err;
-        self.ready.hup |= ev.is_read_closed();
+        self.ready.update(ev);
         self.drive(ctx)
     }
 

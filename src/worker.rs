@@ -288,8 +288,11 @@ impl Worker {
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
             {
-                log::error!("worker {}: poll failed: {e}", self.id);
-                return;
+                // A worker that stops would leave its share of every port
+                // unserved while the process looks healthy: end it all, so
+                // the service manager restarts it.
+                log::error!("worker {}: poll failed: {e}; aborting", self.id);
+                std::process::abort();
             }
             let now = Instant::now();
             for ev in events.iter() {
