@@ -298,8 +298,10 @@ impl ProxyConn {
 
     /// Abandon the backend being connected to and try the next one.
     fn retry(&mut self, e: io::Error, ctx: &mut Ctx) -> Option<End> {
-        if let (Some(mut s), Some(i)) = (self.backend.take(), self.bidx.take()) {
-            let _ = ctx.registry.deregister(&mut s);
+        // Dropping the socket closes its only descriptor, which also takes it
+        // out of the poll: no epoll_ctl needed (here and on every close).
+        if let (Some(s), Some(i)) = (self.backend.take(), self.bidx.take()) {
+            drop(s);
             self.route.backends[i]
                 .active
                 .fetch_sub(1, Ordering::Relaxed);
@@ -580,9 +582,7 @@ impl ProxyConn {
         };
         self.up.finish(&mut pools);
         self.down.finish(&mut pools);
-        if let Some(b) = self.backend.as_mut() {
-            let _ = ctx.registry.deregister(b);
-        }
+        drop(self.backend.take());
         if let Some(i) = self.bidx {
             self.route.backends[i]
                 .active
@@ -607,10 +607,9 @@ impl ProxyConn {
         };
         self.up.finish(&mut pools);
         self.down.finish(&mut pools);
-        let _ = ctx.registry.deregister(&mut self.client);
-        if let Some(b) = self.backend.as_mut() {
-            let _ = ctx.registry.deregister(b);
-        }
+        // No deregistering: each socket has a single descriptor, and
+        // closing it removes it from the poll (two syscalls saved per
+        // connection).
         if let Some(i) = self.bidx {
             self.route.backends[i]
                 .active

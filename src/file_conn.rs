@@ -474,6 +474,11 @@ impl FileConn {
                 self.ready.read = false;
             }
             Ok(n) => {
+                if n < room && !self.ready.hup {
+                    // A short read drained the socket; the next byte raises
+                    // a new edge (saves an EAGAIN read per request).
+                    self.ready.read = false;
+                }
                 self.inbuf.extend_from_slice(&tmp[..n]);
                 Counters::add(&self.route.shared.stats.slot(ctx.worker).bytes_in, n as u64);
                 if !self.in_request {
@@ -648,7 +653,7 @@ impl FileConn {
         if let Some(r) = self.resp.take() {
             self.log_resp(r, end.as_str(), ctx);
         }
-        let _ = ctx.registry.deregister(&mut self.sock);
+        // Closing the socket's only descriptor takes it out of the poll.
         if busy && (end == End::IdleTimeout || end == End::Shutdown) {
             let _ = socket2::SockRef::from(&self.sock).set_linger(Some(Duration::ZERO));
         }

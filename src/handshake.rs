@@ -250,8 +250,8 @@ impl Handshake {
 
     /// Close a connection whose handshake failed (or was cut by a stop):
     /// count and log it.
-    pub fn close(mut self, end: End, ctx: &mut Ctx) {
-        let _ = ctx.registry.deregister(&mut self.stream);
+    pub fn close(self, end: End, ctx: &mut Ctx) {
+        // Closing the socket's only descriptor takes it out of the poll.
         if end == End::BadProxyHeader || end == End::Shutdown {
             // Nothing more will be read: drop what the client sent with a
             // reset rather than a FIN that suggests an answer was given.

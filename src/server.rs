@@ -523,7 +523,9 @@ fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListene
     }
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
-    sock.listen(4096)?;
+    // As deep an accept queue as the system allows: the kernel caps the
+    // backlog at net.core.somaxconn, which an operator can raise for bursts.
+    sock.listen(65535)?;
     Ok(sock.into())
 }
 
