@@ -111,6 +111,35 @@ pub struct Ctx<'a> {
     pub rng: &'a mut u64,
 }
 
+/// Watch a client socket for both directions (edge-triggered) under its
+/// token, or move an already registered one to it (`again`). On failure
+/// the client cannot be served: log it; the caller closes it.
+pub fn watch_client(
+    ctx: &Ctx,
+    route: &RouteRt,
+    sock: &mut TcpStream,
+    peer: SocketAddr,
+    key: usize,
+    again: bool,
+) -> bool {
+    let (tok, both) = (
+        token(key, Side::Client),
+        Interest::READABLE | Interest::WRITABLE,
+    );
+    let res = if again {
+        ctx.registry.reregister(sock, tok, both)
+    } else {
+        ctx.registry.register(sock, tok, both)
+    };
+    if let Err(e) = &res {
+        log::warn!(
+            "route {}: cannot register client {peer}: {e}",
+            route.cfg.name
+        );
+    }
+    res.is_ok()
+}
+
 /// Token for one side of the connection stored at slab `key`.
 pub fn token(key: usize, side: Side) -> Token {
     Token(key * 2 + side as usize)
@@ -204,17 +233,7 @@ impl ProxyConn {
         };
         let _ = conn.client.set_nodelay(true);
         // A handshake already registered the socket under this same token.
-        if !registered
-            && let Err(e) = ctx.registry.register(
-                &mut conn.client,
-                token(key, Side::Client),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-        {
-            log::warn!(
-                "route {}: cannot register client {peer}: {e}",
-                conn.route.cfg.name
-            );
+        if !registered && !watch_client(ctx, &conn.route, &mut conn.client, peer, key, false) {
             return (conn, Some(End::ClientError));
         }
         let end = conn.connect_next(ctx).err();

@@ -41,11 +41,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use mio::Interest;
 use mio::net::TcpStream;
 
 use crate::config::{FileSource, Protocol};
-use crate::conn::{Ctx, End, Side, token};
+use crate::conn::{Ctx, End, watch_client};
 use crate::handshake::Accepted;
 use crate::http::MAX_HEAD;
 use crate::http::request::{self, Parsed};
@@ -169,15 +168,7 @@ impl FileConn {
                 c.in_request = true;
             }
             c.yielded = true;
-        } else if let Err(e) = ctx.registry.register(
-            &mut c.sock,
-            token(key, Side::Client),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            log::warn!(
-                "route {}: cannot register client {peer}: {e}",
-                c.route.cfg.name
-            );
+        } else if !watch_client(ctx, &shared, &mut c.sock, peer, key, false) {
             return (c, Some(End::ClientError));
         }
         if let (Proto::Raw, FileSource::File(p)) = (&c.proto, &f.source) {
@@ -207,15 +198,7 @@ impl FileConn {
         let proto = Proto::Fallback(end);
         let mut c = FileConn::new(route, sock, peer, proto, params, FALLBACK_CHUNK, ctx);
         c.deadline = ctx.now + c.route.cfg.idle_timeout;
-        if let Err(e) = ctx.registry.reregister(
-            &mut c.sock,
-            token(key, Side::Client),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            log::warn!(
-                "route {}: cannot register client {peer}: {e}",
-                c.route.cfg.name
-            );
+        if !watch_client(ctx, &shared, &mut c.sock, peer, key, true) {
             return (c, Some(End::ClientError));
         }
         // The proxy consumed the socket's edges: assume it is ready, the
