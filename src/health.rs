@@ -33,14 +33,33 @@ pub fn now_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
+/// The one place a backend changes state, for passive and active checks.
+impl BackendRt {
+    /// Mark it down; true when it was up (the caller logs the change).
+    pub fn mark_down(&self) -> bool {
+        if !self.up.swap(false, Ordering::Relaxed) {
+            return false;
+        }
+        self.down_at.store(now_ms(), Ordering::Relaxed);
+        self.rises.store(0, Ordering::Relaxed);
+        true
+    }
+
+    /// Mark it up again, with its failure bookkeeping cleared.
+    pub fn mark_up(&self) {
+        self.fails.store(0, Ordering::Relaxed);
+        self.rises.store(0, Ordering::Relaxed);
+        self.down_at.store(0, Ordering::Relaxed);
+        self.up.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A connect to backend `i` of `route` failed.
 pub fn passive_failure(route: &RouteRt, i: usize) {
     let Some(p) = route.proxy() else { return };
     let b = &route.backends[i];
     let fails = b.fails.fetch_add(1, Ordering::Relaxed) + 1;
-    if fails >= p.health.fall && b.up.swap(false, Ordering::Relaxed) {
-        b.down_at.store(now_ms(), Ordering::Relaxed);
-        b.rises.store(0, Ordering::Relaxed);
+    if fails >= p.health.fall && b.mark_down() {
         log::warn!(
             "route {}: backend {} ({}) is DOWN after {fails} failed connects in a row",
             route.cfg.name,
@@ -60,9 +79,7 @@ pub fn passive_success(route: &RouteRt, i: usize) {
 pub fn maybe_retry(b: &BackendRt, interval: Duration) -> bool {
     let at = b.down_at.load(Ordering::Relaxed);
     if at != 0 && now_ms().saturating_sub(at) >= interval.as_millis() as u64 {
-        b.down_at.store(0, Ordering::Relaxed);
-        b.fails.store(0, Ordering::Relaxed);
-        b.up.store(true, Ordering::Relaxed);
+        b.mark_up();
         log::info!(
             "backend {} ({}) is given another try after {:?} down",
             b.name,
@@ -271,9 +288,7 @@ impl Checker {
                 }
                 let rises = b.rises.fetch_add(1, Ordering::Relaxed) + 1;
                 if rises >= t.health.rise {
-                    b.rises.store(0, Ordering::Relaxed);
-                    b.down_at.store(0, Ordering::Relaxed);
-                    b.up.store(true, Ordering::Relaxed);
+                    b.mark_up();
                     log::warn!(
                         "route {}: backend {} ({}) is UP ({rises} good checks in a row)",
                         t.route,
@@ -293,8 +308,7 @@ impl Checker {
                     b.name,
                     b.addr
                 );
-                if fails >= t.health.fall && b.up.swap(false, Ordering::Relaxed) {
-                    b.down_at.store(now_ms(), Ordering::Relaxed);
+                if fails >= t.health.fall && b.mark_down() {
                     log::warn!(
                         "route {}: backend {} ({}) is DOWN ({fails} failed checks in a row: {why})",
                         t.route,

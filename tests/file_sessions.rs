@@ -363,22 +363,9 @@ fn splice_from_a_blocked_file_falls_back_to_sendfile() {
             "root = \"www\"\nstrategy = \"splice\"\nidle_timeout = \"5s\""
         )
     );
-    let (sl, _www) = start(
-        "sess-eagain",
-        &routes,
-        &[
-            "strace",
-            "-f",
-            "-o",
-            "/dev/null",
-            "-e",
-            "trace=splice",
-            "-e",
-            "inject=splice:error=EAGAIN",
-            "--",
-        ],
-        &[("f.bin", 5, 1 << 20)],
-    );
+    let wrapper = strace_fault("splice", "EAGAIN");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let (sl, _www) = start("sess-eagain", &routes, &wrapper, &[("f.bin", 5, 1 << 20)]);
     let (h, body) = get(addr(p), "/f.bin");
     assert_eq!(h.status, 200);
     assert_eq!(

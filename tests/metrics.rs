@@ -258,21 +258,7 @@ fn splice_refused_fallbacks_are_counted() {
         ),
     );
     let dir = temp_dir("metrics-refused-splice");
-    let sl = Sluice::start_wrapped_in(
-        dir,
-        &toml,
-        &[
-            "strace",
-            "-f",
-            "-o",
-            "/dev/null",
-            "-e",
-            "trace=splice",
-            "-e",
-            "inject=splice:error=EINVAL",
-            "--",
-        ],
-    );
+    let sl = Sluice::start_wrapped_in(dir, &toml, &strace_fault("splice", "EINVAL"));
     let mut c = connect(addr(p));
     send_data(&mut c, 4, 2 * MIB);
     c.shutdown(Shutdown::Write).unwrap();
@@ -510,21 +496,7 @@ fn server_errors_are_counted_as_5xx() {
     let dir = temp_dir("metrics-5xx");
     std::fs::create_dir_all(dir.join("www")).unwrap();
     std::fs::write(dir.join("www/a.txt"), b"a").unwrap();
-    let sl = Sluice::start_wrapped_in(
-        dir,
-        &toml,
-        &[
-            "strace",
-            "-f",
-            "-o",
-            "/dev/null",
-            "-e",
-            "trace=openat2",
-            "-e",
-            "inject=openat2:error=EIO",
-            "--",
-        ],
-    );
+    let sl = Sluice::start_wrapped_in(dir, &toml, &strace_fault("openat2", "EIO"));
     for _ in 0..2 {
         assert_eq!(get(addr(hp), "/a.txt").0.status, 500);
     }

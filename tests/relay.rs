@@ -484,16 +484,7 @@ fn splice_refused_by_the_kernel_falls_back_to_copy() {
     let sl = Sluice::start_wrapped(
         "einval",
         &proxy_config(port, &[b.addr.to_string()], "strategy = \"splice\""),
-        &[
-            "strace",
-            "-f",
-            "-o",
-            "/dev/null",
-            "-e",
-            "trace=splice",
-            "-e",
-            "inject=splice:error=EINVAL",
-        ],
+        &strace_fault("splice", "EINVAL"),
     );
     let (sent, got) = exchange(connect(addr(port)), 5, len);
     assert_eq!(got, send_data(&mut std::io::sink(), 2, len));

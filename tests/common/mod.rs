@@ -6,6 +6,7 @@
 pub mod admin;
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -61,28 +62,33 @@ impl Sluice {
     }
 
     pub fn start_in(dir: PathBuf, toml: &str, env: &[(&str, &str)]) -> Sluice {
-        Self::spawn(dir, toml, env, &[])
+        Self::spawn::<&str>(dir, toml, env, &[])
     }
 
     /// Start sluice under a wrapper command, e.g. `["prlimit",
     /// "--nofile=64:64", "--"]` to run it with few file descriptors.
-    pub fn start_wrapped(name: &str, toml: &str, wrapper: &[&str]) -> Sluice {
+    pub fn start_wrapped<S: AsRef<OsStr>>(name: &str, toml: &str, wrapper: &[S]) -> Sluice {
         Self::spawn(temp_dir(name), toml, &[], wrapper)
     }
 
     /// `start_wrapped` in a directory the test prepared (files the config
     /// names must exist before sluice reads it); no wrapper is fine too.
-    pub fn start_wrapped_in(dir: PathBuf, toml: &str, wrapper: &[&str]) -> Sluice {
+    pub fn start_wrapped_in<S: AsRef<OsStr>>(dir: PathBuf, toml: &str, wrapper: &[S]) -> Sluice {
         Self::spawn(dir, toml, &[], wrapper)
     }
 
-    fn spawn(dir: PathBuf, toml: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Sluice {
+    fn spawn<S: AsRef<OsStr>>(
+        dir: PathBuf,
+        toml: &str,
+        env: &[(&str, &str)],
+        wrapper: &[S],
+    ) -> Sluice {
         let config = dir.join("sluice.toml");
         std::fs::write(&config, toml).unwrap();
         let mut cmd = match wrapper.split_first() {
             Some((prog, args)) => {
                 let mut c = Command::new(prog);
-                c.args(args).arg(BIN);
+                c.args(args.iter().map(AsRef::as_ref)).arg(BIN);
                 c
             }
             None => Command::new(BIN),
@@ -464,17 +470,7 @@ impl Backend {
     pub fn from_listener(l: TcpListener, name: &'static str) -> Backend {
         Backend::spawn_on(l, move |mut s| {
             let _ = s.write_all(format!("{name}\n").as_bytes());
-            let mut buf = [0u8; 65536];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if s.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
+            echo(&mut s);
             name.to_string()
         })
     }
@@ -499,6 +495,35 @@ impl Backend {
             thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Echo everything read from `s` back to it until EOF or an error.
+pub fn echo(s: &mut TcpStream) {
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The wrapper that runs sluice under strace with a real kernel error
+/// injected into one syscall: `strace_fault("splice", "EINVAL")`.
+pub fn strace_fault(syscall: &str, errno: &str) -> Vec<String> {
+    let mut v: Vec<String> = ["strace", "-f", "-o", "/dev/null", "-e"]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    v.push(format!("trace={syscall}"));
+    v.push("-e".into());
+    v.push(format!("inject={syscall}:error={errno}"));
+    v.push("--".into());
+    v
 }
 
 /// Connect with a timeout and read/write timeouts so a broken proxy
@@ -677,17 +702,7 @@ pub fn proxy_backend() -> Backend {
             Err(e) => format!("ERR {e}"),
         };
         let _ = s.write_all(format!("{line}\n").as_bytes());
-        let mut buf = [0u8; 65536];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
+        echo(&mut s);
         let _ = s.shutdown(Shutdown::Write);
         line
     })
