@@ -337,16 +337,11 @@ impl ProxyConn {
             Side::Backend => &mut self.br,
         };
         r.update(ev);
-        let err = ev.is_error();
 
         if side == Side::Backend && self.connecting {
             let s = self.backend.as_ref()?;
-            match s.take_error() {
-                Ok(Some(e)) | Err(e) => return self.retry(e, ctx),
-                Ok(None) => {}
-            }
-            match s.peer_addr() {
-                Ok(_) => {
+            match connect_outcome(s, ev) {
+                Ok(true) => {
                     self.connecting = false;
                     let _ = s.set_nodelay(true);
                     if let Some(i) = self.bidx {
@@ -356,13 +351,7 @@ impl ProxyConn {
                     self.deadline = ctx.now + self.route.cfg.idle_timeout;
                     self.preload(ctx);
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                    if err || ev.is_write_closed() {
-                        let e = io::Error::from(io::ErrorKind::ConnectionRefused);
-                        return self.retry(e, ctx);
-                    }
-                    return None; // still connecting
-                }
+                Ok(false) => return None, // still connecting
                 Err(e) => return self.retry(e, ctx),
             }
         }
@@ -402,6 +391,7 @@ impl ProxyConn {
             pipes: ctx.pools.pipes,
             bufs: ctx.pools.bufs,
         };
+        self.up.closes_after(&self.down);
         let up = self.up.run(
             &self.client,
             &mut self.cr,
@@ -426,6 +416,7 @@ impl ProxyConn {
             }
             Err(FlowError::Write(e)) => return Some(self.fail(Side::Backend, &e)),
         };
+        self.down.closes_after(&self.up);
         let down = self.down.run(
             backend,
             &mut self.br,
@@ -697,6 +688,34 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often a connection passing on a backend's reset checks whether the
 /// client has acknowledged everything.
 const RESET_CHECK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// What readiness `ev` on a socket with a connect(2) in flight says:
+/// `Ok(true)` connected, `Ok(false)` still connecting, `Err` failed.
+///
+/// A TCP socket reports EPOLLOUT only once its handshake is complete
+/// (never in SYN_SENT), and a failed one reports EPOLLERR or EPOLLHUP; so
+/// a plain "writable" needs no syscall to confirm, which saves the
+/// getsockopt(SO_ERROR) and getpeername(2) of every connection. Any other
+/// combination is settled the slow, certain way.
+fn connect_outcome(s: &TcpStream, ev: &mio::event::Event) -> io::Result<bool> {
+    if ev.is_writable() && !ev.is_error() && !ev.is_write_closed() && !ev.is_read_closed() {
+        return Ok(true);
+    }
+    if let Some(e) = s.take_error()? {
+        return Err(e);
+    }
+    match s.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+            if ev.is_error() || ev.is_write_closed() {
+                Err(io::Error::from(io::ErrorKind::ConnectionRefused))
+            } else {
+                Ok(false)
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
 
 /// Whether an I/O error means the peer reset or abandoned the connection.
 pub fn is_reset(e: &io::Error) -> bool {

@@ -636,3 +636,78 @@ fn a_reload_that_changes_workers_keeps_every_listener_served() {
     }
     assert!(sl.count_log("takes effect on restart only") >= 1);
 }
+
+/// A short exchange, closed from either end first, costs one shutdown(2)
+/// per connection: the second FIN goes out with close(2), since nothing is
+/// left to relay. And a connect that epoll reports complete is not
+/// confirmed with getsockopt(SO_ERROR) or getpeername(2). Both FINs and
+/// every byte must still arrive: checked on each side. Counted with strace.
+#[test]
+fn short_exchanges_cost_one_shutdown_and_no_connect_probe() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        panic!("strace is required for this test (.ci/run installs it)");
+    }
+    let b = Backend::spawn(|mut s| {
+        let line = read_line(&mut s);
+        if line == "wait-eof" {
+            // answer only after the client's FIN came through sluice
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).unwrap();
+            s.write_all(b"answer after eof\n").unwrap();
+            format!("{line}:{}", rest.len())
+        } else {
+            s.write_all(b"answer\n").unwrap();
+            line
+        }
+    });
+    let port = free_port();
+    let dir = temp_dir("one-shutdown-trace"); // sluice's own dir goes with it
+    let trace = dir.join("trace.txt");
+    let trace_arg = trace.to_str().unwrap().to_string();
+    let wrapper = [
+        "strace",
+        "-f",
+        "-qq",
+        "-e",
+        "trace=shutdown,getsockopt,getpeername",
+        "-o",
+        &trace_arg,
+        "--",
+    ];
+    let sl = Sluice::start_wrapped(
+        "one-shutdown",
+        &proxy_config(port, &[b.addr.to_string()], ""),
+        &wrapper,
+    );
+
+    // The backend answers and closes first; the client reads to EOF.
+    let mut c = connect(addr(port));
+    c.write_all(b"close-first\n").unwrap();
+    assert_eq!(read_to_close(&mut c), b"answer\n");
+    drop(c);
+    // The client half-closes first; the backend answers after EOF.
+    let mut c = connect(addr(port));
+    c.write_all(b"wait-eof\n").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_close(&mut c), b"answer after eof\n");
+    drop(c);
+
+    let mut got = b.wait_results(2, Duration::from_secs(10));
+    got.sort();
+    assert_eq!(got, ["close-first", "wait-eof:0"]);
+    let a = sl.wait_access(2, Duration::from_secs(10));
+    let mut ends: Vec<&str> = a.iter().map(|l| l["end"].as_str()).collect();
+    ends.sort();
+    assert_eq!(ends, ["backend_closed", "client_closed"], "{a:?}");
+    drop(sl); // strace flushes its output as the process ends
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(
+        count("shutdown("),
+        2,
+        "one shutdown per connection:\n{text}"
+    );
+    assert_eq!(count("SO_ERROR"), 0, "{text}");
+    assert_eq!(count("getpeername("), 0, "{text}");
+}
