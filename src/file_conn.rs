@@ -501,7 +501,7 @@ impl FileConn {
         let c = self.route.shared.stats.slot(ctx.worker);
         while r.head_sent < r.head.len() {
             let more = r.body.as_ref().is_some_and(|b| b.sent == 0);
-            match sys::file::send(self.sock.as_fd(), &r.head[r.head_sent..], more) {
+            match sys::send(self.sock.as_fd(), &r.head[r.head_sent..], more) {
                 Ok(n) => {
                     r.head_sent += n;
                     *budget = budget.saturating_sub(n);

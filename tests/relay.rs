@@ -711,3 +711,77 @@ fn short_exchanges_cost_one_shutdown_and_no_connect_probe() {
     assert_eq!(count("SO_ERROR"), 0, "{text}");
     assert_eq!(count("getpeername("), 0, "{text}");
 }
+
+/// When the source's FIN is already queued, the stream's last bytes go out
+/// flagged "more follows" (MSG_MORE for copy, SPLICE_F_MORE for splice)
+/// and the FIN right after, so TCP sends them as one segment instead of
+/// two. To make "FIN already queued" certain, the first backend swallows
+/// the connect for 300 ms while the client sends its request and FIN; then
+/// sluice fails over to the live backend. Counted with strace, and every
+/// byte and both FINs checked at the ends.
+#[test]
+fn last_bytes_leave_with_the_fin() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        panic!("strace is required for this test (.ci/run installs it)");
+    }
+    let (hole, _fill, _l) = blackhole();
+    let live = Backend::spawn(|mut s| {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        s.write_all(b"answer after eof\n").unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    let dir = temp_dir("last-bytes-trace"); // sluice's own dir goes with it
+    let trace = dir.join("trace.txt");
+    let trace_arg = trace.to_str().unwrap().to_string();
+    let wrapper = [
+        "strace",
+        "-f",
+        "-qq",
+        "-e",
+        "trace=sendto,splice",
+        "-o",
+        &trace_arg,
+        "--",
+    ];
+    let backends = format!("[\"{hole}\", \"{}\"]", live.addr);
+    let mut cfg = String::from("[global]\nlog_level = \"info\"\n");
+    let mut ports = Vec::new();
+    for strategy in ["copy", "splice"] {
+        let port = free_port();
+        cfg += &format!(
+            "\n[[route]]\nname = \"{strategy}\"\nlisten = \"127.0.0.1:{port}\"\nbackends = {backends}\nstrategy = \"{strategy}\"\nconnect_timeout = \"300ms\"\n"
+        );
+        ports.push(port);
+    }
+    let sl = Sluice::start_wrapped("last-bytes", &cfg, &wrapper);
+    for (i, port) in ports.iter().enumerate() {
+        let mut c = connect(addr(*port));
+        let request = format!("request {i}\n");
+        c.write_all(request.as_bytes()).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_to_close(&mut c), b"answer after eof\n");
+    }
+    let mut got = live.wait_results(2, Duration::from_secs(10));
+    got.sort();
+    assert_eq!(got, ["request 0\n", "request 1\n"]);
+    sl.wait_access(2, Duration::from_secs(10));
+    drop(sl); // strace flushes its output as the process ends
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    // copy: the request goes to the backend in one send with MSG_MORE
+    let sends: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("sendto(") && l.contains("\"request 0\\n\""))
+        .collect();
+    assert_eq!(sends.len(), 1, "{text}");
+    assert!(sends[0].contains("MSG_MORE"), "{}", sends[0]);
+    // splice: the pipe-to-socket call for those 10 bytes has SPLICE_F_MORE
+    // (the socket-to-pipe one asks for a whole pipe's room, not 10)
+    let out: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("splice(") && l.contains("NULL, 10, "))
+        .collect();
+    assert_eq!(out.len(), 1, "{text}");
+    assert!(out[0].contains("SPLICE_F_MORE"), "{}", out[0]);
+}

@@ -7,10 +7,12 @@
 //! connection holds no buffer at all.
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 
 use mio::net::TcpStream;
 
 use super::Pump;
+use crate::sys;
 
 pub struct CopyPump {
     pub buf: Box<[u8]>,
@@ -44,8 +46,13 @@ impl Pump for CopyPump {
         Ok(n)
     }
 
-    fn flush(&mut self, mut dst: &TcpStream) -> io::Result<usize> {
-        let n = dst.write(&self.buf[self.start..self.end])?;
+    fn flush(&mut self, mut dst: &TcpStream, last: bool) -> io::Result<usize> {
+        let bytes = &self.buf[self.start..self.end];
+        let n = if last {
+            sys::send(dst.as_fd(), bytes, true)?
+        } else {
+            dst.write(bytes)?
+        };
         self.start += n;
         if self.start == self.end {
             self.start = 0;

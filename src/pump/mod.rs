@@ -38,8 +38,10 @@ pub trait Pump {
     fn room(&self) -> usize;
     /// Read from `src` into the holder; Ok(0) is end of stream.
     fn fill(&mut self, src: &TcpStream) -> io::Result<usize>;
-    /// Write held bytes to `dst`.
-    fn flush(&mut self, dst: &TcpStream) -> io::Result<usize>;
+    /// Write held bytes to `dst`. `last`: they are the stream's final
+    /// bytes and its FIN follows at once, so a partial segment may wait
+    /// for it (MSG_MORE / SPLICE_F_MORE) and both leave as one packet.
+    fn flush(&mut self, dst: &TcpStream, last: bool) -> io::Result<usize>;
 }
 
 /// Bytes one flow delivers per event-loop turn before it yields to the
@@ -279,11 +281,16 @@ impl Flow {
                 break;
             }
 
-            if self.pending() > 0 && dr.write {
+            // The source's FIN has arrived, so all it will ever send is
+            // already queued here: read up to the FIN before writing, and
+            // the last write knows it is the last.
+            let to_fin = sr.hup && sr.read && !self.eof && !self.pipe_maybe_full;
+            if self.pending() > 0 && dr.write && !(to_fin && self.held_room() > 0) {
                 let want = self.pending();
+                let last = self.eof && !self.no_fin;
                 let res = match &mut self.held {
-                    Held::Splice(p) => p.flush(dst),
-                    Held::Copy(p) => p.flush(dst),
+                    Held::Splice(p) => p.flush(dst, last),
+                    Held::Copy(p) => p.flush(dst, last),
                     Held::Idle => Ok(0),
                 };
                 match res {
@@ -374,6 +381,16 @@ impl Flow {
 
     /// Room in the current holder, taking a holder from the pools when the
     /// flow holds nothing.
+    /// Room in the holder there is now (0 without one); unlike `room`,
+    /// never takes a holder from the pools.
+    fn held_room(&self) -> usize {
+        match &self.held {
+            Held::Idle => 0,
+            Held::Splice(p) => p.room(),
+            Held::Copy(p) => p.room(),
+        }
+    }
+
     fn room(&mut self, pools: &mut Pools) -> usize {
         if let Held::Idle = self.held {
             self.held = self.choose(pools);

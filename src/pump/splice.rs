@@ -39,8 +39,8 @@ impl Pump for SplicePump {
         Ok(n)
     }
 
-    fn flush(&mut self, dst: &TcpStream) -> io::Result<usize> {
-        let n = sys::splice(self.pipe.rd(), dst.as_fd(), self.len, false)?;
+    fn flush(&mut self, dst: &TcpStream, last: bool) -> io::Result<usize> {
+        let n = sys::splice(self.pipe.rd(), dst.as_fd(), self.len, last)?;
         self.len -= n;
         Ok(n)
     }

@@ -1,5 +1,5 @@
 //! Raw syscalls for file routes: openat2 beneath a root, mmap/munmap,
-//! file leases with a real-time break signal, and send(2) with MSG_MORE.
+//! file leases with a real-time break signal.
 //!
 //! Like the rest of `sys`, every function here is a safe wrapper; the
 //! `unsafe` blocks and their SAFETY arguments stay in this file. The one
@@ -163,26 +163,6 @@ impl Drop for Mapping {
 // SAFETY: the mapping is a plain address range owned by this value; it is
 // never dereferenced in user space, so moving it across threads is sound.
 unsafe impl Send for Mapping {}
-
-/// send(2) `buf` to a non-blocking socket without SIGPIPE; `more` sets
-/// MSG_MORE so a response head waits for the body's first bytes and both
-/// leave in one segment.
-pub fn send(sock: BorrowedFd, buf: &[u8], more: bool) -> io::Result<usize> {
-    let mut flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
-    if more {
-        flags |= libc::MSG_MORE;
-    }
-    // SAFETY: `buf` is a live slice for the duration of the call.
-    let ret = unsafe {
-        libc::send(
-            sock.as_raw_fd(),
-            buf.as_ptr() as *const libc::c_void,
-            buf.len(),
-            flags,
-        )
-    };
-    cvt(ret as libc::c_long)
-}
 
 #[cfg(test)]
 mod tests {

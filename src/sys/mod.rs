@@ -23,6 +23,27 @@ fn cvt(ret: libc::c_long) -> io::Result<usize> {
     }
 }
 
+/// send(2) `buf` to a non-blocking socket without SIGPIPE. `more` sets
+/// MSG_MORE: TCP holds a partial segment back for what comes next (a
+/// response head waits for the body's first bytes, a stream's last bytes
+/// for its FIN), so both leave in one segment.
+pub fn send(sock: BorrowedFd, buf: &[u8], more: bool) -> io::Result<usize> {
+    let mut flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
+    if more {
+        flags |= libc::MSG_MORE;
+    }
+    // SAFETY: `buf` is a live slice for the duration of the call.
+    let ret = unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            flags,
+        )
+    };
+    cvt(ret as libc::c_long)
+}
+
 /// splice(2) up to `len` bytes from `from` to `to`, never blocking.
 ///
 /// One side must be a pipe. `more` sets SPLICE_F_MORE (more data follows),
