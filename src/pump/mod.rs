@@ -130,7 +130,8 @@ pub struct Flow {
     params: FlowParams,
     /// End of stream read from the source.
     pub eof: bool,
-    /// End of stream forwarded to the destination (shutdown(SHUT_WR)).
+    /// End of stream forwarded to the destination: by shutdown(SHUT_WR),
+    /// or by the close(2) that follows at once (`fin_by_close`).
     pub shut: bool,
     /// splice was refused for this socket pair: copy from now on.
     splice_refused: bool,
@@ -285,7 +286,8 @@ impl Flow {
             // already queued here: read up to the FIN before writing, and
             // the last write knows it is the last.
             let to_fin = sr.hup && sr.read && !self.eof && !self.pipe_maybe_full;
-            if self.pending() > 0 && dr.write && !(to_fin && self.held_room() > 0) {
+            let deferred = self.pending() > 0 && dr.write && to_fin && self.held_room() > 0;
+            if self.pending() > 0 && dr.write && !deferred {
                 let want = self.pending();
                 let last = self.eof && !self.no_fin;
                 let res = match &mut self.held {
@@ -327,10 +329,21 @@ impl Flow {
                 }
             }
 
-            if !progress {
+            // A write put off for the FIN must not be left behind when the
+            // read stops short of it (a pipe can run out of slots before
+            // bytes: then `fill` sets `pipe_maybe_full`): `to_fin` is false
+            // on the next pass, which writes.
+            if !progress && !deferred {
                 break;
             }
         }
+        // Stopping with bytes held for a writable destination would wait
+        // for an edge that never comes.
+        debug_assert!(
+            self.more || self.pending() == 0 || !dr.write,
+            "flow stopped holding {} bytes for a writable destination",
+            self.pending()
+        );
         if self.eof && self.pending() == 0 && !self.shut {
             self.release(pools);
             // The peer may already be gone (ENOTCONN); the flow is over
@@ -379,8 +392,6 @@ impl Flow {
         }
     }
 
-    /// Room in the current holder, taking a holder from the pools when the
-    /// flow holds nothing.
     /// Room in the holder there is now (0 without one); unlike `room`,
     /// never takes a holder from the pools.
     fn held_room(&self) -> usize {
@@ -391,6 +402,8 @@ impl Flow {
         }
     }
 
+    /// Room in the current holder, taking a holder from the pools when the
+    /// flow holds nothing.
     fn room(&mut self, pools: &mut Pools) -> usize {
         if let Held::Idle = self.held {
             self.held = self.choose(pools);
@@ -498,5 +511,84 @@ impl Flow {
     /// The strategy that actually moved this flow's bytes.
     pub fn strategy_used(&self) -> &'static str {
         strategy_name(self.spliced, self.copied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProxyStrategy;
+    use crate::pipe_pool::{BufPool, PipeBudget, PipePool};
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener};
+
+    /// A connected loopback pair: a blocking std end and a non-blocking
+    /// mio end, as a worker holds it.
+    fn pair() -> (std::net::TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a, TcpStream::from_std(b))
+    }
+
+    /// The source's FIN is queued behind small segments (each its own
+    /// fragment: a byte to another socket between writes keeps them apart
+    /// in memory), and the pipe has one slot, so a read ahead to the FIN
+    /// stops on the pipe after one segment. One `run` must still deliver
+    /// everything and the FIN: no event would come to resume it.
+    #[test]
+    fn reading_ahead_to_a_fin_never_strands_held_bytes() {
+        let (mut peer, src) = pair();
+        let (mut spoil, _spoil_end) = pair();
+        peer.set_nodelay(true).unwrap();
+        let mut sent = Vec::new();
+        for i in 0..20u8 {
+            let seg = [i; 1000];
+            peer.write_all(&seg).unwrap();
+            spoil.write_all(b".").unwrap();
+            sent.extend_from_slice(&seg);
+        }
+        peer.shutdown(Shutdown::Write).unwrap();
+        // Wait until all of it and the FIN are queued on `src`.
+        let mut probe = vec![0u8; 64 * 1024];
+        while src.peek(&mut probe).unwrap_or(0) < sent.len() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let (mut client, dst) = pair();
+
+        let mut pipes = PipePool::new(PipeBudget::new(4, 1));
+        let mut bufs = BufPool::default();
+        let mut pools = Pools {
+            pipes: &mut pipes,
+            bufs: &mut bufs,
+        };
+        let mut flow = Flow::new(FlowParams {
+            strategy: ProxyStrategy::Splice,
+            pipe_size: 4096,
+            buffer_size: 4096,
+        });
+        let mut sr = Ready {
+            read: true,
+            write: true,
+            hup: true,
+        };
+        let mut dr = Ready {
+            read: false,
+            write: true,
+            hup: false,
+        };
+        let n = flow.run(&src, &mut sr, &dst, &mut dr, &mut pools).unwrap();
+        assert_eq!(n, sent.len() as u64, "pending {}", flow.pending());
+        assert!(flow.done() && flow.eof);
+        assert_eq!(flow.spliced, sent.len() as u64);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        assert!(
+            got == sent,
+            "{} bytes, not the {} sent",
+            got.len(),
+            sent.len()
+        );
     }
 }
