@@ -248,11 +248,6 @@ impl Sha {
 /// splice, send).
 #[test]
 fn response_head_is_sent_with_msg_more() {
-    if Command::new("strace").arg("-V").output().is_err() {
-        panic!("strace is required for this test (.ci/run installs it)");
-    }
-    let dir = temp_dir("sess-more-trace");
-    let trace = dir.join("trace.txt");
     let strategies = ["sendfile", "mmap", "splice", "copy"];
     let mut routes = String::new();
     let mut ports = Vec::new();
@@ -263,24 +258,10 @@ fn response_head_is_sent_with_msg_more() {
     }
     // Only the one worker makes these calls (logging is write(2), not
     // traced), so no call's line is split by another thread's.
-    let trace_arg = trace.to_str().unwrap().to_string();
-    let (sl, www) = start(
-        "sess-more",
-        &routes,
-        &[
-            "strace",
-            "-f",
-            "-qq",
-            "-s",
-            "64",
-            "-e",
-            "trace=sendto,sendmsg,sendfile,splice",
-            "-o",
-            &trace_arg,
-            "--",
-        ],
-        &[],
-    );
+    let trace = Strace::new("sess-more", "sendto,sendmsg,sendfile,splice");
+    let wrapper = trace.wrapper();
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let (sl, www) = start("sess-more", &routes, &wrapper, &[]);
     let body = b"a small file that fits in the first segment\n";
     write_file(&www, "s.txt", body);
     for (s, p) in &ports {
@@ -288,9 +269,8 @@ fn response_head_is_sent_with_msg_more() {
         assert_eq!((h.status, &got[..]), (200, &body[..]), "{s}");
     }
     let a = sl.wait_access(ports.len(), Duration::from_secs(10));
-    drop(sl); // strace flushes its output as the process ends
-    let text = std::fs::read_to_string(&trace).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(sl);
+    let text = trace.text();
     let lines: Vec<&str> = text.lines().collect();
     let heads: Vec<usize> = lines
         .iter()

@@ -644,9 +644,6 @@ fn a_reload_that_changes_workers_keeps_every_listener_served() {
 /// every byte must still arrive: checked on each side. Counted with strace.
 #[test]
 fn short_exchanges_cost_one_shutdown_and_no_connect_probe() {
-    if Command::new("strace").arg("-V").output().is_err() {
-        panic!("strace is required for this test (.ci/run installs it)");
-    }
     let b = Backend::spawn(|mut s| {
         let line = read_line(&mut s);
         if line == "wait-eof" {
@@ -661,23 +658,11 @@ fn short_exchanges_cost_one_shutdown_and_no_connect_probe() {
         }
     });
     let port = free_port();
-    let dir = temp_dir("one-shutdown-trace"); // sluice's own dir goes with it
-    let trace = dir.join("trace.txt");
-    let trace_arg = trace.to_str().unwrap().to_string();
-    let wrapper = [
-        "strace",
-        "-f",
-        "-qq",
-        "-e",
-        "trace=shutdown,getsockopt,getpeername",
-        "-o",
-        &trace_arg,
-        "--",
-    ];
+    let trace = Strace::new("one-shutdown", "shutdown,getsockopt,getpeername");
     let sl = Sluice::start_wrapped(
         "one-shutdown",
         &proxy_config(port, &[b.addr.to_string()], ""),
-        &wrapper,
+        &trace.wrapper(),
     );
 
     // The backend answers and closes first; the client reads to EOF.
@@ -699,9 +684,8 @@ fn short_exchanges_cost_one_shutdown_and_no_connect_probe() {
     let mut ends: Vec<&str> = a.iter().map(|l| l["end"].as_str()).collect();
     ends.sort();
     assert_eq!(ends, ["backend_closed", "client_closed"], "{a:?}");
-    drop(sl); // strace flushes its output as the process ends
-    let text = std::fs::read_to_string(&trace).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(sl);
+    let text = trace.text();
     let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
     assert_eq!(
         count("shutdown("),
@@ -721,9 +705,6 @@ fn short_exchanges_cost_one_shutdown_and_no_connect_probe() {
 /// byte and both FINs checked at the ends.
 #[test]
 fn last_bytes_leave_with_the_fin() {
-    if Command::new("strace").arg("-V").output().is_err() {
-        panic!("strace is required for this test (.ci/run installs it)");
-    }
     let (hole, _fill, _l) = blackhole();
     let live = Backend::spawn(|mut s| {
         let mut got = Vec::new();
@@ -731,19 +712,7 @@ fn last_bytes_leave_with_the_fin() {
         s.write_all(b"answer after eof\n").unwrap();
         String::from_utf8_lossy(&got).into_owned()
     });
-    let dir = temp_dir("last-bytes-trace"); // sluice's own dir goes with it
-    let trace = dir.join("trace.txt");
-    let trace_arg = trace.to_str().unwrap().to_string();
-    let wrapper = [
-        "strace",
-        "-f",
-        "-qq",
-        "-e",
-        "trace=sendto,splice",
-        "-o",
-        &trace_arg,
-        "--",
-    ];
+    let trace = Strace::new("last-bytes", "sendto,splice");
     let backends = format!("[\"{hole}\", \"{}\"]", live.addr);
     let mut cfg = String::from("[global]\nlog_level = \"info\"\n");
     let mut ports = Vec::new();
@@ -754,7 +723,7 @@ fn last_bytes_leave_with_the_fin() {
         );
         ports.push(port);
     }
-    let sl = Sluice::start_wrapped("last-bytes", &cfg, &wrapper);
+    let sl = Sluice::start_wrapped("last-bytes", &cfg, &trace.wrapper());
     for (i, port) in ports.iter().enumerate() {
         let mut c = connect(addr(*port));
         let request = format!("request {i}\n");
@@ -766,9 +735,8 @@ fn last_bytes_leave_with_the_fin() {
     got.sort();
     assert_eq!(got, ["request 0\n", "request 1\n"]);
     sl.wait_access(2, Duration::from_secs(10));
-    drop(sl); // strace flushes its output as the process ends
-    let text = std::fs::read_to_string(&trace).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(sl);
+    let text = trace.text();
     // copy: the request goes to the backend in one send with MSG_MORE
     let sends: Vec<&str> = text
         .lines()

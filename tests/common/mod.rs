@@ -526,6 +526,60 @@ pub fn strace_fault(syscall: &str, errno: &str) -> Vec<String> {
     v
 }
 
+/// A log of the syscalls sluice makes, by strace: start sluice under
+/// `wrapper()`, drop it (strace writes its last lines as the process
+/// ends), then read `text()`. Lives in its own directory, since sluice's
+/// goes away with it.
+pub struct Strace {
+    dir: PathBuf,
+    file: PathBuf,
+    trace: String,
+}
+
+impl Strace {
+    /// Trace the comma-separated `syscalls` (e.g. "sendto,splice").
+    pub fn new(name: &str, syscalls: &str) -> Strace {
+        if Command::new("strace").arg("-V").output().is_err() {
+            panic!("strace is required for this test (.ci/run installs it)");
+        }
+        let dir = temp_dir(&format!("{name}-trace"));
+        let file = dir.join("trace.txt");
+        Strace {
+            dir,
+            file,
+            trace: format!("trace={syscalls}"),
+        }
+    }
+
+    /// The command to start sluice under: every thread, strings up to 64
+    /// bytes, one line per call.
+    pub fn wrapper(&self) -> Vec<String> {
+        let file = self.file.to_str().unwrap();
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-s",
+            "64",
+            "-e",
+            &self.trace,
+            "-o",
+            file,
+            "--",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    }
+
+    /// What strace wrote; the traced sluice must have been dropped.
+    pub fn text(self) -> String {
+        let text = std::fs::read_to_string(&self.file).unwrap();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        text
+    }
+}
+
 /// Connect with a timeout and read/write timeouts so a broken proxy
 /// fails the test instead of hanging it.
 pub fn connect(addr: SocketAddr) -> TcpStream {
