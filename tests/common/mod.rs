@@ -34,13 +34,31 @@ pub fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, for sluice to listen on.
+///
+/// Taken below the kernel's ephemeral range (32768-60999 by default), so
+/// no listener a test binds to port 0 and no outgoing connection can take
+/// it between this call and sluice's bind, and counted up per process, so
+/// two calls never return the same port (the kernel would happily hand a
+/// just-freed ephemeral port out twice).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const LOW: u16 = 20000;
+    const HIGH: u16 = 32000;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    // Start each test binary somewhere else, so a port a previous binary's
+    // sluice left in TIME_WAIT is not the first one tried.
+    let base = (std::process::id() as usize * 7919) % (HIGH - LOW) as usize;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            n < (HIGH - LOW) as usize,
+            "no free port left in {LOW}..{HIGH}"
+        );
+        let port = LOW + ((base + n) % (HIGH - LOW) as usize) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A running sluice process and everything it printed.
