@@ -700,7 +700,7 @@ fn short_exchanges_cost_one_shutdown_and_no_connect_probe() {
 /// flagged "more follows" (MSG_MORE for copy, SPLICE_F_MORE for splice)
 /// and the FIN right after, so TCP sends them as one segment instead of
 /// two. To make "FIN already queued" certain, the first backend swallows
-/// the connect for 300 ms while the client sends its request and FIN; then
+/// the connect for 1 s while the client sends its request and FIN; then
 /// sluice fails over to the live backend. Counted with strace, and every
 /// byte and both FINs checked at the ends.
 #[test]
@@ -719,7 +719,7 @@ fn last_bytes_leave_with_the_fin() {
     for strategy in ["copy", "splice"] {
         let port = free_port();
         cfg += &format!(
-            "\n[[route]]\nname = \"{strategy}\"\nlisten = \"127.0.0.1:{port}\"\nbackends = {backends}\nstrategy = \"{strategy}\"\nconnect_timeout = \"300ms\"\n"
+            "\n[[route]]\nname = \"{strategy}\"\nlisten = \"127.0.0.1:{port}\"\nbackends = {backends}\nstrategy = \"{strategy}\"\nconnect_timeout = \"1s\"\n"
         );
         ports.push(port);
     }
