@@ -9,7 +9,6 @@ mod common;
 
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
@@ -331,9 +330,6 @@ fn response_head_is_sent_with_msg_more() {
 /// byte-exact, logged as fallback=file_blocked and counted.
 #[test]
 fn splice_from_a_blocked_file_falls_back_to_sendfile() {
-    if Command::new("strace").arg("-V").output().is_err() {
-        panic!("strace is required for this test (.ci/run installs it)");
-    }
     let (p, aport) = (free_port(), free_port());
     let routes = format!(
         "\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n{}",

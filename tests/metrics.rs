@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -240,9 +239,6 @@ fn pipes_in_use_and_no_pipe_fallbacks() {
 /// route: one connection, one `refused` fallback, no other reason.
 #[test]
 fn splice_refused_fallbacks_are_counted() {
-    if Command::new("strace").arg("-V").output().is_err() {
-        panic!("strace is required for this test (.ci/run installs it)");
-    }
     let b = Backend::spawn(|s| {
         let d = recv_data(&mut &s);
         d.len.to_string()
@@ -488,9 +484,6 @@ fn proxy_header_errors_and_http_classes() {
 /// paths with it, and nothing else) fail with EIO.
 #[test]
 fn server_errors_are_counted_as_5xx() {
-    if Command::new("strace").arg("-V").output().is_err() {
-        panic!("strace is required for this test (.ci/run installs it)");
-    }
     let (hp, aport) = (free_port(), free_port());
     let toml = config("", aport, &route("h", hp, "root = \"www\""));
     let dir = temp_dir("metrics-5xx");

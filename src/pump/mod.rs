@@ -286,8 +286,9 @@ impl Flow {
             // already queued here: read up to the FIN before writing, and
             // the last write knows it is the last.
             let to_fin = sr.hup && sr.read && !self.eof && !self.pipe_maybe_full;
-            let deferred = self.pending() > 0 && dr.write && to_fin && self.held_room() > 0;
-            if self.pending() > 0 && dr.write && !deferred {
+            let can_write = self.pending() > 0 && dr.write;
+            let deferred = can_write && to_fin && self.held_room() > 0;
+            if can_write && !deferred {
                 let want = self.pending();
                 let last = self.eof && !self.no_fin;
                 let res = match &mut self.held {
@@ -552,7 +553,9 @@ mod tests {
         peer.shutdown(Shutdown::Write).unwrap();
         // Wait until all of it and the FIN are queued on `src`.
         let mut probe = vec![0u8; 64 * 1024];
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while src.peek(&mut probe).unwrap_or(0) < sent.len() {
+            assert!(std::time::Instant::now() < give_up, "segments never queued");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let (mut client, dst) = pair();

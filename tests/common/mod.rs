@@ -533,6 +533,7 @@ pub fn echo(s: &mut TcpStream) {
 /// The wrapper that runs sluice under strace with a real kernel error
 /// injected into one syscall: `strace_fault("splice", "EINVAL")`.
 pub fn strace_fault(syscall: &str, errno: &str) -> Vec<String> {
+    require_strace();
     let mut v: Vec<String> = ["strace", "-f", "-o", "/dev/null", "-e"]
         .iter()
         .map(|x| x.to_string())
@@ -542,6 +543,15 @@ pub fn strace_fault(syscall: &str, errno: &str) -> Vec<String> {
     v.push(format!("inject={syscall}:error={errno}"));
     v.push("--".into());
     v
+}
+
+/// Fail the test, not skip it, when strace is missing: `.ci/run`
+/// installs it, and the tests that need it check kernel behaviour that
+/// nothing else shows.
+fn require_strace() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        panic!("strace is required for this test (.ci/run installs it)");
+    }
 }
 
 /// A log of the syscalls sluice makes, by strace: start sluice under
@@ -557,9 +567,7 @@ pub struct Strace {
 impl Strace {
     /// Trace the comma-separated `syscalls` (e.g. "sendto,splice").
     pub fn new(name: &str, syscalls: &str) -> Strace {
-        if Command::new("strace").arg("-V").output().is_err() {
-            panic!("strace is required for this test (.ci/run installs it)");
-        }
+        require_strace();
         let dir = temp_dir(&format!("{name}-trace"));
         let file = dir.join("trace.txt");
         Strace {
