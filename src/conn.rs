@@ -140,6 +140,37 @@ pub fn watch_client(
     res.is_ok()
 }
 
+/// What a relayed socket is registered for, and what decides it (see
+/// `ProxyConn::arm`).
+#[derive(Debug, Clone, Copy)]
+struct Watch {
+    read: bool,
+    write: bool,
+    /// A write to this socket has waited for room: keep writable on.
+    blocked: bool,
+    /// A "writable" came that no write was waiting for.
+    idle_write: bool,
+}
+
+impl Watch {
+    /// As registered at the start: both directions.
+    const BOTH: Watch = Watch {
+        read: true,
+        write: true,
+        blocked: false,
+        idle_write: false,
+    };
+
+    fn interest(read: bool, write: bool) -> Option<Interest> {
+        match (read, write) {
+            (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+            (true, false) => Some(Interest::READABLE),
+            (false, true) => Some(Interest::WRITABLE),
+            (false, false) => None,
+        }
+    }
+}
+
 /// Token for one side of the connection stored at slab `key`.
 pub fn token(key: usize, side: Side) -> Token {
     Token(key * 2 + side as usize)
@@ -186,6 +217,8 @@ pub struct ProxyConn {
     /// The backend reset the connection: the error, and how long to wait
     /// for the client to take what it was sent before resetting it too.
     reset: Option<(io::Error, Instant)>,
+    /// What each socket (by `Side`) is registered for; see `arm`.
+    watch: [Watch; 2],
 }
 
 impl ProxyConn {
@@ -229,6 +262,7 @@ impl ProxyConn {
             reported: [0; 4],
             lingering: false,
             reset: None,
+            watch: [Watch::BOTH; 2],
             route,
         };
         let _ = conn.client.set_nodelay(true);
@@ -272,6 +306,7 @@ impl ProxyConn {
                     self.backend = Some(s);
                     self.bidx = Some(i);
                     self.br = Ready::default();
+                    self.watch[Side::Backend as usize] = Watch::BOTH;
                     self.connecting = true;
                     self.deadline = ctx.now + connect_timeout;
                     return Ok(());
@@ -337,6 +372,13 @@ impl ProxyConn {
             Side::Backend => &mut self.br,
         };
         r.update(ev);
+        if ev.is_writable() && !ev.is_readable() && !ev.is_error() && !ev.is_read_closed() {
+            let to = match side {
+                Side::Client => &self.down,
+                Side::Backend => &self.up,
+            };
+            self.watch[side as usize].idle_write |= to.pending() == 0 && !self.connecting;
+        }
 
         if side == Side::Backend && self.connecting {
             let s = self.backend.as_ref()?;
@@ -384,8 +426,88 @@ impl ProxyConn {
         self.up.preload(&early, true, &mut pools);
     }
 
-    /// Run both flows until neither can progress.
+    /// Run both flows until neither can progress, then fit each socket's
+    /// readable interest to what the flows still need to hear.
     fn relay(&mut self, ctx: &mut Ctx) -> Option<End> {
+        if let Some(end) = self.run_flows(ctx) {
+            return Some(end);
+        }
+        self.arm(Side::Client, ctx)
+            .or_else(|| self.arm(Side::Backend, ctx))
+    }
+
+    /// Fit one socket's registration to what the flows still need to
+    /// hear from it: most of a bulk transfer's wake-ups were for nothing.
+    ///
+    /// * Readable: not needed while the flow reading it already knows it
+    ///   is readable. That flow stopped because its pipe or buffer is full
+    ///   and reads again by itself as soon as a write makes room (a socket
+    ///   stays "readable" until a read says WouldBlock). Left on, every
+    ///   segment a fast sender sends wakes the worker while it waits for a
+    ///   slower receiver. Dropped when such a flow stops (unless it is due
+    ///   another turn), added back once a read drains the socket.
+    /// * Writable: needed while the opposite flow waits to write to it.
+    ///   Dropped lazily, once, after a "writable" came that nobody needed
+    ///   on a socket no write ever blocked on: with edge triggering, a
+    ///   readable socket whose bytes were already read when the worker
+    ///   collects its event reports just "writable", a wake-up for nothing.
+    ///
+    /// Adding an interest re-polls the socket, so what happened in between
+    /// still raises an event. A steady transfer changes a registration only
+    /// when it changes regime. While a socket is watched for nothing it is
+    /// not registered (mio cannot register for nothing): a reset or error
+    /// on it is then met by the next read, which its flow makes as soon as
+    /// its destination takes bytes again (or the idle timeout ends it).
+    ///
+    /// `Some(end)`: an interest the flows need could not be added, so the
+    /// connection could wait forever: close it.
+    fn arm(&mut self, side: Side, ctx: &mut Ctx) -> Option<End> {
+        let (sock, ready, from, to) = match side {
+            Side::Client => (&mut self.client, &self.cr, &self.up, &self.down),
+            Side::Backend => match self.backend.as_mut() {
+                Some(b) => (b, &self.br, &self.down, &self.up),
+                None => return None,
+            },
+        };
+        if from.more || to.more {
+            return None; // resumed next turn either way
+        }
+        let w = &mut self.watch[side as usize];
+        let wants_write = to.pending() > 0 && !ready.write;
+        w.blocked |= wants_write;
+        let read = !ready.read;
+        let write = wants_write || (w.write && (w.blocked || !w.idle_write));
+        w.idle_write = false;
+        if (read, write) == (w.read, w.write) {
+            return None;
+        }
+        let needed = (read && !w.read) || (wants_write && !w.write);
+        let tok = token(self.key, side);
+        let res = match (w.read || w.write, Watch::interest(read, write)) {
+            (_, None) => ctx.registry.deregister(sock),
+            (false, Some(i)) => ctx.registry.register(sock, tok, i),
+            (true, Some(i)) => ctx.registry.reregister(sock, tok, i),
+        };
+        match res {
+            Ok(()) => (w.read, w.write) = (read, write),
+            Err(e) if needed => {
+                log::warn!(
+                    "route {}: client {}: cannot watch the {side:?} socket: {e}",
+                    self.route.cfg.name,
+                    self.peer
+                );
+                return Some(match side {
+                    Side::Client => End::ClientError,
+                    Side::Backend => End::BackendError,
+                });
+            }
+            // Still registered for more than needed: wake-ups to spare.
+            Err(e) => log::debug!("client {}: {side:?} watch unchanged: {e}", self.peer),
+        }
+        None
+    }
+
+    fn run_flows(&mut self, ctx: &mut Ctx) -> Option<End> {
         let backend = self.backend.as_ref()?;
         let mut pools = Pools {
             pipes: ctx.pools.pipes,
@@ -593,6 +715,21 @@ impl ProxyConn {
         self.up.finish(&mut pools);
         self.down.finish(&mut pools);
         drop(self.backend.take());
+        let w = self.watch[Side::Client as usize];
+        if !(w.read && w.write) {
+            // The file session expects both interests (never the case
+            // today: the relay, the only one to drop one, never ran).
+            let tok = token(self.key, Side::Client);
+            let both = Interest::READABLE | Interest::WRITABLE;
+            let res = if w.read || w.write {
+                ctx.registry.reregister(&mut self.client, tok, both)
+            } else {
+                ctx.registry.register(&mut self.client, tok, both)
+            };
+            if let Err(e) = res {
+                log::debug!("client {}: watch unchanged: {e}", self.peer);
+            }
+        }
         if let Some(i) = self.bidx {
             self.route.backends[i]
                 .active

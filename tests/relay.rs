@@ -749,3 +749,223 @@ fn last_bytes_leave_with_the_fin() {
     assert_eq!(out.len(), 1, "{text}");
     assert!(out[0].contains("SPLICE_F_MORE"), "{}", out[0]);
 }
+
+/// A backend listener whose connections use 1 KiB segments: sluice's
+/// socket buffers toward it stay small, and each write arrives on its own.
+fn small_mss_listener() -> std::net::TcpListener {
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.set_tcp_mss(1024).unwrap();
+    l.bind(&addr(0).into()).unwrap();
+    l.listen(16).unwrap();
+    l.into()
+}
+
+/// A client with 1 KiB segments and a 16 KiB receive window, so what
+/// sluice holds for it fills soon when it does not read.
+fn small_window_client(port: u16) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(16 * 1024).unwrap();
+    s.set_tcp_mss(1024).unwrap();
+    s.connect_timeout(&addr(port).into(), Duration::from_secs(5))
+        .unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s
+}
+
+/// Wake-ups in a strace log of epoll_wait and the I/O syscalls: (all, idle)
+/// — an idle one is an epoll_wait that returned events and was followed by
+/// no I/O at all before the next epoll_wait, in the same thread.
+fn wakeups(text: &str) -> (usize, usize) {
+    let mut last: std::collections::HashMap<&str, bool> = Default::default();
+    let (mut all, mut idle) = (0, 0);
+    for line in text.lines() {
+        let Some((tid, call)) = line.split_once(' ') else {
+            continue;
+        };
+        let call = call.trim_start_matches("<... ");
+        if call.starts_with("epoll_wait") {
+            if call.contains("unfinished") {
+                continue; // the result follows on a "resumed" line
+            }
+            if last.insert(tid, false) == Some(true) {
+                idle += 1;
+            }
+            if !call.ends_with("= 0") {
+                all += 1;
+                last.insert(tid, true);
+            }
+        } else if !call.starts_with("epoll_ctl") {
+            last.insert(tid, false);
+        }
+    }
+    (all, idle)
+}
+
+/// A backend trickling small segments to a client that is not reading:
+/// once sluice's pipe (or buffer) is full and waits for the client, every
+/// segment that still arrives used to wake the worker for nothing (it
+/// already knew the backend was readable), about one per segment until
+/// sluice's receive window closed. sluice now stops watching a socket its
+/// flow knows to be readable, so those wake-ups are gone; and it changes
+/// the registration only when the regime changes, not per write. Then the
+/// client reads, and every byte and the FIN (read from the unwatched
+/// socket) must arrive. Counted with strace, for splice and copy.
+#[test]
+fn a_stalled_reader_is_not_woken_by_its_sender() {
+    let (chunk, chunks) = (2048, 512);
+    let len = (chunk * chunks) as u64;
+    for strategy in ["splice", "copy"] {
+        // Small segments both ways (MSS 1 KiB), so sluice's socket
+        // buffers stay small and each write arrives on its own.
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        l.set_tcp_mss(1024).unwrap();
+        l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        l.listen(16).unwrap();
+        let b = Backend::spawn_on(l.into(), move |mut s| {
+            s.set_nodelay(true).unwrap();
+            let mut g = DataGen::new(5);
+            let mut buf = vec![0u8; chunk];
+            for _ in 0..chunks {
+                g.fill(&mut buf);
+                s.write_all(&buf).unwrap();
+                thread::sleep(Duration::from_millis(1));
+            }
+            "sent".to_string()
+        });
+        let port = free_port();
+        let trace = Strace::new(
+            &format!("stalled-{strategy}"),
+            "epoll_wait,epoll_ctl,splice,read,recvfrom,write,sendto,shutdown",
+        );
+        let sl = Sluice::start_wrapped(
+            &format!("stalled-{strategy}"),
+            &proxy_config(
+                port,
+                &[b.addr.to_string()],
+                &format!(
+                    "strategy = \"{strategy}\"\npipe_size = \"64KiB\"\nbuffer_size = \"64KiB\""
+                ),
+            ),
+            &trace.wrapper(),
+        );
+        // A small receive window, so sluice's side fills soon.
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(16 * 1024).unwrap();
+        sock.set_tcp_mss(1024).unwrap();
+        sock.connect_timeout(&addr(port).into(), Duration::from_secs(5))
+            .unwrap();
+        let mut c: TcpStream = sock.into();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        thread::sleep(Duration::from_millis(500));
+        let got = recv_data(&mut c);
+        drop(c);
+        assert_eq!(
+            got,
+            send_data(&mut std::io::sink(), 5, len),
+            "{strategy}: bytes differ"
+        );
+        assert_eq!(b.wait_results(1, Duration::from_secs(10)), ["sent"]);
+        let a = sl.wait_access(1, Duration::from_secs(10));
+        assert_eq!(a[0]["bytes_out"], len.to_string());
+        drop(sl);
+        let text = trace.text();
+        let (all, idle) = wakeups(&text);
+        // Before: 53 (one per segment until sluice's window closed).
+        assert!(
+            idle <= 8,
+            "{strategy}: {idle} of {all} wake-ups did no I/O\n{text}"
+        );
+        let ctl = text
+            .lines()
+            .filter(|l| l.contains("epoll_ctl(") && !l.contains("resumed"))
+            .count();
+        // registering the listeners, the waker, two sockets, and a few
+        // changes of regime: not one per write
+        assert!(ctl <= 16, "{strategy}: {ctl} epoll_ctl calls\n{text}");
+    }
+}
+
+/// The backend resets while sluice holds its socket unwatched (its pipe is
+/// full, the client is not reading): no event reports the reset, so sluice
+/// must meet it on its next read once the client drains the pipe, deliver
+/// what came before it, and pass the reset on. No hang, for splice and copy.
+#[test]
+fn a_reset_on_an_unwatched_backend_reaches_the_client() {
+    for strategy in ["splice", "copy"] {
+        let b = Backend::spawn_on(small_mss_listener(), |mut s| {
+            s.set_write_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            // Write until the write stalls: sluice and the sockets hold
+            // all they can.
+            let mut g = DataGen::new(9);
+            let mut chunk = vec![0u8; 16 * 1024];
+            let (mut written, mut off) = (0u64, chunk.len());
+            loop {
+                if off == chunk.len() {
+                    g.fill(&mut chunk);
+                    off = 0;
+                }
+                match s.write(&chunk[off..]) {
+                    Ok(n) => {
+                        off += n;
+                        written += n as u64;
+                    }
+                    Err(_) => break,
+                }
+            }
+            socket2::SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(s); // RST, with unsent bytes thrown away
+            written.to_string()
+        });
+        let port = free_port();
+        let sl = Sluice::start(
+            &format!("unwatched-reset-{strategy}"),
+            &proxy_config(
+                port,
+                &[b.addr.to_string()],
+                &format!(
+                    "strategy = \"{strategy}\"\npipe_size = \"64KiB\"\nbuffer_size = \"64KiB\""
+                ),
+            ),
+        );
+        let mut c = small_window_client(port);
+        // Not reading until well after the backend reset.
+        let written: u64 = b.wait_results(1, Duration::from_secs(10))[0]
+            .parse()
+            .unwrap();
+        thread::sleep(Duration::from_millis(200));
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let how = loop {
+            match c.read(&mut buf) {
+                Ok(0) => break "eof".to_string(),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break format!("{:?}", e.kind()),
+            }
+        };
+        assert_eq!(
+            how,
+            "ConnectionReset",
+            "{strategy}: after {} bytes",
+            got.len()
+        );
+        // What arrived is the start of what the backend wrote, and more
+        // than sluice held when the reset came.
+        assert!(
+            got.len() as u64 > 64 * 1024 && got.len() as u64 <= written,
+            "{strategy}: {} bytes of {written}",
+            got.len()
+        );
+        let mut want = vec![0u8; got.len()];
+        DataGen::new(9).fill(&mut want);
+        assert!(got == want, "{strategy}: bytes differ");
+        let a = sl.wait_access(1, Duration::from_secs(10));
+        assert_eq!(a[0]["end"], "backend_reset", "{strategy}");
+        assert_eq!(a[0]["bytes_out"], got.len().to_string(), "{strategy}");
+    }
+}
