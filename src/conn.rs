@@ -377,7 +377,10 @@ impl ProxyConn {
                 Side::Client => &self.down,
                 Side::Backend => &self.up,
             };
-            self.watch[side as usize].idle_write |= to.pending() == 0 && !self.connecting;
+            // (After a shutdown(2) a socket reports writable on every state
+            // change: not a reason to change anything.)
+            self.watch[side as usize].idle_write |=
+                to.pending() == 0 && !to.shut && !self.connecting;
         }
 
         if side == Side::Backend && self.connecting {
@@ -427,7 +430,7 @@ impl ProxyConn {
     }
 
     /// Run both flows until neither can progress, then fit each socket's
-    /// readable interest to what the flows still need to hear.
+    /// registration to what the flows still need to hear (`arm`).
     fn relay(&mut self, ctx: &mut Ctx) -> Option<End> {
         if let Some(end) = self.run_flows(ctx) {
             return Some(end);
@@ -439,25 +442,30 @@ impl ProxyConn {
     /// Fit one socket's registration to what the flows still need to
     /// hear from it: most of a bulk transfer's wake-ups were for nothing.
     ///
-    /// * Readable: not needed while the flow reading it already knows it
-    ///   is readable. That flow stopped because its pipe or buffer is full
-    ///   and reads again by itself as soon as a write makes room (a socket
-    ///   stays "readable" until a read says WouldBlock). Left on, every
-    ///   segment a fast sender sends wakes the worker while it waits for a
-    ///   slower receiver. Dropped when such a flow stops (unless it is due
-    ///   another turn), added back once a read drains the socket.
+    /// * Readable: not needed while the flow reading it holds bytes for its
+    ///   destination and already knows the source is readable. It stopped
+    ///   because its pipe or buffer is full, and reads again by itself as
+    ///   soon as a write makes room (a socket stays "readable" until a read
+    ///   says WouldBlock). Left on, every segment a fast sender sends wakes
+    ///   the worker while it waits for a slower receiver. Dropped then,
+    ///   added back once the flow holds nothing or a read drains the
+    ///   socket (a flow that drops what it reads, after its destination
+    ///   went away, holds nothing: it is always watched).
     /// * Writable: needed while the opposite flow waits to write to it.
     ///   Dropped lazily, once, after a "writable" came that nobody needed
     ///   on a socket no write ever blocked on: with edge triggering, a
     ///   readable socket whose bytes were already read when the worker
     ///   collects its event reports just "writable", a wake-up for nothing.
     ///
-    /// Adding an interest re-polls the socket, so what happened in between
-    /// still raises an event. A steady transfer changes a registration only
-    /// when it changes regime. While a socket is watched for nothing it is
-    /// not registered (mio cannot register for nothing): a reset or error
-    /// on it is then met by the next read, which its flow makes as soon as
-    /// its destination takes bytes again (or the idle timeout ends it).
+    /// A direction that is over changes nothing, and while a flow is due
+    /// another turn (`more`) interests are only added, never dropped.
+    /// Adding one re-polls the socket, so what happened in between still
+    /// raises an event. A steady transfer changes a registration only when
+    /// it changes regime; a short connection, not at all. While a socket is
+    /// watched for nothing it is not registered (mio cannot register for
+    /// nothing): a reset or error on it is then met by the next read, which
+    /// its flow makes as soon as its destination takes bytes again (or the
+    /// idle timeout ends it).
     ///
     /// `Some(end)`: an interest the flows need could not be added, so the
     /// connection could wait forever: close it.
@@ -469,19 +477,29 @@ impl ProxyConn {
                 None => return None,
             },
         };
-        if from.more || to.more {
-            return None; // resumed next turn either way
-        }
         let w = &mut self.watch[side as usize];
+        let mut read = if from.eof {
+            w.read
+        } else {
+            !ready.read || from.pending() == 0
+        };
         let wants_write = to.pending() > 0 && !ready.write;
         w.blocked |= wants_write;
-        let read = !ready.read;
-        let write = wants_write || (w.write && (w.blocked || !w.idle_write));
-        w.idle_write = false;
+        let mut write = if to.shut {
+            w.write
+        } else {
+            wants_write || (w.write && (w.blocked || !w.idle_write))
+        };
+        if from.more || to.more {
+            // resumed next turn either way: only what is missing
+            (read, write) = (read || w.read, write || w.write);
+        } else {
+            w.idle_write = false;
+        }
         if (read, write) == (w.read, w.write) {
             return None;
         }
-        let needed = (read && !w.read) || (wants_write && !w.write);
+        let needed = (read && !w.read) || (write && !w.write);
         let tok = token(self.key, side);
         let res = match (w.read || w.write, Watch::interest(read, write)) {
             (_, None) => ctx.registry.deregister(sock),

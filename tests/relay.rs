@@ -816,14 +816,7 @@ fn a_stalled_reader_is_not_woken_by_its_sender() {
     let (chunk, chunks) = (2048, 512);
     let len = (chunk * chunks) as u64;
     for strategy in ["splice", "copy"] {
-        // Small segments both ways (MSS 1 KiB), so sluice's socket
-        // buffers stay small and each write arrives on its own.
-        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        l.set_tcp_mss(1024).unwrap();
-        l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-            .unwrap();
-        l.listen(16).unwrap();
-        let b = Backend::spawn_on(l.into(), move |mut s| {
+        let b = Backend::spawn_on(small_mss_listener(), move |mut s| {
             s.set_nodelay(true).unwrap();
             let mut g = DataGen::new(5);
             let mut buf = vec![0u8; chunk];
@@ -850,15 +843,7 @@ fn a_stalled_reader_is_not_woken_by_its_sender() {
             ),
             &trace.wrapper(),
         );
-        // A small receive window, so sluice's side fills soon.
-        let sock =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        sock.set_recv_buffer_size(16 * 1024).unwrap();
-        sock.set_tcp_mss(1024).unwrap();
-        sock.connect_timeout(&addr(port).into(), Duration::from_secs(5))
-            .unwrap();
-        let mut c: TcpStream = sock.into();
-        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut c = small_window_client(port);
         thread::sleep(Duration::from_millis(500));
         let got = recv_data(&mut c);
         drop(c);
@@ -888,10 +873,11 @@ fn a_stalled_reader_is_not_woken_by_its_sender() {
     }
 }
 
-/// The backend resets while sluice holds its socket unwatched (its pipe is
-/// full, the client is not reading): no event reports the reset, so sluice
-/// must meet it on its next read once the client drains the pipe, deliver
-/// what came before it, and pass the reset on. No hang, for splice and copy.
+/// The backend resets while sluice does not watch its socket for readable
+/// (the pipe is full, the client is not reading; the strace log shows the
+/// interest dropped): sluice must meet the reset on its next read once the
+/// client drains the pipe, deliver what came before it, and pass the reset
+/// on. No hang, for splice and copy.
 #[test]
 fn a_reset_on_an_unwatched_backend_reaches_the_client() {
     for strategy in ["splice", "copy"] {
@@ -923,7 +909,8 @@ fn a_reset_on_an_unwatched_backend_reaches_the_client() {
             written.to_string()
         });
         let port = free_port();
-        let sl = Sluice::start(
+        let trace = Strace::new(&format!("unwatched-reset-{strategy}"), "epoll_ctl");
+        let sl = Sluice::start_wrapped(
             &format!("unwatched-reset-{strategy}"),
             &proxy_config(
                 port,
@@ -932,6 +919,7 @@ fn a_reset_on_an_unwatched_backend_reaches_the_client() {
                     "strategy = \"{strategy}\"\npipe_size = \"64KiB\"\nbuffer_size = \"64KiB\""
                 ),
             ),
+            &trace.wrapper(),
         );
         let mut c = small_window_client(port);
         // Not reading until well after the backend reset.
@@ -967,5 +955,72 @@ fn a_reset_on_an_unwatched_backend_reaches_the_client() {
         let a = sl.wait_access(1, Duration::from_secs(10));
         assert_eq!(a[0]["end"], "backend_reset", "{strategy}");
         assert_eq!(a[0]["bytes_out"], got.len().to_string(), "{strategy}");
+        drop(sl);
+        // The backend (token 1) was taken off readable: deregistered, or
+        // modified to writable only.
+        let text = trace.text();
+        assert!(
+            text.lines().any(|l| l.contains("EPOLL_CTL_DEL")
+                || (l.contains("EPOLL_CTL_MOD") && l.contains("u64=1}") && !l.contains("EPOLLIN"))),
+            "{strategy}: readable never dropped\n{text}"
+        );
+    }
+}
+
+/// The backend refuses an upload: it answers and closes with the upload
+/// unread, so sluice's next write to it meets a reset. The answer is
+/// already delivered, so sluice waits for the client's FIN and drops what
+/// the client still sends (a reset now would hit the client mid-upload).
+/// The client's socket lost its readable interest while the full pipe
+/// waited for the backend (strace shows it deregistered); a flow that drops
+/// what it reads holds nothing, so the interest comes back and the drain
+/// never waits on some other event. The upload must finish without error,
+/// and the connection end as the backend's.
+#[test]
+fn an_upload_the_backend_refused_is_drained_to_the_end() {
+    for strategy in ["splice", "copy"] {
+        let b = Backend::spawn(|mut s| {
+            let mut first = [0u8; 1024];
+            s.read_exact(&mut first).unwrap();
+            s.write_all(b"413 too large\n").unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            // let the upload fill every buffer on the way, then close with
+            // it unread: the kernel resets the connection
+            thread::sleep(Duration::from_millis(300));
+            drop(s);
+            String::new()
+        });
+        let port = free_port();
+        let sl = Sluice::start(
+            &format!("refused-upload-{strategy}"),
+            &proxy_config(
+                port,
+                &[b.addr.to_string()],
+                &format!(
+                    "strategy = \"{strategy}\"\npipe_size = \"64KiB\"\nbuffer_size = \"64KiB\""
+                ),
+            ),
+        );
+        let c = connect(addr(port));
+        let mut w = c.try_clone().unwrap();
+        let upload = 32 * MIB;
+        let uploader = thread::spawn(move || {
+            let chunk = vec![7u8; 64 * 1024];
+            let mut sent = 0u64;
+            while sent < upload {
+                if let Err(e) = w.write_all(&chunk) {
+                    return Err(format!("after {sent} bytes: {e}"));
+                }
+                sent += chunk.len() as u64;
+            }
+            w.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+            Ok(sent)
+        });
+        let mut r = c;
+        assert_eq!(read_to_close(&mut r), b"413 too large\n", "{strategy}");
+        assert_eq!(uploader.join().unwrap(), Ok(upload), "{strategy}");
+        let a = sl.wait_access(1, Duration::from_secs(10));
+        assert_eq!(a[0]["bytes_out"], "14", "{strategy}");
+        assert_eq!(a[0]["end"], "backend_closed", "{strategy}");
     }
 }
