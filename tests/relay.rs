@@ -1024,3 +1024,69 @@ fn an_upload_the_backend_refused_is_drained_to_the_end() {
         assert_eq!(a[0]["end"], "backend_closed", "{strategy}");
     }
 }
+
+/// When the kernel refuses to watch a socket again (epoll_ctl fails after
+/// sluice stopped watching it for readable), the connection could wait
+/// forever: sluice must end it, say why, and go on serving. The failure is
+/// real: strace makes the worker thread's fifth epoll_ctl fail with ENOMEM.
+/// Its first two register the client and the backend; with the pipe full
+/// and the client not reading, the third drops the backend's readable
+/// interest, the fourth (after an unneeded "writable") deregisters it, and
+/// the fifth, once the client reads and the pipe drains, would watch it
+/// for readable again.
+#[test]
+fn a_socket_that_cannot_be_watched_again_ends_its_connection() {
+    let len = 1 << 20;
+    let b = Backend::spawn_on(small_mss_listener(), move |mut s| {
+        s.set_nodelay(true).unwrap();
+        let chunk = [1u8; 2048];
+        for _ in 0..len / chunk.len() {
+            if s.write_all(&chunk).is_err() {
+                return "cut".to_string();
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        "done".to_string()
+    });
+    let port = free_port();
+    let mut wrapper = strace_fault("epoll_ctl", "ENOMEM");
+    let at = wrapper
+        .iter()
+        .position(|a| a.starts_with("inject="))
+        .unwrap();
+    wrapper[at] += ":when=5";
+    let mut sl = Sluice::start_wrapped(
+        "unwatchable",
+        &proxy_config(
+            port,
+            &[b.addr.to_string()],
+            "strategy = \"splice\"\npipe_size = \"64KiB\"",
+        ),
+        &wrapper,
+    );
+    let read_all = |c: &mut TcpStream| {
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got += n,
+            }
+        }
+    };
+    let mut c = small_window_client(port);
+    thread::sleep(Duration::from_millis(500));
+    let got = read_all(&mut c);
+    drop(c);
+    let a = sl.wait_access(1, Duration::from_secs(10));
+    assert_eq!(a[0]["end"], "backend_error", "{:?}", a[0]);
+    assert!(got < len, "{got} bytes: the connection was not cut");
+    assert_eq!(a[0]["bytes_out"], got.to_string());
+    sl.wait_log("cannot watch the Backend socket", Duration::from_secs(5));
+    // The worker goes on: the next connection gets everything.
+    let mut c = connect(addr(port));
+    assert_eq!(read_all(&mut c), len);
+    drop(c);
+    let a = sl.wait_access(2, Duration::from_secs(10));
+    assert_eq!(a[1]["end"], "backend_closed", "{:?}", a[1]);
+}
