@@ -514,10 +514,7 @@ impl ProxyConn {
                     self.route.cfg.name,
                     self.peer
                 );
-                return Some(match side {
-                    Side::Client => End::ClientError,
-                    Side::Backend => End::BackendError,
-                });
+                return Some(self.fail(side, &e));
             }
             // Still registered for more than needed: wake-ups to spare.
             Err(e) => log::debug!("client {}: {side:?} watch unchanged: {e}", self.peer),
@@ -652,7 +649,10 @@ impl ProxyConn {
     }
 
     /// An I/O error on `side`: say how the connection ends, and make the
-    /// other peer see a reset too when this one reset us.
+    /// other peer see a reset. A reset passes on as a reset; any other
+    /// error (a timeout, say) cuts the stream too, and a FIN would let the
+    /// other peer take what it got for complete — a reset is how a proxy
+    /// says "aborted" (HAProxy does the same).
     fn fail(&mut self, side: Side, e: &io::Error) -> End {
         let reset = is_reset(e);
         log::debug!(
@@ -661,14 +661,12 @@ impl ProxyConn {
             self.peer,
             side
         );
-        if reset {
-            let other = match side {
-                Side::Client => self.backend.as_ref(),
-                Side::Backend => Some(&self.client),
-            };
-            if let Some(s) = other {
-                let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
-            }
+        let other = match side {
+            Side::Client => self.backend.as_ref(),
+            Side::Backend => Some(&self.client),
+        };
+        if let Some(s) = other {
+            let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
         }
         match (side, reset) {
             (Side::Client, true) => End::ClientReset,
