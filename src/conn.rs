@@ -442,20 +442,23 @@ impl ProxyConn {
     /// Fit one socket's registration to what the flows still need to
     /// hear from it: most of a bulk transfer's wake-ups were for nothing.
     ///
-    /// * Readable: not needed while the flow reading it holds bytes for its
-    ///   destination and already knows the source is readable. It stopped
-    ///   because its pipe or buffer is full, and reads again by itself as
-    ///   soon as a write makes room (a socket stays "readable" until a read
-    ///   says WouldBlock). Left on, every segment a fast sender sends wakes
-    ///   the worker while it waits for a slower receiver. Dropped then,
-    ///   added back once the flow holds nothing or a read drains the
-    ///   socket (a flow that drops what it reads, after its destination
-    ///   went away, holds nothing: it is always watched).
-    /// * Writable: needed while the opposite flow waits to write to it.
-    ///   Dropped lazily, once, after a "writable" came that nobody needed
-    ///   on a socket no write ever blocked on: with edge triggering, a
-    ///   readable socket whose bytes were already read when the worker
-    ///   collects its event reports just "writable", a wake-up for nothing.
+    /// * Readable: not needed while the flow reading it holds bytes for a
+    ///   destination that is not taking them and already knows the source
+    ///   is readable. It stopped with its buffer full, or with bytes in a
+    ///   pipe that splice could not add to (full, or the source empty: an
+    ///   EAGAIN cannot tell), and it reads again by itself after its next
+    ///   write (a socket stays "readable" until a read says WouldBlock).
+    ///   Left on, every segment a fast sender sends wakes the worker while
+    ///   it waits for a slower receiver. Dropped then, added back once the
+    ///   flow holds nothing or a read drains the socket (a flow that drops
+    ///   what it reads, after its destination went away, holds nothing: it
+    ///   is always watched).
+    /// * Writable: needed while the opposite flow waits to write to it, and
+    ///   kept on a socket a write once blocked on. Otherwise dropped with
+    ///   readable, or lazily after a "writable" came that nobody needed:
+    ///   with edge triggering, a readable socket whose bytes were already
+    ///   read when the worker collects its event reports just "writable",
+    ///   a wake-up for nothing.
     ///
     /// A direction that is over changes nothing, and while a flow is due
     /// another turn (`more`) interests are only added, never dropped.
@@ -485,10 +488,13 @@ impl ProxyConn {
         };
         let wants_write = to.pending() > 0 && !ready.write;
         w.blocked |= wants_write;
+        // Writable stays while a write waits or once blocked; else it goes
+        // after a useless "writable", or together with readable (one
+        // epoll_ctl instead of two, and no "writable" from the re-poll).
         let mut write = if to.shut {
             w.write
         } else {
-            wants_write || (w.write && (w.blocked || !w.idle_write))
+            wants_write || (w.write && (w.blocked || (read && !w.idle_write)))
         };
         if from.more || to.more {
             // resumed next turn either way: only what is missing
@@ -514,7 +520,16 @@ impl ProxyConn {
                     self.route.cfg.name,
                     self.peer
                 );
-                return Some(self.fail(side, &e));
+                // Both streams are cut here: reset both peers.
+                let end = self.fail(side, &e);
+                let own = match side {
+                    Side::Client => Some(&self.client),
+                    Side::Backend => self.backend.as_ref(),
+                };
+                if let Some(s) = own {
+                    let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+                }
+                return Some(end);
             }
             // Still registered for more than needed: wake-ups to spare.
             Err(e) => log::debug!("client {}: {side:?} watch unchanged: {e}", self.peer),
@@ -563,11 +578,12 @@ impl ProxyConn {
         );
         let down = match down {
             Ok(n) => n,
-            Err(FlowError::Read(e)) if is_reset(&e) => {
-                // The backend reset the connection. What it sent before
-                // arrived in order: deliver it, then pass the reset on
-                // once the client has it all (see `reset_due`), as a
-                // direct connection would behave.
+            Err(FlowError::Read(e)) => {
+                // The backend reset the connection (or its socket failed
+                // otherwise, a timeout say). What it sent before arrived in
+                // order: deliver it, then pass the reset on once the client
+                // has it all (see `reset_due`), as a direct connection
+                // would behave.
                 self.down.source_reset();
                 self.reset = Some((e, ctx.now + LINGER));
                 if let Err(FlowError::Write(e)) = self.down.run(
@@ -581,7 +597,6 @@ impl ProxyConn {
                 }
                 0
             }
-            Err(FlowError::Read(e)) => return Some(self.fail(Side::Backend, &e)),
             Err(FlowError::Write(e)) => return Some(self.fail(Side::Client, &e)),
         };
         if up + down > 0 {
