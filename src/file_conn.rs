@@ -662,6 +662,10 @@ impl FileConn {
         if r.status > 0 {
             Counters::inc(&c.http_status[usize::from(r.status / 100).min(5)]);
         }
+        // The line costs some formatting: only when it is wanted.
+        if !log::log_enabled!(target: "access", log::Level::Info) {
+            return;
+        }
         let end = match self.proto {
             Proto::Fallback(_) if end == "ok" => "fallback",
             _ => end,

@@ -26,6 +26,33 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
+/// The Date header's value, formatted once per second per thread (as
+/// nginx does): a busy file route sends thousands of heads a second.
+struct DateCache {
+    second: u64,
+    text: String,
+}
+
+impl DateCache {
+    fn now(&mut self) -> &str {
+        let now = SystemTime::now();
+        let second = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if second != self.second || self.text.is_empty() {
+            self.second = second;
+            self.text = httpdate::fmt_http_date(now);
+        }
+        &self.text
+    }
+}
+
+thread_local! {
+    static DATE: std::cell::RefCell<DateCache> = const {
+        std::cell::RefCell::new(DateCache { second: 0, text: String::new() })
+    };
+}
+
 /// A response head under construction.
 pub struct Head {
     buf: String,
@@ -38,11 +65,12 @@ impl Head {
         let mut buf = String::with_capacity(256);
         let _ = write!(
             buf,
-            "HTTP/1.{} {status} {}\r\nServer: sluice\r\nDate: {}\r\n",
+            "HTTP/1.{} {status} {}\r\nServer: sluice\r\nDate: ",
             minor.min(1),
             reason(status),
-            httpdate::fmt_http_date(SystemTime::now())
         );
+        DATE.with(|d| buf.push_str(d.borrow_mut().now()));
+        buf.push_str("\r\n");
         Head { buf }
     }
 
@@ -125,5 +153,22 @@ mod tests {
             "text/markdown; charset=utf-8"
         );
         assert_eq!(content_type("x.bin".as_ref()), "application/octet-stream");
+    }
+
+    /// The cached Date is the current time, to the second, on every head.
+    #[test]
+    fn date_is_now() {
+        for _ in 0..2 {
+            let before = SystemTime::now() - std::time::Duration::from_secs(1);
+            let h = String::from_utf8(Head::new(1, 200).finish(1, true)).unwrap();
+            let date = h
+                .lines()
+                .find_map(|l| l.strip_prefix("Date: "))
+                .expect("a Date header");
+            let t = httpdate::parse_http_date(date).expect("an HTTP date");
+            let after = SystemTime::now();
+            assert!(before <= t && t <= after, "{date}");
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+        }
     }
 }
