@@ -12,10 +12,10 @@
 //! The worker owns connections in a slab and routes each mio event here
 //! with the side it came from. The connection remembers each socket's
 //! readiness (edge-triggered: a flag stays set until a syscall says
-//! WouldBlock), runs both flows, fits each socket's epoll registration to
-//! what the flows still need to hear (`arm`), and answers with `Some(End)` when it is
-//! over; the worker then calls `close`, which logs the access line and
-//! updates the counters.
+//! WouldBlock), runs both flows, fits each socket's epoll registration
+//! to what the flows still need to hear (`arm`), and answers with
+//! `Some(End)` when it is over; the worker then calls `close`, which logs
+//! the access line and updates the counters.
 
 use std::io;
 use std::net::SocketAddr;
