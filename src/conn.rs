@@ -522,15 +522,8 @@ impl ProxyConn {
                     self.peer
                 );
                 // Both streams are cut here: reset both peers.
-                let end = self.fail(side, &e);
-                let own = match side {
-                    Side::Client => Some(&self.client),
-                    Side::Backend => self.backend.as_ref(),
-                };
-                if let Some(s) = own {
-                    let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
-                }
-                return Some(end);
+                self.reset_peer(side);
+                return Some(self.fail(side, &e));
             }
             // Still registered for more than needed: wake-ups to spare.
             Err(e) => log::debug!("client {}: {side:?} watch unchanged: {e}", self.peer),
@@ -677,18 +670,26 @@ impl ProxyConn {
             self.peer,
             side
         );
-        let other = match side {
-            Side::Client => self.backend.as_ref(),
-            Side::Backend => Some(&self.client),
-        };
-        if let Some(s) = other {
-            let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
-        }
+        self.reset_peer(match side {
+            Side::Client => Side::Backend,
+            Side::Backend => Side::Client,
+        });
         match (side, reset) {
             (Side::Client, true) => End::ClientReset,
             (Side::Backend, true) => End::BackendReset,
             (Side::Client, false) => End::ClientError,
             (Side::Backend, false) => End::BackendError,
+        }
+    }
+
+    /// Make the close of `side`'s socket a reset (SO_LINGER 0).
+    fn reset_peer(&self, side: Side) {
+        let sock = match side {
+            Side::Client => Some(&self.client),
+            Side::Backend => self.backend.as_ref(),
+        };
+        if let Some(s) = sock {
+            let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
         }
     }
 
@@ -796,8 +797,7 @@ impl ProxyConn {
         }
         if end == End::IdleTimeout || end == End::Shutdown {
             // Nobody is waiting for a graceful FIN exchange any more.
-            let _ =
-                socket2::SockRef::from(&self.client).set_linger(Some(std::time::Duration::ZERO));
+            self.reset_peer(Side::Client);
         }
         self.report(ctx.worker);
         let c = self.route.shared.stats.slot(ctx.worker);

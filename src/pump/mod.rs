@@ -409,11 +409,7 @@ impl Flow {
         if let Held::Idle = self.held {
             self.held = self.choose(pools);
         }
-        match &self.held {
-            Held::Idle => 0,
-            Held::Splice(p) => p.room(),
-            Held::Copy(p) => p.room(),
-        }
+        self.held_room()
     }
 
     fn choose(&mut self, pools: &mut Pools) -> Held {

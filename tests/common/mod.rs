@@ -562,6 +562,7 @@ pub struct Strace {
     dir: PathBuf,
     file: PathBuf,
     trace: String,
+    inject: Option<String>,
 }
 
 impl Strace {
@@ -574,28 +575,30 @@ impl Strace {
             dir,
             file,
             trace: format!("trace={syscalls}"),
+            inject: None,
         }
+    }
+
+    /// Also inject a fault, as strace's `-e inject=` takes it (e.g.
+    /// "epoll_ctl:error=ENOMEM:when=6"); the log marks it "(INJECTED)".
+    pub fn inject(mut self, spec: &str) -> Strace {
+        self.inject = Some(format!("inject={spec}"));
+        self
     }
 
     /// The command to start sluice under: every thread, strings up to 64
     /// bytes, one line per call.
     pub fn wrapper(&self) -> Vec<String> {
         let file = self.file.to_str().unwrap();
-        [
-            "strace",
-            "-f",
-            "-qq",
-            "-s",
-            "64",
-            "-e",
-            &self.trace,
-            "-o",
-            file,
-            "--",
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect()
+        let mut v: Vec<String> = ["strace", "-f", "-qq", "-s", "64", "-e", &self.trace]
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+        if let Some(i) = &self.inject {
+            v.extend(["-e".to_string(), i.clone()]);
+        }
+        v.extend(["-o", file, "--"].map(String::from));
+        v
     }
 
     /// What strace wrote; the traced sluice must have been dropped.
