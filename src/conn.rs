@@ -27,6 +27,7 @@ use std::time::Instant;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use crate::file_conn::OpenFiles;
 use crate::handshake::Accepted;
 use crate::pump::{Fallback, Flow, FlowError, FlowParams, Pools, Ready};
 use crate::route::RouteRt;
@@ -106,6 +107,7 @@ impl End {
 /// What the worker lends a connection while it handles an event.
 pub struct Ctx<'a> {
     pub pools: Pools<'a>,
+    pub files: &'a mut OpenFiles,
     pub registry: &'a Registry,
     pub now: Instant,
     pub worker: usize,

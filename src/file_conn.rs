@@ -54,7 +54,10 @@ use crate::route::RouteRt;
 use crate::stats::Counters;
 use crate::sys;
 
+mod open_files;
 mod respond;
+
+pub use open_files::OpenFiles;
 
 /// Longest time a closing connection waits for the client's FIN.
 const LINGER: Duration = Duration::from_secs(5);
@@ -295,7 +298,7 @@ impl FileConn {
         }) {
             Ok((f, size)) => {
                 let mut pools = pools(ctx);
-                let mut body = Body::open(f, &self.params, &mut pools);
+                let mut body = Body::open(Arc::new(f), &self.params, &mut pools);
                 let size = leased_size(&body).unwrap_or(size);
                 body.range(0, size);
                 self.note_fallback(&body, ctx);

@@ -361,6 +361,8 @@ impl Server {
             routes: g.routes.clone(),
             listeners: Vec::new(),
             max_connections: g.max_connections,
+            open_file_cache: g.open_file_cache,
+            open_file_cache_inactive: g.open_file_cache_inactive,
         });
         self.send(|| Cmd::Load(closed.clone()));
         self.generation = closed;
@@ -432,6 +434,8 @@ fn build_generation(
         routes,
         listeners,
         max_connections: cfg.global.max_connections,
+        open_file_cache: cfg.global.open_file_cache,
+        open_file_cache_inactive: cfg.global.open_file_cache_inactive,
     })
 }
 

@@ -43,7 +43,7 @@ use slab::Slab;
 
 use crate::config::RouteKind;
 use crate::conn::{Ctx, End, ProxyConn, Side, token};
-use crate::file_conn::FileConn;
+use crate::file_conn::{FileConn, OpenFiles};
 use crate::handshake::{Accepted, Handshake, Step};
 use crate::pipe_pool::{BufPool, PipeBudget, PipePool};
 use crate::pump::Pools;
@@ -74,6 +74,9 @@ pub struct Generation {
     pub routes: Vec<Arc<RouteRt>>,
     pub listeners: Vec<SharedListener>,
     pub max_connections: usize,
+    /// Size of each worker's open-file cache (`file_conn::OpenFiles`).
+    pub open_file_cache: usize,
+    pub open_file_cache_inactive: Duration,
 }
 
 /// State shared by every worker for the life of the process.
@@ -160,6 +163,7 @@ pub struct Worker {
     next_id: u64,
     pipes: PipePool,
     bufs: BufPool,
+    files: OpenFiles,
     rng: u64,
     drain: Option<Instant>,
     /// Sessions (key, id) to run again next turn without an event.
@@ -189,6 +193,11 @@ impl Worker {
             next_id: 0,
             pipes,
             bufs: BufPool::default(),
+            files: OpenFiles::new(
+                generation.open_file_cache,
+                generation.open_file_cache_inactive,
+                Instant::now(),
+            ),
             rng: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
             drain: None,
             ready: Vec::new(),
@@ -229,6 +238,10 @@ impl Worker {
             // A client may already wait in the backlog: no edge will say so.
             self.backlog.push(self.listeners.len() - 1);
         }
+        self.files.configure(
+            generation.open_file_cache,
+            generation.open_file_cache_inactive,
+        );
         self.generation = generation;
         Ok(())
     }
@@ -315,6 +328,7 @@ impl Worker {
             self.run_ready(now);
             self.accept_backlog(now);
             self.fire_timers(now);
+            self.files.sweep(now);
             if let Some(deadline) = self.drain {
                 if self.slab.is_empty() {
                     log::debug!("worker {}: drained", self.id);
@@ -355,7 +369,8 @@ impl Worker {
         let t = self.timers.peek().map(|Reverse((t, _, _))| *t);
         let p = self.listeners.iter().filter_map(|l| l.paused_until).min();
         let d = self.drain;
-        [t, p, d].into_iter().flatten().min()
+        let f = self.files.next_sweep();
+        [t, p, d, f].into_iter().flatten().min()
     }
 
     fn accept_backlog(&mut self, now: Instant) {
@@ -632,6 +647,7 @@ impl Worker {
                 pipes: &mut self.pipes,
                 bufs: &mut self.bufs,
             },
+            files: &mut self.files,
             registry: self.poll.registry(),
             now,
             worker: self.id,

@@ -151,7 +151,7 @@ fn unknown_keys() {
     rejects(
         "[global]\nworker = 2\n",
         "2:1",
-        "unknown key `worker` in [global] (did you mean `workers`?); expected one of: max_connections, max_pipes, shutdown_timeout, log_level, workers",
+        "unknown key `worker` in [global] (did you mean `workers`?); expected one of: max_connections, max_pipes, shutdown_timeout, log_level, workers, open_file_cache, open_file_cache_inactive",
     );
     rejects(
         "[admin]\nport = 1\n",

@@ -932,3 +932,164 @@ fn many_pipelined_requests_answered_in_order() {
             .all(|l| l["status"] == "200" && l["strategy"] == "copy")
     );
 }
+
+/// Lines of a strace log for `call` on path `name` (quoted as strace
+/// prints it, e.g. `"d/index.html"`).
+fn calls_on(text: &str, call: &str, name: &str) -> usize {
+    let quoted = format!("\"{name}\"");
+    text.lines()
+        .filter(|l| l.contains(&format!("{call}(")) && l.contains(&quoted))
+        .count()
+}
+
+/// One keep-alive GET; the head and body.
+fn get_on(
+    c: &mut std::net::TcpStream,
+    r: &mut BufReader<std::net::TcpStream>,
+    target: &str,
+) -> (HttpHead, Vec<u8>) {
+    c.write_all(format!("GET {target} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .unwrap();
+    let h = read_head(r).unwrap();
+    let body = read_body(r, h.content_length());
+    (h, body)
+}
+
+#[test]
+fn open_files_are_reused_and_checked_on_every_request() {
+    let dir = temp_dir("files-cache");
+    let root = dir.join("www");
+    std::fs::create_dir_all(root.join("d")).unwrap();
+    std::fs::write(root.join("a.txt"), b"alpha").unwrap();
+    std::fs::write(root.join("d/index.html"), b"<p>index</p>").unwrap();
+    std::fs::write(root.join("m.txt"), b"mapped").unwrap();
+    let (p, pm) = (free_port(), free_port());
+    let toml = format!(
+        "[global]\nlog_level = \"info\"\nworkers = 1\n{}{}",
+        route("cached", p, "root = \"www\"\nindex = \"index.html\""),
+        route("mmap", pm, "root = \"www\"\nstrategy = \"mmap\""),
+    );
+    let trace = Strace::new("files-cache", "openat2,newfstatat,close");
+    let sl = Sluice::start_wrapped_in(dir.clone(), &toml, &trace.wrapper());
+    let mut c = connect(addr(p));
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    for _ in 0..3 {
+        let (h, body) = get_on(&mut c, &mut r, "/a.txt");
+        assert_eq!(h.status, 200);
+        assert_eq!(body, b"alpha");
+    }
+    // A folder: its index is cached under the folder's path, and the
+    // slash-less form is still sent to the slash form.
+    for _ in 0..2 {
+        let (h, body) = get_on(&mut c, &mut r, "/d/");
+        assert_eq!((h.status, body.as_slice()), (200, &b"<p>index</p>"[..]));
+        assert_eq!(h.get("content-type"), Some("text/html; charset=utf-8"));
+    }
+    let (h, _) = get_on(&mut c, &mut r, "/d");
+    assert_eq!((h.status, h.get("location")), (301, Some("/d/")));
+    // Changed attributes (chmod moves ctime): opened again.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root.join("a.txt"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (h, body) = get_on(&mut c, &mut r, "/a.txt");
+    assert_eq!((h.status, body.as_slice()), (200, &b"alpha"[..]));
+    // Deleted: the cached descriptor could still read it, but it is gone.
+    std::fs::remove_file(root.join("a.txt")).unwrap();
+    let (h, _) = get_on(&mut c, &mut r, "/a.txt");
+    assert_eq!(h.status, 404);
+    // mmap transfers lease their own open file: never cached.
+    for _ in 0..2 {
+        let (h, body) = http(
+            addr(pm),
+            "GET /m.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!((h.status, body.as_slice()), (200, &b"mapped"[..]));
+    }
+    drop((c, r));
+    drop(sl);
+    let text = trace.text();
+    // a.txt: opened for the first request and after the chmod; each use
+    // of the cache is one stat of the path (2 hits, then the chmod and
+    // the delete each found a changed or missing file).
+    assert_eq!(calls_on(&text, "openat2", "a.txt"), 3, "{text}");
+    assert_eq!(calls_on(&text, "newfstatat", "a.txt"), 4, "{text}");
+    // The folder was opened once, its index once; one stat per later use.
+    assert_eq!(calls_on(&text, "openat2", "d"), 1, "{text}");
+    assert_eq!(calls_on(&text, "openat2", "d/index.html"), 1, "{text}");
+    assert_eq!(calls_on(&text, "newfstatat", "d/index.html"), 2, "{text}");
+    assert_eq!(calls_on(&text, "openat2", "m.txt"), 2, "{text}");
+    assert_eq!(calls_on(&text, "newfstatat", "m.txt"), 0, "{text}");
+}
+
+/// Descriptors of process `pid` that point at `path` (as /proc shows it,
+/// with " (deleted)" once the file is gone).
+fn fds_on(pid: u32, path: &Path) -> usize {
+    let want = path.to_string_lossy().to_string();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with(&want))
+        .count()
+}
+
+#[test]
+fn open_file_cache_is_bounded_swept_and_can_be_turned_off() {
+    let dir = temp_dir("files-cache-sweep");
+    let root = dir.join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    let (a, b) = (root.join("a.bin"), root.join("b.bin"));
+    std::fs::write(&a, b"aaaa").unwrap();
+    std::fs::write(&b, b"bbbb").unwrap();
+    let (p, off) = (free_port(), free_port());
+    let toml = format!(
+        "[global]\nlog_level = \"info\"\nworkers = 1\nopen_file_cache = 1\nopen_file_cache_inactive = \"1s\"\n{}",
+        route("files", p, "root = \"www\""),
+    );
+    let sl = Sluice::start_in(dir.clone(), &toml, &[]);
+    let pid = sl.pid();
+    let get = |port: u16, t: &str| {
+        http(
+            addr(port),
+            &format!("GET {t} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    assert_eq!(get(p, "/a.bin").1, b"aaaa");
+    assert_eq!(
+        (fds_on(pid, &a), fds_on(pid, &b)),
+        (1, 0),
+        "a.bin stays open"
+    );
+    assert_eq!(get(p, "/b.bin").1, b"bbbb");
+    assert_eq!(
+        (fds_on(pid, &a), fds_on(pid, &b)),
+        (0, 1),
+        "one entry: a.bin went"
+    );
+    // Deleted while cached and never asked for again: the inactive sweep
+    // closes it, so its space is released.
+    std::fs::remove_file(&b).unwrap();
+    assert_eq!(fds_on(pid, &b), 1, "still held right after the delete");
+    let mut held = 1;
+    for _ in 0..50 {
+        held = fds_on(pid, &b);
+        if held == 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(held, 0, "the sweep closed the deleted file");
+    drop(sl);
+
+    // open_file_cache = 0: nothing stays open after a response.
+    let dir = temp_dir("files-cache-off");
+    let a = dir.join("www/a.bin");
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    std::fs::write(&a, b"aaaa").unwrap();
+    let toml = format!(
+        "[global]\nlog_level = \"info\"\nworkers = 1\nopen_file_cache = 0\n{}",
+        route("files", off, "root = \"www\""),
+    );
+    let sl = Sluice::start_in(dir.clone(), &toml, &[]);
+    assert_eq!(get(off, "/a.bin").1, b"aaaa");
+    let _ = sl.wait_access(1, Duration::from_secs(5));
+    assert_eq!(fds_on(sl.pid(), &a), 0);
+}

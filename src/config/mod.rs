@@ -126,6 +126,11 @@ pub struct Global {
     pub log_level: log::LevelFilter,
     /// Worker threads, already resolved (0 in the file = one per CPU).
     pub workers: usize,
+    /// Files each worker keeps open for file routes (validated by one
+    /// stat on every use); 0 = none.
+    pub open_file_cache: usize,
+    /// A cached file unused for this long is closed.
+    pub open_file_cache_inactive: Duration,
 }
 
 #[derive(Debug, Clone)]

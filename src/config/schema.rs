@@ -38,6 +38,8 @@ pub struct RawGlobal {
     pub shutdown_timeout: Option<Spanned<Dur>>,
     pub log_level: Option<Spanned<String>>,
     pub workers: Option<Spanned<u64>>,
+    pub open_file_cache: Option<Spanned<u64>>,
+    pub open_file_cache_inactive: Option<Spanned<Dur>>,
 }
 
 /// `[admin]`

@@ -94,6 +94,8 @@ fn defaults() {
     assert_eq!(cfg.global.shutdown_timeout, Duration::from_secs(30));
     assert_eq!(cfg.global.log_level, log::LevelFilter::Info);
     assert_eq!(cfg.global.workers, 1);
+    assert_eq!(cfg.global.open_file_cache, 1000);
+    assert_eq!(cfg.global.open_file_cache_inactive, Duration::from_secs(20));
     assert!(cfg.admin.is_none());
 
     let p = &cfg.routes[0];
@@ -145,6 +147,8 @@ max_pipes = 64
 shutdown_timeout = "0"
 log_level = "debug"
 workers = 0
+open_file_cache = 0
+open_file_cache_inactive = "3s"
 
 [admin]
 listen = "127.0.0.1:9900"
@@ -191,6 +195,8 @@ dotfiles = true
     assert_eq!(cfg.global.shutdown_timeout, Duration::ZERO);
     assert_eq!(cfg.global.log_level, log::LevelFilter::Debug);
     assert!(cfg.global.workers >= 1);
+    assert_eq!(cfg.global.open_file_cache, 0);
+    assert_eq!(cfg.global.open_file_cache_inactive, Duration::from_secs(3));
     assert_eq!(
         cfg.admin.as_ref().unwrap().listen,
         "127.0.0.1:9900".parse().unwrap()
@@ -823,6 +829,11 @@ fn zero_and_out_of_range_values() {
         &dir,
         &format!("[global]\nworkers = 5000\n{PROXY}"),
         "t.toml:2:11: workers must be at most 1024, found 5000",
+    );
+    rejects(
+        &dir,
+        &format!("[global]\nopen_file_cache = 2000000\n{PROXY}"),
+        "t.toml:2:19: open_file_cache must be at most 1048576, found 2000000",
     );
 }
 

@@ -21,6 +21,12 @@ use super::values;
 use super::{Admin, Config, Global};
 
 const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// Files each worker keeps open for file routes (nginx's documented
+/// example: `open_file_cache max=1000 inactive=20s`).
+const DEFAULT_OPEN_FILE_CACHE: u64 = 1000;
+/// Each cached file holds a descriptor: beyond this the cache would compete
+/// with connections for the descriptor limit.
+const MAX_OPEN_FILE_CACHE: u64 = 1 << 20;
 /// `max_pipes = 0` derives the pool cap as `max_connections * 2` (one pipe
 /// per direction of a spliced connection), capped at this.
 const DERIVED_MAX_PIPES_CAP: usize = 16_384;
@@ -121,6 +127,20 @@ fn global(src: &Source, raw: Option<&Spanned<RawGlobal>>) -> Result<Global, Conf
             log::LevelFilter::Info,
         )?,
         workers,
+        open_file_cache: values::count(
+            src,
+            "open_file_cache",
+            g.and_then(|g| g.open_file_cache.as_ref()),
+            DEFAULT_OPEN_FILE_CACHE,
+            0,
+            MAX_OPEN_FILE_CACHE,
+        )? as usize,
+        open_file_cache_inactive: values::duration(
+            src,
+            "open_file_cache_inactive",
+            g.and_then(|g| g.open_file_cache_inactive.as_ref()),
+            Duration::from_secs(20),
+        )?,
     })
 }
 

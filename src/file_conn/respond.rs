@@ -1,17 +1,20 @@
 //! Answering one parsed HTTP request: map the target to a file (with
-//! the path rules of `http::path` and openat2 beneath the route's root),
+//! the path rules of `http::path` and openat2 beneath the route's root,
+//! or from the worker's validated open-file cache, `open_files`),
 //! decide the status (304, 206, 416, 301, 404...) with `http::cond`, and
 //! queue the response head and body on the session. No I/O on the socket
 //! happens here; `FileConn::drive` sends what this queues.
 
-use std::fs::{File, Metadata};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
+use super::open_files::Opened;
 use super::{FileConn, Resp, leased_size, open_file, pools};
-use crate::config::{FileRoute, FileSource};
+use crate::config::{FileRoute, FileSource, FileStrategy};
 use crate::conn::Ctx;
 use crate::http::cond::{self, Span, Validators};
 use crate::http::path;
@@ -19,6 +22,7 @@ use crate::http::request::{Method, Request};
 use crate::http::response::{self, Head};
 use crate::pump::file::Body;
 use crate::sys;
+use crate::sys::file::FileStat;
 
 impl FileConn {
     /// Answer one parsed request: queue its response.
@@ -31,7 +35,7 @@ impl FileConn {
         }
         let route = self.route.clone();
         let f = route.file().expect("file route");
-        let (file, meta, name) = match self.open_target(f, &req.target) {
+        let opened = match self.open_target(f, &req.target, ctx) {
             Ok(v) => v,
             Err(301) => {
                 // A folder named without its trailing slash: send the
@@ -54,7 +58,10 @@ impl FileConn {
                 return;
             }
         };
-        let v = Validators::new(meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
+        let Opened {
+            file, stat, ctype, ..
+        } = opened;
+        let v = Validators::new(stat.size, stat.modified());
         if cond::not_modified(
             &v,
             req.if_none_match.as_deref(),
@@ -67,7 +74,7 @@ impl FileConn {
             self.resp = Some(resp(head, None, keep, 304, ctx.now).named(&req));
             return;
         }
-        let mut size = meta.len();
+        let mut size = stat.size;
         let mut body = None;
         if !head_only {
             let mut pools = pools(ctx);
@@ -93,7 +100,7 @@ impl FileConn {
             }
         };
         let mut h = Head::new(minor, status)
-            .header("Content-Type", response::content_type(&name))
+            .header("Content-Type", &*ctype)
             .header("Content-Length", end - start)
             .header("Last-Modified", v.last_modified())
             .header("ETag", &v.etag)
@@ -117,44 +124,70 @@ impl FileConn {
         self.resp = Some(resp(head, body, keep, status, ctx.now).named(&req));
     }
 
-    /// Open the file a target names. `Err(status)` when it cannot be
-    /// served. Returns the file and the name its type is guessed from.
-    fn open_target(&self, f: &FileRoute, target: &str) -> Result<(File, Metadata, PathBuf), u16> {
-        let (file, meta, name) = match &f.source {
-            // One file: every target gets it.
-            FileSource::File(p) => {
-                let file = open_file(p).map_err(|e| status_of(&e))?;
-                let meta = file.metadata().map_err(|e| status_of(&e))?;
-                (file, meta, p.clone())
-            }
+    /// Open the file a target names, or take it from the worker's
+    /// open-file cache. `Err(status)` when it cannot be served (301: a
+    /// folder named without its trailing slash).
+    fn open_target(&self, f: &FileRoute, target: &str, ctx: &mut Ctx) -> Result<Opened, u16> {
+        // mmap bodies lease their own open file: never shared.
+        let cacheable = f.strategy != FileStrategy::Mmap && ctx.files.enabled();
+        let (dir, rel) = match &f.source {
+            FileSource::File(p) => (None, p.clone()),
             FileSource::Root(_) => {
-                let rel = path::resolve(target, f.dotfiles)?;
                 let root = self.route.root.as_ref().ok_or(500u16)?;
-                let fd = sys::file::open_beneath(root.as_fd(), &rel).map_err(|e| status_of(&e))?;
-                let file = File::from(fd);
-                let meta = file.metadata().map_err(|e| status_of(&e))?;
-                if meta.is_dir() {
-                    // No listings: the index file, or nothing.
-                    let index = f.index.as_ref().ok_or(404u16)?;
-                    let path = target.split(['?', '#']).next().unwrap_or_default();
-                    if !path.ends_with('/') {
-                        return Err(301);
-                    }
-                    let rel = rel.join(index);
-                    let fd =
-                        sys::file::open_beneath(root.as_fd(), &rel).map_err(|e| status_of(&e))?;
-                    let file = File::from(fd);
-                    let meta = file.metadata().map_err(|e| status_of(&e))?;
-                    (file, meta, rel)
-                } else {
-                    (file, meta, rel)
-                }
+                (Some(root.as_fd()), path::resolve(target, f.dotfiles)?)
             }
         };
-        if !meta.is_file() {
+        let slash = || {
+            target
+                .split(['?', '#'])
+                .next()
+                .unwrap_or_default()
+                .ends_with('/')
+        };
+        let rel = if cacheable {
+            match ctx.files.get(dir, rel, ctx.now) {
+                Ok(o) if o.index && !slash() => return Err(301),
+                Ok(o) => return Ok(o),
+                Err(rel) => rel,
+            }
+        } else {
+            rel
+        };
+        let open = |rel: &Path| -> Result<(File, FileStat), u16> {
+            let file = match dir {
+                Some(root) => {
+                    File::from(sys::file::open_beneath(root, rel).map_err(|e| status_of(&e))?)
+                }
+                None => open_file(rel).map_err(|e| status_of(&e))?,
+            };
+            let st = sys::file::stat(file.as_fd()).map_err(|e| status_of(&e))?;
+            Ok((file, st))
+        };
+        let (mut file, mut st) = open(&rel)?;
+        let mut index = None;
+        if st.is_dir() && dir.is_some() {
+            // No listings: the index file, or nothing.
+            let name = f.index.as_ref().ok_or(404u16)?;
+            if !slash() {
+                return Err(301);
+            }
+            let path = rel.join(name);
+            (file, st) = open(&path)?;
+            index = Some(path);
+        }
+        if !st.is_file() {
             return Err(404); // a FIFO, device or socket is never served
         }
-        Ok((file, meta, name))
+        let opened = Opened {
+            file: Arc::new(file),
+            stat: st,
+            ctype: response::content_type(index.as_deref().unwrap_or(&rel)).into(),
+            index: index.is_some(),
+        };
+        if cacheable {
+            ctx.files.put(dir, rel, index, &opened, ctx.now);
+        }
+        Ok(opened)
     }
 
     /// Queue an error response. Malformed, over-long or timed-out

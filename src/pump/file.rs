@@ -29,6 +29,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use mio::net::TcpStream;
 
@@ -110,7 +111,9 @@ enum Mode {
 
 /// An open file being sent.
 pub struct Body {
-    file: File,
+    /// Shared with the open-file cache (and other bodies) except for mmap,
+    /// whose lease belongs to its own open file.
+    file: Arc<File>,
     mode: Mode,
     leased: bool,
     /// Next file offset to read (to send, for sendfile/mmap).
@@ -131,7 +134,7 @@ pub struct Body {
 impl Body {
     /// Prepare to send `file`. For mmap this takes the lease (before the
     /// caller's fstat, so the size it reads is protected by the lease).
-    pub fn open(file: File, p: &BodyParams, pools: &mut Pools) -> Body {
+    pub fn open(file: Arc<File>, p: &BodyParams, pools: &mut Pools) -> Body {
         let mut b = Body {
             file,
             mode: Mode::Sendfile,

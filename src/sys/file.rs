@@ -55,6 +55,89 @@ pub fn open_beneath(root: BorrowedFd, rel: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
+/// What file routes need to know of a file: its identity and every
+/// attribute an open(2) would check (to tell whether a path still names
+/// the same, unchanged inode), its type, size and modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStat {
+    pub dev: u64,
+    pub ino: u64,
+    /// Type and permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Seconds and nanoseconds; changes with any chmod, chown, ACL change,
+    /// link count change or write.
+    pub ctime: (i64, i64),
+    pub size: u64,
+    pub mtime: (i64, i64),
+}
+
+impl FileStat {
+    fn from(st: libc::stat) -> FileStat {
+        FileStat {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+        }
+    }
+
+    pub fn is_file(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFREG
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFDIR
+    }
+
+    /// Same inode, unchanged in everything but its bytes and mtime.
+    pub fn same_file(&self, other: &FileStat) -> bool {
+        (
+            self.dev, self.ino, self.mode, self.uid, self.gid, self.ctime,
+        ) == (
+            other.dev,
+            other.ino,
+            other.mode,
+            other.uid,
+            other.gid,
+            other.ctime,
+        )
+    }
+
+    pub fn modified(&self) -> std::time::SystemTime {
+        let (s, ns) = self.mtime;
+        let at = std::time::Duration::new(s.unsigned_abs(), u32::try_from(ns).unwrap_or(0));
+        if s >= 0 {
+            std::time::UNIX_EPOCH + at
+        } else {
+            std::time::UNIX_EPOCH - at
+        }
+    }
+}
+
+/// fstat(2) of an open file.
+pub fn stat(fd: BorrowedFd) -> io::Result<FileStat> {
+    nix::sys::stat::fstat(fd)
+        .map(FileStat::from)
+        .map_err(io::Error::from)
+}
+
+/// stat(2) of `rel` relative to the directory `dir` (or the working
+/// directory with `None`), following symlinks as open does. Unlike
+/// `open_beneath` it does not confine the walk: callers use it only to
+/// check that a path still names a file they opened with confinement.
+pub fn stat_at(dir: Option<BorrowedFd>, rel: &Path) -> io::Result<FileStat> {
+    let dir = dir.unwrap_or(nix::fcntl::AT_FDCWD);
+    nix::sys::stat::fstatat(dir, rel, nix::fcntl::AtFlags::empty())
+        .map(FileStat::from)
+        .map_err(io::Error::from)
+}
+
 /// Choose the signal the kernel sends when a lease on `fd` breaks.
 pub fn set_lease_signal(fd: BorrowedFd, sig: libc::c_int) -> io::Result<()> {
     // SAFETY: fcntl with an integer argument on a borrowed fd.
