@@ -101,7 +101,14 @@ pub struct RouteRt {
     /// mmap routes: a transfer already logged that it had no lease (later
     /// ones are only counted and marked on their access line).
     pub lease_warned: AtomicBool,
+    /// Unique for the life of the process (never reused, unlike a
+    /// descriptor number): what the open-file cache files entries under,
+    /// so an entry is only ever used by the route instance that opened it.
+    pub id: u64,
 }
+
+/// Source of `RouteRt::id`.
+static NEXT_ROUTE_ID: AtomicU64 = AtomicU64::new(1);
 
 impl RouteRt {
     /// Build a route, reusing shared state and backend health from the
@@ -128,6 +135,7 @@ impl RouteRt {
             backends,
             root: None,
             lease_warned: AtomicBool::new(false),
+            id: NEXT_ROUTE_ID.fetch_add(1, Ordering::Relaxed),
         }
     }
 

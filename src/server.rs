@@ -374,6 +374,25 @@ impl Server {
 
 /// Build a generation from a config, reusing sockets bound to the same
 /// address and route state of routes with the same name.
+/// `open_file_cache`, but never more than a quarter of the descriptor
+/// limit spread over the workers: cached files must not starve
+/// connections of descriptors.
+fn open_file_cache(cfg: &Config, workers: usize) -> usize {
+    let want = cfg.global.open_file_cache;
+    let Ok(limit) = crate::sys::nofile_limit() else {
+        return want;
+    };
+    let share = usize::try_from(limit / 4).unwrap_or(usize::MAX) / workers.max(1);
+    if want > share {
+        log::warn!(
+            "open_file_cache = {want} is more than a quarter of the file descriptor limit \
+             ({limit}) over {workers} workers: each worker caches at most {share} files"
+        );
+        return share;
+    }
+    want
+}
+
 fn build_generation(
     cfg: &Config,
     workers: usize,
@@ -434,7 +453,7 @@ fn build_generation(
         routes,
         listeners,
         max_connections: cfg.global.max_connections,
-        open_file_cache: cfg.global.open_file_cache,
+        open_file_cache: open_file_cache(cfg, workers),
         open_file_cache_inactive: cfg.global.open_file_cache_inactive,
     })
 }

@@ -196,7 +196,6 @@ impl Worker {
             files: OpenFiles::new(
                 generation.open_file_cache,
                 generation.open_file_cache_inactive,
-                Instant::now(),
             ),
             rng: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
             drain: None,
@@ -211,6 +210,12 @@ impl Worker {
     /// Swap in a generation's listeners. Sockets are shared, so nothing is
     /// closed or re-bound: only this worker's registrations change.
     fn load(&mut self, generation: Arc<Generation>) -> io::Result<()> {
+        // First, and whatever happens next: emptying the open-file cache
+        // gives back descriptors the duplicates below may need.
+        self.files.configure(
+            generation.open_file_cache,
+            generation.open_file_cache_inactive,
+        );
         // Duplicate every socket first: if that fails (out of descriptors)
         // this worker keeps listening on the old set, not on half of each.
         let socks = generation
@@ -238,10 +243,6 @@ impl Worker {
             // A client may already wait in the backlog: no edge will say so.
             self.backlog.push(self.listeners.len() - 1);
         }
-        self.files.configure(
-            generation.open_file_cache,
-            generation.open_file_cache_inactive,
-        );
         self.generation = generation;
         Ok(())
     }

@@ -987,9 +987,18 @@ fn open_files_are_reused_and_checked_on_every_request() {
     }
     let (h, _) = get_on(&mut c, &mut r, "/d");
     assert_eq!((h.status, h.get("location")), (301, Some("/d/")));
-    // Changed attributes (chmod moves ctime): opened again.
+    // Changed attributes: opened again. Toggling "others may read" is a
+    // change whatever the umask made the mode.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(root.join("a.txt"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    let mode = std::fs::metadata(root.join("a.txt"))
+        .unwrap()
+        .permissions()
+        .mode();
+    std::fs::set_permissions(
+        root.join("a.txt"),
+        std::fs::Permissions::from_mode((mode ^ 0o004) & 0o7777),
+    )
+    .unwrap();
     let (h, body) = get_on(&mut c, &mut r, "/a.txt");
     assert_eq!((h.status, body.as_slice()), (200, &b"alpha"[..]));
     // Deleted: the cached descriptor could still read it, but it is gone.
@@ -1023,7 +1032,10 @@ fn open_files_are_reused_and_checked_on_every_request() {
 /// Descriptors of process `pid` that point at `path` (as /proc shows it,
 /// with " (deleted)" once the file is gone).
 fn fds_on(pid: u32, path: &Path) -> usize {
-    let want = path.to_string_lossy().to_string();
+    // /proc shows the real path: resolve the folder (the file may be gone).
+    let dir = path.parent().unwrap().canonicalize().unwrap();
+    let want = dir.join(path.file_name().unwrap());
+    let want = want.to_string_lossy().to_string();
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
@@ -1041,7 +1053,7 @@ fn open_file_cache_is_bounded_swept_and_can_be_turned_off() {
     std::fs::write(&b, b"bbbb").unwrap();
     let (p, off) = (free_port(), free_port());
     let toml = format!(
-        "[global]\nlog_level = \"info\"\nworkers = 1\nopen_file_cache = 1\nopen_file_cache_inactive = \"1s\"\n{}",
+        "[global]\nlog_level = \"info\"\nworkers = 1\nopen_file_cache = 1\nopen_file_cache_inactive = \"3s\"\n{}",
         route("files", p, "root = \"www\""),
     );
     let sl = Sluice::start_in(dir.clone(), &toml, &[]);
@@ -1069,7 +1081,7 @@ fn open_file_cache_is_bounded_swept_and_can_be_turned_off() {
     std::fs::remove_file(&b).unwrap();
     assert_eq!(fds_on(pid, &b), 1, "still held right after the delete");
     let mut held = 1;
-    for _ in 0..50 {
+    for _ in 0..100 {
         held = fds_on(pid, &b);
         if held == 0 {
             break;
@@ -1092,4 +1104,73 @@ fn open_file_cache_is_bounded_swept_and_can_be_turned_off() {
     assert_eq!(get(off, "/a.bin").1, b"aaaa");
     let _ = sl.wait_access(1, Duration::from_secs(5));
     assert_eq!(fds_on(sl.pid(), &a), 0);
+}
+
+#[test]
+fn open_file_cache_is_capped_by_the_descriptor_limit() {
+    let dir = temp_dir("files-cache-nofile");
+    let root = dir.join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    for i in 0..30 {
+        std::fs::write(root.join(format!("f{i}.txt")), format!("file {i}")).unwrap();
+    }
+    let p = free_port();
+    let toml = format!(
+        "[global]\nlog_level = \"info\"\nworkers = 1\n{}",
+        route("files", p, "root = \"www\""),
+    );
+    // 64 descriptors: a quarter over one worker is 16 cached files.
+    let mut sl = Sluice::start_wrapped_in(dir.clone(), &toml, &["prlimit", "--nofile=64:64", "--"]);
+    let line = sl.wait_log(
+        "open_file_cache = 1000 is more than",
+        Duration::from_secs(5),
+    );
+    assert!(
+        line.contains("each worker caches at most 16 files"),
+        "{line}"
+    );
+    let mut c = connect(addr(p));
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    for i in 0..30 {
+        let (h, body) = get_on(&mut c, &mut r, &format!("/f{i}.txt"));
+        assert_eq!((h.status, body), (200, format!("file {i}").into_bytes()));
+    }
+    let www = root.canonicalize().unwrap();
+    let held = std::fs::read_dir(format!("/proc/{}/fd", sl.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.starts_with(&www) && l != &www)
+        .count();
+    assert_eq!(held, 16, "the cache holds its capped size, no more");
+}
+
+#[test]
+fn a_reload_applies_new_file_rules_to_cached_files() {
+    let dir = temp_dir("files-cache-reload");
+    let root = dir.join("www");
+    std::fs::create_dir_all(root.join("d")).unwrap();
+    std::fs::write(root.join("d/index.html"), b"<p>index</p>").unwrap();
+    let p = free_port();
+    let cfg = |extra: &str| {
+        format!(
+            "[global]\nlog_level = \"info\"\nworkers = 1\n{}",
+            route("files", p, &format!("root = \"www\"\n{extra}")),
+        )
+    };
+    let mut sl = Sluice::start_in(dir.clone(), &cfg("index = \"index.html\""), &[]);
+    let get = || {
+        http(
+            addr(p),
+            "GET /d/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )
+    };
+    for _ in 0..2 {
+        let (h, body) = get();
+        assert_eq!((h.status, body.as_slice()), (200, &b"<p>index</p>"[..]));
+    }
+    // The same folder without an index: the cached index is not served.
+    std::fs::write(dir.join("sluice.toml"), cfg("")).unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload ok: generation 2", Duration::from_secs(5));
+    assert_eq!(get().0.status, 404);
 }

@@ -4,23 +4,27 @@
 //!
 //! An entry is used only while its path still names the same inode,
 //! unchanged in type, permissions, owner and ctime since it was opened
-//! (`FileStat::same_file`). A file replaced by rename, deleted, chmod'ed
-//! or chown'ed is opened again, or its error answered, on the very next
-//! request; a file written in place is served as it is now (the descriptor
-//! reads the live inode, and size and mtime come from that same stat).
-//! So, unlike nginx's `open_file_cache`, which trusts an entry for
-//! `open_file_cache_valid`, nothing is served stale.
+//! (`FileStat::same_file`). A file replaced by rename, deleted, chmod'ed,
+//! chown'ed or written to is opened again, or its error answered, on the
+//! very next request. Unlike nginx's `open_file_cache`, which trusts an
+//! entry for `open_file_cache_valid`, sluice does not serve a stale file on
+//! a local filesystem. On NFS or FUSE, stat can answer from the client's
+//! attribute cache where open would revalidate: turn the cache off there
+//! (`open_file_cache = 0`).
 //!
-//! The stat does not confine its walk beneath the route's root as openat2
-//! does. It does not need to: an entry is used only when the walk ends at
-//! the very inode that a confined open reached, and any other result is a
-//! miss that goes through openat2 again.
+//! The stat does not confine its walk beneath the route's root the way
+//! openat2 does. A hit needs the walk to end at the very inode, unchanged,
+//! that a confined open of the same path by the same route reached
+//! earlier; any other result is a miss and goes through openat2 again. So
+//! the cache can only go on serving a file that this route already served
+//! under its own rules. Entries are filed under the route's unique id
+//! (never a descriptor number, which a reload may reuse for another
+//! folder), and a reload empties the cache, so new rules apply at once.
 //!
 //! Entries are bounded (least recently used goes first), and an entry
 //! unused for `inactive` is closed by `sweep`, so the space of a deleted
-//! file is released soon. The key's directory is a descriptor number,
-//! which a reload may reuse for another folder; that is harmless, because
-//! the check stats the path beneath the directory given now.
+//! file is released soon. When the process runs out of descriptors, the
+//! caller sheds half the cache (`shed`) and tries its open again.
 //!
 //! Bodies share the cached descriptor: sendfile, splice and pread all pass
 //! explicit offsets and never move the shared file position. mmap routes
@@ -29,7 +33,7 @@
 
 use std::fs::File;
 use std::num::NonZeroUsize;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,12 +41,6 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 
 use crate::sys::file::{FileStat, stat_at};
-
-/// How often `sweep` looks for inactive entries.
-pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
-
-/// The key's directory when a path is absolute (a single-file route).
-const NO_DIR: RawFd = -1;
 
 /// A file ready to serve, from the cache or freshly opened.
 pub struct Opened {
@@ -65,46 +63,46 @@ struct Entry {
     used: Instant,
 }
 
+/// (route id, path as the request named it, beneath the route's root).
+type Key = (u64, PathBuf);
+
 pub struct OpenFiles {
-    lru: Option<LruCache<(RawFd, PathBuf), Entry>>,
+    lru: Option<LruCache<Key, Entry>>,
     inactive: Duration,
-    next_sweep: Instant,
 }
 
 impl OpenFiles {
     /// A cache of at most `cap` files (0: no cache).
-    pub fn new(cap: usize, inactive: Duration, now: Instant) -> OpenFiles {
+    pub fn new(cap: usize, inactive: Duration) -> OpenFiles {
         OpenFiles {
-            lru: NonZeroUsize::new(cap).map(LruCache::new),
+            // Sparse: the table grows with use, not to `cap` up front.
+            lru: NonZeroUsize::new(cap).map(LruCache::sparse),
             inactive,
-            next_sweep: now + SWEEP_EVERY,
         }
     }
 
-    /// Apply a reloaded configuration: entries beyond the new size are
-    /// closed, least recently used first.
+    /// Apply a (re)loaded configuration. The cache starts empty: the new
+    /// generation's routes have new ids, and their rules may differ.
     pub fn configure(&mut self, cap: usize, inactive: Duration) {
         self.inactive = inactive;
-        match (NonZeroUsize::new(cap), self.lru.as_mut()) {
-            (None, _) => self.lru = None,
-            (Some(n), Some(lru)) => lru.resize(n),
-            (Some(n), None) => self.lru = Some(LruCache::new(n)),
-        }
+        self.lru = NonZeroUsize::new(cap).map(LruCache::sparse);
     }
 
     pub fn enabled(&self) -> bool {
         self.lru.is_some()
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.lru.as_ref().map_or(0, LruCache::len)
     }
 
-    /// The cached file `rel` names beneath `dir` (absolute `rel` with
-    /// `None`), if it is still the same file; one stat(2). A miss hands
-    /// `rel` back.
+    /// The cached file `rel` names for route `route` (beneath `dir`, or an
+    /// absolute `rel` with `None`), if it is still the same file: one
+    /// stat(2). A miss hands `rel` back.
     pub fn get(
         &mut self,
+        route: u64,
         dir: Option<BorrowedFd>,
         rel: PathBuf,
         now: Instant,
@@ -112,7 +110,7 @@ impl OpenFiles {
         let Some(lru) = self.lru.as_mut() else {
             return Err(rel);
         };
-        let key = (dir.map_or(NO_DIR, |d| d.as_raw_fd()), rel);
+        let key = (route, rel);
         let Some(e) = lru.get_mut(&key) else {
             return Err(key.1);
         };
@@ -137,11 +135,11 @@ impl OpenFiles {
         }
     }
 
-    /// Remember a file just opened for `rel` (`index`: the folder's index
-    /// file that was opened instead, by its path beneath `dir`).
+    /// Remember a file route `route` just opened for `rel` (`index`: the
+    /// folder's index file that was opened instead, by its path).
     pub fn put(
         &mut self,
-        dir: Option<BorrowedFd>,
+        route: u64,
         rel: PathBuf,
         index: Option<PathBuf>,
         opened: &Opened,
@@ -150,9 +148,8 @@ impl OpenFiles {
         let Some(lru) = self.lru.as_mut() else {
             return;
         };
-        let key = (dir.map_or(NO_DIR, |d| d.as_raw_fd()), rel);
         lru.put(
-            key,
+            (route, rel),
             Entry {
                 file: opened.file.clone(),
                 stat: opened.stat,
@@ -163,17 +160,15 @@ impl OpenFiles {
         );
     }
 
-    /// When `sweep` next has work to look for (None: the cache is empty).
+    /// When the least recently used entry becomes inactive (None: the
+    /// cache is empty). The worker wakes up for it, and only for it.
     pub fn next_sweep(&self) -> Option<Instant> {
-        (self.len() > 0).then_some(self.next_sweep)
+        let (_, e) = self.lru.as_ref()?.peek_lru()?;
+        Some(e.used + self.inactive)
     }
 
-    /// Close the entries unused for `inactive`. Cheap when not due.
+    /// Close the entries unused for `inactive`.
     pub fn sweep(&mut self, now: Instant) {
-        if now < self.next_sweep {
-            return;
-        }
-        self.next_sweep = now + SWEEP_EVERY;
         let Some(lru) = self.lru.as_mut() else {
             return;
         };
@@ -185,10 +180,24 @@ impl OpenFiles {
         }
     }
 
-    /// Whether `rel` beneath `dir` is cached (tests).
+    /// The process ran out of descriptors: close the least recently used
+    /// half (descriptors a body still sends from close when it ends).
+    /// Returns whether anything was closed.
+    pub fn shed(&mut self) -> bool {
+        let Some(lru) = self.lru.as_mut() else {
+            return false;
+        };
+        let n = lru.len().div_ceil(2);
+        for _ in 0..n {
+            lru.pop_lru();
+        }
+        n > 0
+    }
+
+    /// Whether `rel` of route `route` is cached (tests).
     #[cfg(test)]
-    fn has(&self, dir: Option<BorrowedFd>, rel: &std::path::Path) -> bool {
-        let key = (dir.map_or(NO_DIR, |d| d.as_raw_fd()), rel.to_path_buf());
+    fn has(&self, route: u64, rel: &str) -> bool {
+        let key = (route, PathBuf::from(rel));
         self.lru.as_ref().is_some_and(|l| l.contains(&key))
     }
 }
@@ -196,9 +205,12 @@ impl OpenFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::file::stat;
-    use std::os::fd::AsFd;
+    use crate::sys::file::fstat;
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
+
+    const R: u64 = 7;
 
     fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("sluice-of-{name}-{}", std::process::id()));
@@ -209,7 +221,7 @@ mod tests {
 
     fn opened(p: &Path) -> Opened {
         let file = File::open(p).unwrap();
-        let stat = stat(file.as_fd()).unwrap();
+        let stat = fstat(file.as_fd()).unwrap();
         Opened {
             file: Arc::new(file),
             stat,
@@ -222,22 +234,22 @@ mod tests {
     fn a_hit_is_the_same_descriptor_and_a_replaced_file_misses() {
         let d = dir("replace");
         let root = File::open(&d).unwrap();
+        let root = Some(root.as_fd());
         std::fs::write(d.join("a"), b"one").unwrap();
         let now = Instant::now();
-        let mut c = OpenFiles::new(4, Duration::from_secs(20), now);
+        let mut c = OpenFiles::new(4, Duration::from_secs(20));
         let first = opened(&d.join("a"));
-        c.put(Some(root.as_fd()), "a".into(), None, &first, now);
-        let hit = c.get(Some(root.as_fd()), "a".into(), now).ok().unwrap();
+        c.put(R, "a".into(), None, &first, now);
+        let hit = c.get(R, root, "a".into(), now).ok().unwrap();
         assert_eq!(hit.file.as_raw_fd(), first.file.as_raw_fd());
         assert_eq!(hit.stat.size, 3);
+        // Another route (another id) never sees this route's entry.
+        assert!(c.get(R + 1, root, "a".into(), now).is_err());
         // Replaced by rename (how deploys swap files): a miss.
         std::fs::write(d.join("b"), b"three").unwrap();
         std::fs::rename(d.join("b"), d.join("a")).unwrap();
-        assert!(c.get(Some(root.as_fd()), "a".into(), now).is_err());
-        assert!(
-            !c.has(Some(root.as_fd()), Path::new("a")),
-            "a miss drops the entry"
-        );
+        assert!(c.get(R, root, "a".into(), now).is_err());
+        assert!(!c.has(R, "a"), "a miss drops the entry");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -245,62 +257,52 @@ mod tests {
     fn chmod_and_delete_miss() {
         let d = dir("chmod");
         let root = File::open(&d).unwrap();
-        std::fs::write(d.join("a"), b"x").unwrap();
+        let root = Some(root.as_fd());
+        let a = d.join("a");
+        std::fs::write(&a, b"x").unwrap();
         let now = Instant::now();
-        let mut c = OpenFiles::new(4, Duration::from_secs(20), now);
-        c.put(
-            Some(root.as_fd()),
-            "a".into(),
-            None,
-            &opened(&d.join("a")),
-            now,
-        );
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(d.join("a"), std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(c.get(Some(root.as_fd()), "a".into(), now).is_err());
-        c.put(
-            Some(root.as_fd()),
-            "a".into(),
-            None,
-            &opened(&d.join("a")),
-            now,
-        );
-        assert!(c.get(Some(root.as_fd()), "a".into(), now).is_ok());
-        std::fs::remove_file(d.join("a")).unwrap();
-        assert!(c.get(Some(root.as_fd()), "a".into(), now).is_err());
+        let mut c = OpenFiles::new(4, Duration::from_secs(20));
+        c.put(R, "a".into(), None, &opened(&a), now);
+        // Toggle "others may read": a different mode whatever the umask.
+        let mode = std::fs::metadata(&a).unwrap().permissions().mode();
+        std::fs::set_permissions(&a, std::fs::Permissions::from_mode((mode ^ 0o004) & 0o7777))
+            .unwrap();
+        assert!(c.get(R, root, "a".into(), now).is_err());
+        c.put(R, "a".into(), None, &opened(&a), now);
+        assert!(c.get(R, root, "a".into(), now).is_ok());
+        std::fs::remove_file(&a).unwrap();
+        assert!(c.get(R, root, "a".into(), now).is_err());
         std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
-    fn bounded_and_swept() {
+    fn bounded_swept_shed_and_emptied_by_a_reload() {
         let d = dir("sweep");
-        let root = File::open(&d).unwrap();
         let t0 = Instant::now();
-        let mut c = OpenFiles::new(2, Duration::from_secs(20), t0);
+        let inactive = Duration::from_secs(20);
+        let mut c = OpenFiles::new(2, inactive);
         for (i, name) in ["a", "b", "c"].iter().enumerate() {
             std::fs::write(d.join(name), b"x").unwrap();
             let at = t0 + Duration::from_secs(i as u64 * 10);
-            c.put(
-                Some(root.as_fd()),
-                name.into(),
-                None,
-                &opened(&d.join(name)),
-                at,
-            );
+            c.put(R, name.into(), None, &opened(&d.join(name)), at);
         }
         assert_eq!(c.len(), 2, "the least recently used went");
-        assert!(!c.has(Some(root.as_fd()), Path::new("a")));
-        // b was last used at 10 s, c at 20 s: at 31 s only b is inactive.
+        assert!(!c.has(R, "a"));
+        // b was last used at 10 s, c at 20 s: b is due at 30 s.
+        assert_eq!(c.next_sweep(), Some(t0 + Duration::from_secs(30)));
+        c.sweep(t0 + Duration::from_secs(29));
+        assert_eq!(c.len(), 2);
         c.sweep(t0 + Duration::from_secs(31));
         assert_eq!(c.len(), 1);
-        assert!(c.has(Some(root.as_fd()), Path::new("c")));
-        // Not due again within SWEEP_EVERY.
-        c.sweep(t0 + Duration::from_secs(31) + SWEEP_EVERY / 2);
-        assert_eq!(c.len(), 1);
-        c.sweep(t0 + Duration::from_secs(60));
-        assert_eq!(c.len(), 0);
-        assert_eq!(c.next_sweep(), None);
-        c.configure(0, Duration::from_secs(20));
+        assert!(c.has(R, "c"));
+        assert_eq!(c.next_sweep(), Some(t0 + Duration::from_secs(40)));
+        assert!(c.shed());
+        assert_eq!((c.len(), c.next_sweep()), (0, None));
+        assert!(!c.shed(), "nothing left to shed");
+        c.put(R, "c".into(), None, &opened(&d.join("c")), t0);
+        c.configure(2, inactive);
+        assert_eq!(c.len(), 0, "a reload empties the cache");
+        c.configure(0, inactive);
         assert!(!c.enabled());
         std::fs::remove_dir_all(&d).unwrap();
     }

@@ -7,12 +7,12 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::open_files::Opened;
+use super::open_files::{OpenFiles, Opened};
 use super::{FileConn, Resp, leased_size, open_file, pools};
 use crate::config::{FileRoute, FileSource, FileStrategy};
 use crate::conn::Ctx;
@@ -145,7 +145,7 @@ impl FileConn {
                 .ends_with('/')
         };
         let rel = if cacheable {
-            match ctx.files.get(dir, rel, ctx.now) {
+            match ctx.files.get(self.route.id, dir, rel, ctx.now) {
                 Ok(o) if o.index && !slash() => return Err(301),
                 Ok(o) => return Ok(o),
                 Err(rel) => rel,
@@ -153,17 +153,7 @@ impl FileConn {
         } else {
             rel
         };
-        let open = |rel: &Path| -> Result<(File, FileStat), u16> {
-            let file = match dir {
-                Some(root) => {
-                    File::from(sys::file::open_beneath(root, rel).map_err(|e| status_of(&e))?)
-                }
-                None => open_file(rel).map_err(|e| status_of(&e))?,
-            };
-            let st = sys::file::stat(file.as_fd()).map_err(|e| status_of(&e))?;
-            Ok((file, st))
-        };
-        let (mut file, mut st) = open(&rel)?;
+        let (mut file, mut st) = open_at(dir, &rel, ctx.files)?;
         let mut index = None;
         if st.is_dir() && dir.is_some() {
             // No listings: the index file, or nothing.
@@ -172,7 +162,7 @@ impl FileConn {
                 return Err(301);
             }
             let path = rel.join(name);
-            (file, st) = open(&path)?;
+            (file, st) = open_at(dir, &path, ctx.files)?;
             index = Some(path);
         }
         if !st.is_file() {
@@ -185,7 +175,7 @@ impl FileConn {
             index: index.is_some(),
         };
         if cacheable {
-            ctx.files.put(dir, rel, index, &opened, ctx.now);
+            ctx.files.put(self.route.id, rel, index, &opened, ctx.now);
         }
         Ok(opened)
     }
@@ -250,6 +240,38 @@ impl Resp {
         self.method = req.method_name.clone();
         self.target = req.target.clone();
         self
+    }
+}
+
+/// Open `rel` beneath `dir` (confined by openat2), or the absolute `rel`
+/// with `None`, and fstat it. Out of descriptors, the open-file cache
+/// gives back half of its own and the open is tried once more.
+fn open_at(
+    dir: Option<BorrowedFd>,
+    rel: &Path,
+    files: &mut OpenFiles,
+) -> Result<(File, FileStat), u16> {
+    let mut shed = false;
+    loop {
+        let res = match dir {
+            Some(root) => sys::file::open_beneath(root, rel).map(File::from),
+            None => open_file(rel),
+        };
+        match res {
+            Ok(file) => {
+                let st = sys::file::fstat(file.as_fd()).map_err(|e| status_of(&e))?;
+                return Ok((file, st));
+            }
+            Err(e)
+                if !shed
+                    && matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+                    && files.shed() =>
+            {
+                log::warn!("out of file descriptors: closed half of the open-file cache");
+                shed = true;
+            }
+            Err(e) => return Err(status_of(&e)),
+        }
     }
 }
 

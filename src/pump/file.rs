@@ -1,7 +1,8 @@
 //! Sending a file's bytes to a socket: one small interface, four
 //! strategies.
 //!
-//! A `Body` owns an open file and sends bytes `[pos, end)` of it to a
+//! A `Body` holds an open file (shared with the worker's open-file cache,
+//! except under mmap) and sends bytes `[pos, end)` of it to a
 //! non-blocking socket, at most `budget` per call, with the route's
 //! strategy:
 //!
@@ -348,7 +349,7 @@ impl Body {
 
     /// End the transfer: unmap first, then release the lease, give pooled
     /// holders back (a pipe that still holds bytes is closed, not pooled),
-    /// and close the file.
+    /// and let go of the file (closed unless the open-file cache keeps it).
     pub fn finish(mut self, pools: &mut Pools) {
         match std::mem::replace(&mut self.mode, Mode::Sendfile) {
             Mode::Mmap(map) => drop(map),

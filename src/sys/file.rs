@@ -73,7 +73,7 @@ pub struct FileStat {
     pub mtime: (i64, i64),
 }
 
-impl FileStat {
+impl From<libc::stat> for FileStat {
     fn from(st: libc::stat) -> FileStat {
         FileStat {
             dev: st.st_dev,
@@ -86,7 +86,9 @@ impl FileStat {
             mtime: (st.st_mtime, st.st_mtime_nsec),
         }
     }
+}
 
+impl FileStat {
     pub fn is_file(&self) -> bool {
         self.mode & libc::S_IFMT == libc::S_IFREG
     }
@@ -110,18 +112,21 @@ impl FileStat {
     }
 
     pub fn modified(&self) -> std::time::SystemTime {
+        use std::time::{Duration, UNIX_EPOCH};
         let (s, ns) = self.mtime;
-        let at = std::time::Duration::new(s.unsigned_abs(), u32::try_from(ns).unwrap_or(0));
-        if s >= 0 {
-            std::time::UNIX_EPOCH + at
+        let secs = Duration::from_secs(s.unsigned_abs());
+        let at = if s >= 0 {
+            UNIX_EPOCH + secs
         } else {
-            std::time::UNIX_EPOCH - at
-        }
+            UNIX_EPOCH - secs
+        };
+        // The nanoseconds always count forward (-1.5 s is -2 s + 0.5 s).
+        at + Duration::from_nanos(u64::try_from(ns).unwrap_or(0))
     }
 }
 
 /// fstat(2) of an open file.
-pub fn stat(fd: BorrowedFd) -> io::Result<FileStat> {
+pub fn fstat(fd: BorrowedFd) -> io::Result<FileStat> {
     nix::sys::stat::fstat(fd)
         .map(FileStat::from)
         .map_err(io::Error::from)

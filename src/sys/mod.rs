@@ -150,16 +150,30 @@ pub fn unsent_bytes(sock: BorrowedFd) -> io::Result<usize> {
 
 /// Raise the soft RLIMIT_NOFILE to the hard limit; returns the new limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
+    let lim = nofile_rlimit()?;
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `raised` is a valid, initialized rlimit struct.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } as libc::c_long)?;
+        return Ok(raised.rlim_cur);
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// The current (soft) limit on open file descriptors.
+pub fn nofile_limit() -> io::Result<u64> {
+    nofile_rlimit().map(|l| l.rlim_cur)
+}
+
+fn nofile_rlimit() -> io::Result<libc::rlimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: `lim` is a valid rlimit struct for the kernel to fill.
     cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } as libc::c_long)?;
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: `lim` is a valid, initialized rlimit struct.
-        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } as libc::c_long)?;
-    }
-    Ok(lim.rlim_cur)
+    Ok(lim)
 }
