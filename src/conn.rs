@@ -268,7 +268,7 @@ impl ProxyConn {
             watch: [Watch::BOTH; 2],
             route,
         };
-        let _ = conn.client.set_nodelay(true);
+        // TCP_NODELAY came with the socket: the listener has it.
         // A handshake already registered the socket under this same token.
         if !registered && !watch_client(ctx, &conn.route, &mut conn.client, peer, key, false) {
             return (conn, Some(End::ClientError));

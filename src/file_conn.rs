@@ -227,7 +227,7 @@ impl FileConn {
         send_chunk: usize,
         ctx: &Ctx,
     ) -> FileConn {
-        let _ = sock.set_nodelay(true);
+        // TCP_NODELAY came with the socket: the listener has it.
         FileConn {
             route,
             sock,

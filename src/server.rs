@@ -495,6 +495,14 @@ fn activated_sockets(cfg: &Config) -> Activated {
                     a.addr,
                     a.fd
                 );
+                // What `listen` sets on sockets sluice binds itself.
+                if let Err(e) = socket2::SockRef::from(&a.sock).set_tcp_nodelay(true) {
+                    log::warn!(
+                        "route {}: cannot set TCP_NODELAY on the socket from systemd: {e}; \
+                         small writes to its clients may wait for ACKs",
+                        r.name
+                    );
+                }
                 out.insert((r.name.clone(), a.addr), Arc::new(a.sock));
             }
             _ => log::warn!(
@@ -545,6 +553,9 @@ fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListene
         sock.set_only_v6(true)?;
     }
     sock.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY: one setsockopt per listener
+    // instead of one per connection.
+    sock.set_tcp_nodelay(true)?;
     sock.bind(&addr.into())?;
     // As deep an accept queue as the system allows: the kernel caps the
     // backlog at net.core.somaxconn, which an operator can raise for bursts.

@@ -1100,3 +1100,58 @@ fn a_socket_that_cannot_be_watched_again_ends_its_connection() {
     }
     panic!("in 5 attempts the injected failure never hit the re-watch");
 }
+
+/// TCP_NODELAY is set once on each listening socket (accepted sockets
+/// inherit it) and once on each backend socket, never per accepted client.
+#[test]
+fn nodelay_is_set_on_listeners_not_per_client() {
+    let b = Backend::spawn(|mut s| {
+        echo(&mut s);
+        String::new()
+    });
+    let (p, pf) = (free_port(), free_port());
+    let dir = temp_dir("nodelay");
+    std::fs::write(dir.join("f.txt"), b"file").unwrap();
+    let cfg = format!(
+        "{}\n[[route]]\nname = \"f\"\nlisten = \"127.0.0.1:{pf}\"\nfile = \"f.txt\"\n",
+        proxy_config(p, &[b.addr.to_string()], ""),
+    );
+    let trace = Strace::new("nodelay", "setsockopt,bind,accept4");
+    let sl = Sluice::start_wrapped_in(dir, &cfg, &trace.wrapper());
+    for _ in 0..3 {
+        assert_echo(connect(addr(p)), 5, 1000);
+        let (h, body) = http(
+            addr(pf),
+            "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!((h.status, body.as_slice()), (200, &b"file"[..]));
+    }
+    let _ = sl.wait_access(3, Duration::from_secs(5));
+    drop(sl);
+    let text = trace.text();
+    let fd_of = |l: &str, call: &str| -> Option<String> {
+        let rest = &l[l.find(&format!("{call}("))? + call.len() + 1..];
+        Some(rest[..rest.find(',')?].to_string())
+    };
+    let mut nodelay = Vec::new();
+    let mut bound = Vec::new();
+    let mut accepted = 0;
+    for l in text.lines() {
+        if l.contains("TCP_NODELAY, [1]") {
+            nodelay.push(fd_of(l, "setsockopt").unwrap());
+        } else if l.contains("bind(") && l.ends_with("= 0") {
+            let fd = fd_of(l, "bind").unwrap();
+            assert!(
+                nodelay.contains(&fd),
+                "listener {fd} bound without TCP_NODELAY:\n{text}"
+            );
+            bound.push(fd);
+        } else if l.contains("accept4(") && !l.contains("= -1") {
+            accepted += 1;
+        }
+    }
+    assert_eq!(bound.len(), 2, "{text}");
+    assert_eq!(accepted, 6, "{text}");
+    // Two listeners and three backend connections; the six clients none.
+    assert_eq!(nodelay.len(), 2 + 3, "{text}");
+}
