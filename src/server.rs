@@ -372,8 +372,6 @@ impl Server {
     }
 }
 
-/// Build a generation from a config, reusing sockets bound to the same
-/// address and route state of routes with the same name.
 /// `open_file_cache`, but never more than a quarter of the descriptor
 /// limit spread over the workers: cached files must not starve
 /// connections of descriptors.
@@ -393,6 +391,8 @@ fn open_file_cache(cfg: &Config, workers: usize) -> usize {
     want
 }
 
+/// Build a generation from a config, reusing sockets bound to the same
+/// address and route state of routes with the same name.
 fn build_generation(
     cfg: &Config,
     workers: usize,

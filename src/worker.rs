@@ -400,6 +400,7 @@ impl Worker {
     /// Accept up to a batch from listener `i`; true = more may be waiting.
     fn accept(&mut self, i: usize, now: Instant) -> bool {
         let mut errors = 0;
+        let mut shed = false;
         for _ in 0..ACCEPT_BATCH {
             match self.listeners[i].sock.accept() {
                 Ok((stream, peer)) => {
@@ -410,6 +411,15 @@ impl Worker {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => match e.raw_os_error() {
+                    // Clients come before cached files: give those back
+                    // and try again, once.
+                    Some(libc::EMFILE | libc::ENFILE) if !shed && self.files.shed() => {
+                        log::warn!(
+                            "route {}: accept failed: {e}; closed half of the open-file cache",
+                            self.listeners[i].route.cfg.name
+                        );
+                        shed = true;
+                    }
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
                         // Out of descriptors: the client stays in the backlog
                         // and no new edge will come, so rest and retry on a

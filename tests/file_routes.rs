@@ -1174,3 +1174,44 @@ fn a_reload_applies_new_file_rules_to_cached_files() {
     sl.wait_log("reload ok: generation 2", Duration::from_secs(5));
     assert_eq!(get().0.status, 404);
 }
+
+#[test]
+fn clients_come_before_cached_files_when_descriptors_run_out() {
+    let dir = temp_dir("files-cache-emfile");
+    let root = dir.join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    for i in 0..16 {
+        std::fs::write(root.join(format!("f{i}.txt")), format!("file {i}")).unwrap();
+    }
+    let p = free_port();
+    // Nothing ages out during the test: only shedding can free a descriptor.
+    let toml = format!(
+        "[global]\nlog_level = \"info\"\nworkers = 1\nopen_file_cache_inactive = \"10m\"\n{}",
+        route("files", p, "root = \"www\""),
+    );
+    // 64 descriptors, of which the cache may take 16; about 15 are sluice's
+    // own (stdio, poll, signals, listener, root), so 44 clients fit only
+    // if the cache gives way.
+    let mut sl = Sluice::start_wrapped_in(dir.clone(), &toml, &["prlimit", "--nofile=64:64", "--"]);
+    let mut first = connect(addr(p));
+    let mut r = BufReader::new(first.try_clone().unwrap());
+    for i in 0..16 {
+        let (h, _) = get_on(&mut first, &mut r, &format!("/f{i}.txt"));
+        assert_eq!(h.status, 200);
+    }
+    // Far more clients than the descriptors left beside a full cache:
+    // every one of them is served, the cache gives way.
+    let mut clients = Vec::new();
+    for n in 0..44 {
+        let mut c = connect(addr(p));
+        let mut cr = BufReader::new(c.try_clone().unwrap());
+        let (h, body) = get_on(&mut c, &mut cr, "/f0.txt");
+        assert_eq!(
+            (h.status, body.as_slice()),
+            (200, &b"file 0"[..]),
+            "client {n}"
+        );
+        clients.push((c, cr));
+    }
+    sl.wait_log("closed half of the open-file cache", Duration::from_secs(5));
+}

@@ -23,8 +23,9 @@
 //!
 //! Entries are bounded (least recently used goes first), and an entry
 //! unused for `inactive` is closed by `sweep`, so the space of a deleted
-//! file is released soon. When the process runs out of descriptors, the
-//! caller sheds half the cache (`shed`) and tries its open again.
+//! file is released soon. When the process runs out of descriptors, an
+//! accept or an open sheds half the cache (`shed`) and tries again:
+//! clients come before cached files.
 //!
 //! Bodies share the cached descriptor: sendfile, splice and pread all pass
 //! explicit offsets and never move the shared file position. mmap routes
