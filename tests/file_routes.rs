@@ -963,6 +963,8 @@ fn open_files_are_reused_and_checked_on_every_request() {
     std::fs::write(root.join("a.txt"), b"alpha").unwrap();
     std::fs::write(root.join("d/index.html"), b"<p>index</p>").unwrap();
     std::fs::write(root.join("m.txt"), b"mapped").unwrap();
+    let big: Vec<u8> = (0..(2 << 20) + 7).map(|i| (i % 251) as u8).collect();
+    std::fs::write(root.join("big.bin"), &big).unwrap();
     let (p, pm) = (free_port(), free_port());
     let toml = format!(
         "[global]\nlog_level = \"info\"\nworkers = 1\n{}{}",
@@ -1005,6 +1007,12 @@ fn open_files_are_reused_and_checked_on_every_request() {
     std::fs::remove_file(root.join("a.txt")).unwrap();
     let (h, _) = get_on(&mut c, &mut r, "/a.txt");
     assert_eq!(h.status, 404);
+    // Over 1 MiB: opened for each request.
+    for _ in 0..2 {
+        let (h, body) = get_on(&mut c, &mut r, "/big.bin");
+        assert_eq!(h.status, 200);
+        assert_eq!(digest_of(&body), digest_of(&big));
+    }
     // mmap transfers lease their own open file: never cached.
     for _ in 0..2 {
         let (h, body) = http(
@@ -1026,6 +1034,8 @@ fn open_files_are_reused_and_checked_on_every_request() {
     assert_eq!(calls_on(&text, "openat2", "d/index.html"), 1, "{text}");
     assert_eq!(calls_on(&text, "newfstatat", "d/index.html"), 2, "{text}");
     assert_eq!(calls_on(&text, "openat2", "m.txt"), 2, "{text}");
+    assert_eq!(calls_on(&text, "openat2", "big.bin"), 2, "{text}");
+    assert_eq!(calls_on(&text, "newfstatat", "big.bin"), 0, "{text}");
     assert_eq!(calls_on(&text, "newfstatat", "m.txt"), 0, "{text}");
 }
 

@@ -30,7 +30,10 @@
 //! Bodies share the cached descriptor: sendfile, splice and pread all pass
 //! explicit offsets and never move the shared file position. mmap routes
 //! do not use the cache, since each of their transfers takes a lease on
-//! its own open file.
+//! its own open file. Nor do files larger than `MAX_CACHED_SIZE`: their
+//! transfer dwarfs the cost of an open, and concurrent transfers of one
+//! large file read faster from the disk with readahead state of their own
+//! (which lives in the open file) than sharing one.
 
 use std::fs::File;
 use std::num::NonZeroUsize;
@@ -42,6 +45,9 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 
 use crate::sys::file::{FileStat, stat_at};
+
+/// Larger files are opened for each request (see the module doc).
+pub const MAX_CACHED_SIZE: u64 = 1 << 20;
 
 /// A file ready to serve, from the cache or freshly opened.
 pub struct Opened {

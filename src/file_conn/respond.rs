@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::open_files::{OpenFiles, Opened};
+use super::open_files::{self, OpenFiles, Opened};
 use super::{FileConn, Resp, leased_size, open_file, pools};
 use crate::config::{FileRoute, FileSource, FileStrategy};
 use crate::conn::Ctx;
@@ -174,7 +174,7 @@ impl FileConn {
             ctype: response::content_type(index.as_deref().unwrap_or(&rel)).into(),
             index: index.is_some(),
         };
-        if cacheable {
+        if cacheable && st.size <= open_files::MAX_CACHED_SIZE {
             ctx.files.put(self.route.id, rel, index, &opened, ctx.now);
         }
         Ok(opened)
