@@ -35,10 +35,11 @@
 //! large file read faster from the disk with readahead state of their own
 //! (which lives in the open file) than sharing one.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::num::NonZeroUsize;
 use std::os::fd::BorrowedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,7 +72,9 @@ struct Entry {
 }
 
 /// (route id, path as the request named it, beneath the route's root).
-type Key = (u64, PathBuf);
+/// The path is kept as plain bytes: hashing a `PathBuf` walks its
+/// components, hashing an `OsString` does not.
+type Key = (u64, OsString);
 
 pub struct OpenFiles {
     lru: Option<LruCache<Key, Entry>>,
@@ -117,11 +120,11 @@ impl OpenFiles {
         let Some(lru) = self.lru.as_mut() else {
             return Err(rel);
         };
-        let key = (route, rel);
+        let key = (route, rel.into_os_string());
         let Some(e) = lru.get_mut(&key) else {
-            return Err(key.1);
+            return Err(key.1.into());
         };
-        let path = e.index.as_deref().unwrap_or(&key.1);
+        let path = e.index.as_deref().unwrap_or(Path::new(&key.1));
         match stat_at(dir, path) {
             Ok(st) if st.same_file(&e.stat) => {
                 e.stat = st;
@@ -137,7 +140,7 @@ impl OpenFiles {
             // answers the error, if there is one now).
             _ => {
                 lru.pop(&key);
-                Err(key.1)
+                Err(key.1.into())
             }
         }
     }
@@ -156,7 +159,7 @@ impl OpenFiles {
             return;
         };
         lru.put(
-            (route, rel),
+            (route, rel.into_os_string()),
             Entry {
                 file: opened.file.clone(),
                 stat: opened.stat,
@@ -204,7 +207,7 @@ impl OpenFiles {
     /// Whether `rel` of route `route` is cached (tests).
     #[cfg(test)]
     fn has(&self, route: u64, rel: &str) -> bool {
-        let key = (route, PathBuf::from(rel));
+        let key = (route, OsString::from(rel));
         self.lru.as_ref().is_some_and(|l| l.contains(&key))
     }
 }
@@ -215,7 +218,6 @@ mod tests {
     use crate::sys::file::fstat;
     use std::os::fd::{AsFd, AsRawFd};
     use std::os::unix::fs::PermissionsExt;
-    use std::path::Path;
 
     const R: u64 = 7;
 
