@@ -495,11 +495,14 @@ fn activated_sockets(cfg: &Config) -> Activated {
                     a.addr,
                     a.fd
                 );
-                // What `listen` sets on sockets sluice binds itself.
+                // What `listen` sets on sockets sluice binds itself. Clients
+                // that queued before this call keep Nagle on: the shipped
+                // sluice.socket sets NoDelay=yes for them.
                 if let Err(e) = socket2::SockRef::from(&a.sock).set_tcp_nodelay(true) {
                     log::warn!(
                         "route {}: cannot set TCP_NODELAY on the socket from systemd: {e}; \
-                         small writes to its clients may wait for ACKs",
+                         small writes to its clients may wait for ACKs (set NoDelay=yes in \
+                         the socket unit)",
                         r.name
                     );
                 }
@@ -590,5 +593,29 @@ pub fn main(path: &Path) -> i32 {
             log::error!("{e}");
             1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The point of setting TCP_NODELAY on the listener: every accepted
+    /// socket has it without a setsockopt of its own.
+    #[test]
+    fn accepted_sockets_inherit_nodelay() {
+        let l = super::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        let mut accepted = None;
+        for _ in 0..200 {
+            match l.accept() {
+                Ok((s, _)) => {
+                    accepted = Some(s);
+                    break;
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
+        let s = accepted.expect("a connection to accept");
+        assert!(socket2::SockRef::from(&s).tcp_nodelay().unwrap());
     }
 }

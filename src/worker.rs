@@ -822,6 +822,8 @@ impl Worker {
                 "worker {}: out of file descriptors; pausing accepts for {ACCEPT_PAUSE:?}",
                 self.id
             );
+            // Connections come before cached files.
+            self.files.shed();
         }
         for (i, l) in self.listeners.iter_mut().enumerate() {
             if starved {

@@ -4,9 +4,12 @@
 //!
 //! An entry is used only while its path still names the same inode,
 //! unchanged in type, permissions, owner and ctime since it was opened
-//! (`FileStat::same_file`). A file replaced by rename, deleted, chmod'ed,
-//! chown'ed or written to is opened again, or its error answered, on the
-//! very next request. Unlike nginx's `open_file_cache`, which trusts an
+//! (`FileStat::same_file`). A file replaced by rename, deleted, chmod'ed
+//! or chown'ed is opened again, or its error answered, on the very next
+//! request. A write moves ctime too (as finely as the kernel's clock tick
+//! records it), and even a write the stat cannot tell from before is
+//! served as it is now: the descriptor reads the live inode, and size and
+//! mtime come from the fresh stat. Unlike nginx's `open_file_cache`, which trusts an
 //! entry for `open_file_cache_valid`, sluice does not serve a stale file on
 //! a local filesystem. On NFS or FUSE, stat can answer from the client's
 //! attribute cache where open would revalidate: turn the cache off there
@@ -23,9 +26,10 @@
 //!
 //! Entries are bounded (least recently used goes first), and an entry
 //! unused for `inactive` is closed by `sweep`, so the space of a deleted
-//! file is released soon. When the process runs out of descriptors, an
-//! accept or an open sheds half the cache (`shed`) and tries again:
-//! clients come before cached files.
+//! file is released soon. When the process runs out of descriptors (an
+//! accept, an open, or a connection's socket or pipe fails with EMFILE),
+//! the worker sheds half the cache (`shed`): clients come before cached
+//! files.
 //!
 //! Bodies share the cached descriptor: sendfile, splice and pread all pass
 //! explicit offsets and never move the shared file position. mmap routes

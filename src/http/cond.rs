@@ -21,7 +21,9 @@ impl Validators {
         let d = mtime.duration_since(UNIX_EPOCH).unwrap_or_default();
         Validators {
             etag: format!("\"{size:x}-{:x}\"", d.as_nanos()),
-            mtime: UNIX_EPOCH + Duration::from_secs(d.as_secs()),
+            // An HTTP date has four digits of year (httpdate panics past
+            // 9999, and anyone can touch a file into year 10000).
+            mtime: UNIX_EPOCH + Duration::from_secs(d.as_secs().min(LAST_HTTP_DATE)),
         }
     }
 
@@ -29,6 +31,9 @@ impl Validators {
         httpdate::fmt_http_date(self.mtime)
     }
 }
+
+/// 9999-12-31T23:59:59Z, the last instant an HTTP date can name.
+const LAST_HTTP_DATE: u64 = 253_402_300_799;
 
 /// Whether the client's copy is current (answer 304). If-None-Match wins
 /// over If-Modified-Since when both are present.
@@ -118,6 +123,14 @@ pub fn span(range: Option<&str>, if_range: Option<&str>, v: &Validators, size: u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_past_year_9999_are_clamped() {
+        let far = UNIX_EPOCH + Duration::from_secs(300_000_000_000);
+        let v = Validators::new(1, far);
+        assert_eq!(v.last_modified(), "Fri, 31 Dec 9999 23:59:59 GMT");
+        assert!(v.etag.starts_with("\"1-"));
+    }
 
     fn v() -> Validators {
         Validators::new(100, UNIX_EPOCH + Duration::from_millis(1_700_000_000_500))
