@@ -193,10 +193,8 @@ impl Worker {
             next_id: 0,
             pipes,
             bufs: BufPool::default(),
-            files: OpenFiles::new(
-                generation.open_file_cache,
-                generation.open_file_cache_inactive,
-            ),
+            // Sized by `load`, below.
+            files: OpenFiles::default(),
             rng: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
             drain: None,
             ready: Vec::new(),

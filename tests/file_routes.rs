@@ -955,6 +955,32 @@ fn get_on(
     (h, body)
 }
 
+/// A one-worker config (so one open-file cache sees every request) with
+/// `global` extra `[global]` keys and the given routes.
+fn one_worker(global: &str, routes: &str) -> String {
+    format!("[global]\nlog_level = \"info\"\nworkers = 1\n{global}{routes}")
+}
+
+/// A test folder with `www/f0.txt` .. `www/f{n-1}.txt` ("file 0"...).
+fn numbered_files(name: &str, n: usize) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = temp_dir(name);
+    let root = dir.join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    for i in 0..n {
+        std::fs::write(root.join(format!("f{i}.txt")), format!("file {i}")).unwrap();
+    }
+    (dir, root)
+}
+
+/// Where the descriptors of process `pid` point (as /proc shows it, with
+/// " (deleted)" once a file is gone).
+fn fd_links(pid: u32) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .collect()
+}
+
 #[test]
 fn open_files_are_reused_and_checked_on_every_request() {
     let dir = temp_dir("files-cache");
@@ -966,10 +992,10 @@ fn open_files_are_reused_and_checked_on_every_request() {
     let big: Vec<u8> = (0..(2 << 20) + 7).map(|i| (i % 251) as u8).collect();
     std::fs::write(root.join("big.bin"), &big).unwrap();
     let (p, pm) = (free_port(), free_port());
-    let toml = format!(
-        "[global]\nlog_level = \"info\"\nworkers = 1\n{}{}",
-        route("cached", p, "root = \"www\"\nindex = \"index.html\""),
-        route("mmap", pm, "root = \"www\"\nstrategy = \"mmap\""),
+    let toml = one_worker(
+        "",
+        &(route("cached", p, "root = \"www\"\nindex = \"index.html\"")
+            + &route("mmap", pm, "root = \"www\"\nstrategy = \"mmap\"")),
     );
     let trace = Strace::new("files-cache", "openat2,newfstatat,close");
     let sl = Sluice::start_wrapped_in(dir.clone(), &toml, &trace.wrapper());
@@ -1039,16 +1065,14 @@ fn open_files_are_reused_and_checked_on_every_request() {
     assert_eq!(calls_on(&text, "newfstatat", "m.txt"), 0, "{text}");
 }
 
-/// Descriptors of process `pid` that point at `path` (as /proc shows it,
-/// with " (deleted)" once the file is gone).
+/// Descriptors of process `pid` that point at file `path`, deleted or not.
 fn fds_on(pid: u32, path: &Path) -> usize {
     // /proc shows the real path: resolve the folder (the file may be gone).
     let dir = path.parent().unwrap().canonicalize().unwrap();
     let want = dir.join(path.file_name().unwrap());
     let want = want.to_string_lossy().to_string();
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+    fd_links(pid)
+        .iter()
         .filter(|l| l.to_string_lossy().starts_with(&want))
         .count()
 }
@@ -1062,9 +1086,9 @@ fn open_file_cache_is_bounded_swept_and_can_be_turned_off() {
     std::fs::write(&a, b"aaaa").unwrap();
     std::fs::write(&b, b"bbbb").unwrap();
     let (p, off) = (free_port(), free_port());
-    let toml = format!(
-        "[global]\nlog_level = \"info\"\nworkers = 1\nopen_file_cache = 1\nopen_file_cache_inactive = \"3s\"\n{}",
-        route("files", p, "root = \"www\""),
+    let toml = one_worker(
+        "open_file_cache = 1\nopen_file_cache_inactive = \"3s\"\n",
+        &route("files", p, "root = \"www\""),
     );
     let sl = Sluice::start_in(dir.clone(), &toml, &[]);
     let pid = sl.pid();
@@ -1106,9 +1130,9 @@ fn open_file_cache_is_bounded_swept_and_can_be_turned_off() {
     let a = dir.join("www/a.bin");
     std::fs::create_dir_all(dir.join("www")).unwrap();
     std::fs::write(&a, b"aaaa").unwrap();
-    let toml = format!(
-        "[global]\nlog_level = \"info\"\nworkers = 1\nopen_file_cache = 0\n{}",
-        route("files", off, "root = \"www\""),
+    let toml = one_worker(
+        "open_file_cache = 0\n",
+        &route("files", off, "root = \"www\""),
     );
     let sl = Sluice::start_in(dir.clone(), &toml, &[]);
     assert_eq!(get(off, "/a.bin").1, b"aaaa");
@@ -1118,17 +1142,9 @@ fn open_file_cache_is_bounded_swept_and_can_be_turned_off() {
 
 #[test]
 fn open_file_cache_is_capped_by_the_descriptor_limit() {
-    let dir = temp_dir("files-cache-nofile");
-    let root = dir.join("www");
-    std::fs::create_dir_all(&root).unwrap();
-    for i in 0..30 {
-        std::fs::write(root.join(format!("f{i}.txt")), format!("file {i}")).unwrap();
-    }
+    let (dir, root) = numbered_files("files-cache-nofile", 30);
     let p = free_port();
-    let toml = format!(
-        "[global]\nlog_level = \"info\"\nworkers = 1\n{}",
-        route("files", p, "root = \"www\""),
-    );
+    let toml = one_worker("", &route("files", p, "root = \"www\""));
     // 64 descriptors: a quarter over one worker is 16 cached files.
     let mut sl = Sluice::start_wrapped_in(dir.clone(), &toml, &["prlimit", "--nofile=64:64", "--"]);
     let line = sl.wait_log(
@@ -1146,10 +1162,9 @@ fn open_file_cache_is_capped_by_the_descriptor_limit() {
         assert_eq!((h.status, body), (200, format!("file {i}").into_bytes()));
     }
     let www = root.canonicalize().unwrap();
-    let held = std::fs::read_dir(format!("/proc/{}/fd", sl.pid()))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|l| l.starts_with(&www) && l != &www)
+    let held = fd_links(sl.pid())
+        .iter()
+        .filter(|l| l.starts_with(&www) && *l != &www)
         .count();
     assert_eq!(held, 16, "the cache holds its capped size, no more");
 }
@@ -1161,12 +1176,7 @@ fn a_reload_applies_new_file_rules_to_cached_files() {
     std::fs::create_dir_all(root.join("d")).unwrap();
     std::fs::write(root.join("d/index.html"), b"<p>index</p>").unwrap();
     let p = free_port();
-    let cfg = |extra: &str| {
-        format!(
-            "[global]\nlog_level = \"info\"\nworkers = 1\n{}",
-            route("files", p, &format!("root = \"www\"\n{extra}")),
-        )
-    };
+    let cfg = |extra: &str| one_worker("", &route("files", p, &format!("root = \"www\"\n{extra}")));
     let mut sl = Sluice::start_in(dir.clone(), &cfg("index = \"index.html\""), &[]);
     let get = || {
         http(
@@ -1190,17 +1200,12 @@ fn a_reload_applies_new_file_rules_to_cached_files() {
 
 #[test]
 fn clients_come_before_cached_files_when_descriptors_run_out() {
-    let dir = temp_dir("files-cache-emfile");
-    let root = dir.join("www");
-    std::fs::create_dir_all(&root).unwrap();
-    for i in 0..16 {
-        std::fs::write(root.join(format!("f{i}.txt")), format!("file {i}")).unwrap();
-    }
+    let (dir, _) = numbered_files("files-cache-emfile", 16);
     let p = free_port();
     // Nothing ages out during the test: only shedding can free a descriptor.
-    let toml = format!(
-        "[global]\nlog_level = \"info\"\nworkers = 1\nopen_file_cache_inactive = \"10m\"\n{}",
-        route("files", p, "root = \"www\""),
+    let toml = one_worker(
+        "open_file_cache_inactive = \"10m\"\n",
+        &route("files", p, "root = \"www\""),
     );
     // 64 descriptors, of which the cache may take 16.
     let mut sl = Sluice::start_wrapped_in(dir.clone(), &toml, &["prlimit", "--nofile=64:64", "--"]);
@@ -1214,9 +1219,7 @@ fn clients_come_before_cached_files_when_descriptors_run_out() {
     // more), fewer than without it: every one is served, the cache gives
     // way. Counted, not assumed: the environment may have left sluice
     // descriptors of its own.
-    let open = std::fs::read_dir(format!("/proc/{}/fd", sl.pid()))
-        .unwrap()
-        .count();
+    let open = fd_links(sl.pid()).len();
     assert!(open + 24 <= 64, "{open} descriptors open already");
     let mut clients = Vec::new();
     for n in 0..(64 - open + 8) {

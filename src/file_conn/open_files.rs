@@ -67,7 +67,7 @@ pub struct Opened {
 
 struct Entry {
     file: Arc<File>,
-    /// As when the file was opened (or last checked).
+    /// As when the file was opened: what a later stat must match.
     stat: FileStat,
     /// The index file's path when the key names a folder.
     index: Option<PathBuf>,
@@ -80,25 +80,20 @@ struct Entry {
 /// components, hashing an `OsString` does not.
 type Key = (u64, OsString);
 
+/// Off until `configure` says otherwise.
+#[derive(Default)]
 pub struct OpenFiles {
     lru: Option<LruCache<Key, Entry>>,
     inactive: Duration,
 }
 
 impl OpenFiles {
-    /// A cache of at most `cap` files (0: no cache).
-    pub fn new(cap: usize, inactive: Duration) -> OpenFiles {
-        OpenFiles {
-            // Sparse: the table grows with use, not to `cap` up front.
-            lru: NonZeroUsize::new(cap).map(LruCache::sparse),
-            inactive,
-        }
-    }
-
-    /// Apply a (re)loaded configuration. The cache starts empty: the new
-    /// generation's routes have new ids, and their rules may differ.
+    /// Apply a (re)loaded configuration: at most `cap` files (0: no
+    /// cache). The cache starts empty: the new generation's routes have
+    /// new ids, and their rules may differ.
     pub fn configure(&mut self, cap: usize, inactive: Duration) {
         self.inactive = inactive;
+        // Sparse: the table grows with use, not to `cap` up front.
         self.lru = NonZeroUsize::new(cap).map(LruCache::sparse);
     }
 
@@ -131,7 +126,6 @@ impl OpenFiles {
         let path = e.index.as_deref().unwrap_or(Path::new(&key.1));
         match stat_at(dir, path) {
             Ok(st) if st.same_file(&e.stat) => {
-                e.stat = st;
                 e.used = now;
                 Ok(Opened {
                     file: e.file.clone(),
@@ -225,6 +219,12 @@ mod tests {
 
     const R: u64 = 7;
 
+    fn cache(cap: usize, inactive: Duration) -> OpenFiles {
+        let mut c = OpenFiles::default();
+        c.configure(cap, inactive);
+        c
+    }
+
     fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("sluice-of-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -250,7 +250,7 @@ mod tests {
         let root = Some(root.as_fd());
         std::fs::write(d.join("a"), b"one").unwrap();
         let now = Instant::now();
-        let mut c = OpenFiles::new(4, Duration::from_secs(20));
+        let mut c = cache(4, Duration::from_secs(20));
         let first = opened(&d.join("a"));
         c.put(R, "a".into(), None, &first, now);
         let hit = c.get(R, root, "a".into(), now).ok().unwrap();
@@ -274,7 +274,7 @@ mod tests {
         let a = d.join("a");
         std::fs::write(&a, b"x").unwrap();
         let now = Instant::now();
-        let mut c = OpenFiles::new(4, Duration::from_secs(20));
+        let mut c = cache(4, Duration::from_secs(20));
         c.put(R, "a".into(), None, &opened(&a), now);
         // Toggle "others may read": a different mode whatever the umask.
         let mode = std::fs::metadata(&a).unwrap().permissions().mode();
@@ -293,7 +293,7 @@ mod tests {
         let d = dir("sweep");
         let t0 = Instant::now();
         let inactive = Duration::from_secs(20);
-        let mut c = OpenFiles::new(2, inactive);
+        let mut c = cache(2, inactive);
         for (i, name) in ["a", "b", "c"].iter().enumerate() {
             std::fs::write(d.join(name), b"x").unwrap();
             let at = t0 + Duration::from_secs(i as u64 * 10);
