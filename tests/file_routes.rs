@@ -546,6 +546,16 @@ fn path_escapes_never_leak_a_byte() {
     let (h, _) = get(addr(p), "//evil.example");
     assert_eq!(h.status, 404, "no such folder: no redirect at all");
     assert_eq!(get(addr(p2), "/in.txt").1, b"inside");
+    // A file named as a folder is not there (the kernel says ENOTDIR), also
+    // right after the plain name put it in the open-file cache. As for a
+    // folder's 301, the slash is judged on the target as sent: an encoded
+    // one at the end is not a trailing slash.
+    assert_eq!(get(addr(p), "/sub/in.txt/").0.status, 404, "fresh");
+    assert_eq!(get(addr(p), "/sub/in.txt").1, b"inside");
+    assert_eq!(get(addr(p), "/sub/in.txt/").0.status, 404, "cached");
+    assert_eq!(get(addr(p), "/sub/in.txt/?q").0.status, 404, "query");
+    assert_eq!(get(addr(p), "/in-link/").0.status, 404, "link to a file");
+    assert_eq!(get(addr(p), "/sub/in.txt%2F").1, b"inside");
     let all = sl.access();
     assert!(
         all.iter()

@@ -144,9 +144,13 @@ impl FileConn {
                 .unwrap_or_default()
                 .ends_with('/')
         };
+        // A file named as a folder (`/a.txt/`) is not there, as the kernel
+        // would say (ENOTDIR); only a root's folders end in a slash.
+        let file_as_folder = |index: bool| dir.is_some() && !index && slash();
         let rel = if cacheable {
             match ctx.files.get(self.route.id, dir, rel, ctx.now) {
                 Ok(o) if o.index && !slash() => return Err(301),
+                Ok(o) if file_as_folder(o.index) => return Err(404),
                 Ok(o) => return Ok(o),
                 Err(rel) => rel,
             }
@@ -165,7 +169,7 @@ impl FileConn {
             (file, st) = open_at(dir, &path, ctx.files)?;
             index = Some(path);
         }
-        if !st.is_file() {
+        if !st.is_file() || file_as_folder(index.is_some()) {
             return Err(404); // a FIFO, device or socket is never served
         }
         let opened = Opened {
