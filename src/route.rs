@@ -105,6 +105,41 @@ pub struct RouteRt {
     /// descriptor number): what the open-file cache files entries under,
     /// so an entry is only ever used by the route instance that opened it.
     pub id: u64,
+    /// The primary backends, then the backups (empty for file routes).
+    tiers: [Tier; 2],
+}
+
+/// Backends of one rank (primaries or backups) and their weighted order.
+#[derive(Debug, Default)]
+struct Tier {
+    /// Backend indices, in file order.
+    members: Vec<usize>,
+    /// `members` in smooth weighted round-robin order: each appears as
+    /// many times as its weight, spread out (weights 3 and 1 give
+    /// a a b a, not a a a b).
+    order: Vec<usize>,
+}
+
+impl Tier {
+    fn new(members: Vec<usize>, weight: impl Fn(usize) -> u32) -> Tier {
+        // nginx's smooth weighted round-robin, run once per generation: each
+        // step every member gains its weight, the richest is picked and pays
+        // the total. Weights are at most 256, so the order stays short.
+        let total: i64 = members.iter().map(|&i| i64::from(weight(i))).sum();
+        let mut current = vec![0i64; members.len()];
+        let mut order = Vec::with_capacity(total as usize);
+        for _ in 0..total {
+            for (k, &i) in members.iter().enumerate() {
+                current[k] += i64::from(weight(i));
+            }
+            let best = (0..members.len())
+                .max_by_key(|&k| (current[k], std::cmp::Reverse(k)))
+                .expect("a tier with weight has members");
+            current[best] -= total;
+            order.push(members[best]);
+        }
+        Tier { members, order }
+    }
 }
 
 /// Source of `RouteRt::id`.
@@ -129,6 +164,18 @@ impl RouteRt {
                 .collect(),
             RouteKind::File(_) => Vec::new(),
         };
+        let tiers = match &cfg.kind {
+            RouteKind::Proxy(p) => {
+                let rank = |backup: bool| {
+                    let members = (0..p.backends.len())
+                        .filter(|&i| p.backends[i].backup == backup)
+                        .collect();
+                    Tier::new(members, |i| p.backends[i].weight)
+                };
+                [rank(false), rank(true)]
+            }
+            RouteKind::File(_) => Default::default(),
+        };
         RouteRt {
             cfg,
             shared,
@@ -136,6 +183,7 @@ impl RouteRt {
             root: None,
             lease_warned: AtomicBool::new(false),
             id: NEXT_ROUTE_ID.fetch_add(1, Ordering::Relaxed),
+            tiers,
         }
     }
 
@@ -183,8 +231,11 @@ impl RouteRt {
     /// order (start at 0); it advances past the backend returned. `None`
     /// when every backend has been tried or is down.
     ///
-    /// The first choice follows the balance mode; later attempts walk on
-    /// from it, so one connection tries each backend at most once.
+    /// The first choice follows the balance mode and the weights, among
+    /// the primary backends while one of them is usable, else among the
+    /// backups. Later attempts walk on from it through its rank, then
+    /// through the other rank, so one connection tries each backend at
+    /// most once and a backup only after every primary.
     pub fn pick(
         &self,
         client: IpAddr,
@@ -198,13 +249,29 @@ impl RouteRt {
         }
         let start = *first.get_or_insert_with(|| self.first_choice(client, rng));
         while *next < n {
-            let i = (start + *next) % n;
+            let i = self.nth_after(start, *next);
             *next += 1;
             if self.usable(i) {
                 return Some(i);
             }
         }
         None
+    }
+
+    /// The `j`-th backend of the failover order that starts at `start`:
+    /// `start`'s rank from `start` on, then the other rank in file order.
+    fn nth_after(&self, start: usize, j: usize) -> usize {
+        let (own, other) = if self.tiers[0].members.contains(&start) {
+            (&self.tiers[0].members, &self.tiers[1].members)
+        } else {
+            (&self.tiers[1].members, &self.tiers[0].members)
+        };
+        if j < own.len() {
+            let pos = own.iter().position(|&i| i == start).unwrap_or(0);
+            own[(pos + j) % own.len()]
+        } else {
+            other[j - own.len()]
+        }
     }
 
     /// Up, or down only passively and due for another try.
@@ -220,50 +287,81 @@ impl RouteRt {
     }
 
     fn first_choice(&self, client: IpAddr, rng: &mut u64) -> usize {
-        let n = self.backends.len();
         let balance = self
             .proxy()
             .map(|p| p.balance)
             .unwrap_or(Balance::RoundRobin);
+        // The primaries while one is usable (up, or passively down and due
+        // for another try, which this brings back), else the backups; with
+        // every backend down, the primaries anyway (the connect decides).
+        let tier = self
+            .tiers
+            .iter()
+            .find(|t| t.members.iter().any(|&i| self.usable(i)))
+            .unwrap_or(&self.tiers[0]);
         match balance {
             Balance::RoundRobin => {
-                // Start from the next up backend after the counter so that a
-                // down backend does not double its neighbour's share.
                 let c = self.shared.rr.fetch_add(1, Ordering::Relaxed);
-                self.nth_up(c)
+                self.weighted_nth(tier, c)
             }
             Balance::LeastConnections => {
+                // Fewest connections per unit of weight; the rotating start
+                // spreads ties.
                 let c = self.shared.rr.fetch_add(1, Ordering::Relaxed);
-                (0..n)
-                    .map(|i| (c + i) % n)
+                let m = &tier.members;
+                let weight = |i: usize| u64::from(self.weight(i));
+                let load = |i: usize| self.backends[i].active.load(Ordering::Relaxed) as u64;
+                (0..m.len())
+                    .map(|k| m[(c + k) % m.len()])
                     .filter(|&i| self.backends[i].is_up())
-                    .min_by_key(|&i| self.backends[i].active.load(Ordering::Relaxed))
-                    .unwrap_or(c % n)
+                    .reduce(|a, b| {
+                        if load(b) * weight(a) < load(a) * weight(b) {
+                            b
+                        } else {
+                            a
+                        }
+                    })
+                    .unwrap_or(m[c % m.len()])
             }
             Balance::SourceHash => {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 client.hash(&mut h);
-                self.nth_up(h.finish() as usize)
+                self.weighted_nth(tier, h.finish() as usize)
             }
-            Balance::Random => (xorshift(rng) % n as u64) as usize,
+            Balance::Random => self.weighted_nth(tier, xorshift(rng) as usize),
         }
+    }
+
+    fn weight(&self, i: usize) -> u32 {
+        self.proxy().map_or(1, |p| p.backends[i].weight)
     }
 }
 
 impl RouteRt {
-    /// The `k`-th backend (modulo) among those up, or among all when none
-    /// is up; no allocation, since it runs for every new connection.
-    fn nth_up(&self, k: usize) -> usize {
-        let n = self.backends.len();
-        let up = self.backends.iter().filter(|b| b.is_up()).count();
-        if up == 0 {
-            return k % n;
+    /// The `k`-th (modulo) entry of the tier's weighted order, counting
+    /// only backends that are up (all of them when none is), so a backend
+    /// that is down hands its share to all the others, not to its
+    /// neighbour. No allocation: it runs for every new connection, and
+    /// only walks the order when some backend is down.
+    fn weighted_nth(&self, tier: &Tier, k: usize) -> usize {
+        let order = &tier.order;
+        let up = |i: usize| self.backends[i].is_up();
+        let up_weight: usize = tier
+            .members
+            .iter()
+            .filter(|&&i| up(i))
+            .map(|&i| self.weight(i) as usize)
+            .sum();
+        if up_weight == order.len() || up_weight == 0 {
+            return order[k % order.len()];
         }
-        let want = k % up;
-        (0..n)
-            .filter(|&i| self.backends[i].is_up())
+        let want = k % up_weight;
+        order
+            .iter()
+            .copied()
+            .filter(|&i| up(i))
             .nth(want)
-            .unwrap_or(k % n)
+            .unwrap_or(order[k % order.len()])
     }
 }
 
@@ -275,4 +373,102 @@ pub fn xorshift(state: &mut u64) -> u64 {
     x ^= x << 17;
     *state = x;
     x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A proxy route over `backends` (a TOML list), one worker.
+    fn route(backends: &str, extra: &str) -> RouteRt {
+        let text = format!(
+            "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:1\"\nbackends = {backends}\n{extra}"
+        );
+        let cfg = config::parse(&text, std::path::Path::new("/tmp/t.toml")).unwrap();
+        RouteRt::new(cfg.routes[0].clone(), 1, None)
+    }
+
+    fn firsts(r: &RouteRt, n: usize) -> Vec<usize> {
+        let mut rng = 1u64;
+        (0..n)
+            .map(|_| {
+                let (mut first, mut next) = (None, 0);
+                r.pick(
+                    IpAddr::from([127, 0, 0, 1]),
+                    &mut first,
+                    &mut next,
+                    &mut rng,
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn smooth_weighted_order_spreads_each_backend() {
+        let t = Tier::new(vec![0, 1, 2], |i| [5, 1, 1][i]);
+        assert_eq!(t.order, [0, 0, 1, 0, 2, 0, 0]);
+        let t = Tier::new(vec![3, 7], |_| 2);
+        assert_eq!(t.order, [3, 7, 3, 7]);
+        assert!(Tier::new(vec![], |_| 1).order.is_empty());
+    }
+
+    #[test]
+    fn round_robin_follows_weights_and_skips_down_backends_fairly() {
+        let r = route(
+            r#"["127.0.0.1:2", { address = "127.0.0.1:3", weight = 3 }, "127.0.0.1:4"]"#,
+            "",
+        );
+        let got = firsts(&r, 50);
+        let share = |v: &[usize], i| v.iter().filter(|&&x| x == i).count();
+        assert_eq!(
+            (share(&got, 0), share(&got, 1), share(&got, 2)),
+            (10, 30, 10)
+        );
+        // The middle backend down: its share goes to both others evenly,
+        // not to its neighbour in the order.
+        r.backends[1].up.store(false, Ordering::Relaxed);
+        let got = firsts(&r, 40);
+        assert_eq!(
+            (share(&got, 0), share(&got, 1), share(&got, 2)),
+            (20, 0, 20)
+        );
+    }
+
+    #[test]
+    fn backups_only_when_no_primary_is_up_and_last_in_failover() {
+        let r = route(
+            r#"["127.0.0.1:2", { address = "127.0.0.1:3", backup = true }, "127.0.0.1:4"]"#,
+            "[route.health]\ninterval = \"1s\"\n",
+        );
+        assert!(firsts(&r, 10).iter().all(|&i| i != 1));
+        // A connection that fails over walks the primaries first.
+        let (mut first, mut next, mut rng) = (None, 0, 1u64);
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let order: Vec<usize> =
+            std::iter::from_fn(|| r.pick(ip, &mut first, &mut next, &mut rng)).collect();
+        assert_eq!(order.len(), 3);
+        assert_eq!(order[2], 1, "the backup last: {order:?}");
+        r.backends[0].up.store(false, Ordering::Relaxed);
+        r.backends[2].up.store(false, Ordering::Relaxed);
+        assert!(firsts(&r, 5).iter().all(|&i| i == 1));
+    }
+
+    #[test]
+    fn least_connections_divides_by_weight() {
+        let r = route(
+            r#"[{ address = "127.0.0.1:2", weight = 2 }, "127.0.0.1:3"]"#,
+            "balance = \"least-connections\"\n",
+        );
+        for _ in 0..30 {
+            let i = firsts(&r, 1)[0];
+            r.backends[i].active.fetch_add(1, Ordering::Relaxed);
+        }
+        let active: Vec<usize> = r
+            .backends
+            .iter()
+            .map(|b| b.active.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(active, [20, 10]);
+    }
 }

@@ -152,3 +152,78 @@ fn with_active_checks_only_the_checker_brings_a_backend_back() {
     assert_eq!(got.iter().filter(|n| *n == "flaky").count(), 2, "{got:?}");
     assert!(back.accepted() >= 2);
 }
+
+#[test]
+fn a_backup_serves_only_while_no_primary_is_up() {
+    let backup = Backend::named("backup");
+    // The primary's port has nobody behind it (yet).
+    let primary = addr(free_port());
+    let (port, aport) = (free_port(), free_port());
+    let toml = format!(
+        "[global]\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\n\
+         backends = [\"{primary}\", {{ address = \"{}\", backup = true, weight = 7 }}]\n\
+         [route.health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 2\n",
+        backup.addr
+    );
+    let mut sl = Sluice::start("backup", &toml);
+    let m = scrape(addr(aport));
+    assert_eq!(bget(&m, "sluice_backend_backup", backup.addr), 1.0);
+    assert_eq!(bget(&m, "sluice_backend_backup", primary), 0.0);
+    assert_eq!(bget(&m, "sluice_backend_weight", backup.addr), 7.0);
+    assert_eq!(bget(&m, "sluice_backend_weight", primary), 1.0);
+    let page = common::admin::get(addr(aport), "/").body;
+    assert!(page.contains("<td>7 (backup)</td>"), "{page}");
+
+    // The primary is down: every client is served by the backup.
+    sl.wait_log("is DOWN", Duration::from_secs(10));
+    let got = names(port, 6);
+    assert!(got.iter().all(|n| n == "backup"), "{got:?}");
+    let sent = |m: &Metrics| bget(m, "sluice_backend_connections_total", backup.addr);
+    assert_eq!(sent(&scrape(addr(aport))), 6.0);
+
+    // The primary comes up: the backup gets no new client.
+    let l = TcpListener::bind(primary).expect("rebind the primary's port");
+    let live = Backend::from_listener(l, "primary");
+    let up_line = sl.wait_log("is UP", Duration::from_secs(10));
+    assert!(up_line.contains(&primary.to_string()), "{up_line}");
+    let got = names(port, 6);
+    assert!(got.iter().all(|n| n == "primary"), "{got:?}");
+    assert_eq!(
+        sent(&scrape(addr(aport))),
+        6.0,
+        "no new client for the backup"
+    );
+    assert!(live.accepted() >= 6);
+}
+
+#[test]
+fn without_checks_a_downed_primary_gets_its_traffic_back_from_the_backup() {
+    let backup = Backend::named("backup");
+    let primary = addr(free_port());
+    let port = free_port();
+    // No [route.health]: passive marking only (3 failed connects make a
+    // backend DOWN; it is tried again after the 2 s interval).
+    let toml = format!(
+        "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\n\
+         backends = [\"{primary}\", {{ address = \"{}\", backup = true }}]\n",
+        backup.addr
+    );
+    let mut sl = Sluice::start("backup-passive", &toml);
+    // Every client is served: the refused primary fails over to the backup.
+    let got = names(port, 5);
+    assert!(got.iter().all(|n| n == "backup"), "{got:?}");
+    sl.wait_log("is DOWN after 3 failed connects", Duration::from_secs(5));
+    let l = TcpListener::bind(primary).expect("rebind the primary's port");
+    let _live = Backend::from_listener(l, "primary");
+    // Once the retry interval has passed, the next client tries the
+    // primary again and it keeps the traffic.
+    let end = Instant::now() + Duration::from_secs(10);
+    while names(port, 1) != ["primary"] {
+        assert!(Instant::now() < end, "the primary never got another try");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got = names(port, 4);
+    assert!(got.iter().all(|n| n == "primary"), "{got:?}");
+    sl.wait_log("is given another try", Duration::from_secs(1));
+}

@@ -417,6 +417,28 @@ fn random_uses_every_backend() {
 }
 
 #[test]
+fn weights_share_new_connections() {
+    let (a, b) = (Backend::named("a"), Backend::named("b"));
+    let port = free_port();
+    let cfg = format!(
+        "[global]\nlog_level = \"info\"\n\n[[route]]\nname = \"r\"\n\
+         listen = \"127.0.0.1:{port}\"\n\
+         backends = [{{ address = \"{}\", weight = 3 }}, \"{}\"]\n",
+        a.addr, b.addr
+    );
+    let _sl = Sluice::start("weights", &cfg);
+    let got: Vec<String> = (0..40).map(|_| who(port, [127, 0, 0, 1])).collect();
+    assert_eq!((count(&got, "a"), count(&got, "b")), (30, 10), "{got:?}");
+    // Smooth: b's turns are spread out, never two in a row, and a never
+    // runs more than three times in a row.
+    assert!(got.windows(2).all(|w| w != ["b", "b"]), "{got:?}");
+    assert!(
+        got.windows(4).all(|w| w.contains(&"b".to_string())),
+        "{got:?}"
+    );
+}
+
+#[test]
 fn least_connections_avoids_the_busy_backend() {
     let bs: Vec<Backend> = ["a", "b"].iter().map(|n| Backend::named(n)).collect();
     let port = free_port();

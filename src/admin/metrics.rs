@@ -361,6 +361,39 @@ fn backends(o: &mut Out, routes: &[std::sync::Arc<RouteRt>]) {
             }
         }
     }
+    // Settings, from the route's configuration (not the shared state).
+    type Setting = fn(&crate::config::Backend) -> u64;
+    let settings: [(&str, &str, Setting); 2] = [
+        (
+            "sluice_backend_weight",
+            "The backend's weight: its share of new connections relative to its route's other backends of the same rank.",
+            |b| u64::from(b.weight),
+        ),
+        (
+            "sluice_backend_backup",
+            "1 for a backup backend, used only while no primary backend of its route is up.",
+            |b| u64::from(b.backup),
+        ),
+    ];
+    for (name, help, f) in settings {
+        o.family(name, "gauge", help);
+        for r in routes {
+            let Some(p) = r.proxy() else { continue };
+            for i in unique(r) {
+                let b = &r.backends[i];
+                let addr = b.addr.to_string();
+                o.sample(
+                    name,
+                    &[
+                        ("route", &r.cfg.name),
+                        ("backend", &b.name),
+                        ("address", &addr),
+                    ],
+                    f(&p.backends[i]),
+                );
+            }
+        }
+    }
     let name = "sluice_backend_health_checks_total";
     o.family(
         name,

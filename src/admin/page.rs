@@ -129,14 +129,19 @@ fn route(h: &mut String, r: &RouteRt) {
         h,
         "<table>\n<caption>route {} — {} — {}</caption>\n\
          <tr><th class=\"l\">backend</th><th class=\"l\">address</th><th>state</th>\
-         <th>active</th><th>connections</th><th>connect failures</th>\
+         <th>weight</th><th>active</th><th>connections</th><th>connect failures</th>\
          <th>last check</th><th>checks ok / failed</th></tr>\n",
         esc(&r.cfg.name),
         esc(&listen.join(", ")),
         esc(&what),
     );
-    for b in &r.backends {
+    for (i, b) in r.backends.iter().enumerate() {
         let up = b.is_up();
+        let weight = match r.proxy().map(|p| &p.backends[i]) {
+            Some(c) if c.backup => format!("{} (backup)", c.weight),
+            Some(c) => c.weight.to_string(),
+            None => "-".into(),
+        };
         let last = match b.last_check.load(Ordering::Relaxed) {
             1 => "passed",
             2 => "failed",
@@ -145,11 +150,12 @@ fn route(h: &mut String, r: &RouteRt) {
         let _ = writeln!(
             h,
             "<tr><td class=\"l\">{}</td><td class=\"l\">{}</td><td class=\"{}\">{}</td>\
-             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td></tr>",
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td></tr>",
             esc(&b.name),
             esc(&b.addr.to_string()),
             if up { "up" } else { "down" },
             if up { "UP" } else { "DOWN" },
+            weight,
             b.active.load(Ordering::Relaxed),
             b.total.load(Ordering::Relaxed),
             b.failures.load(Ordering::Relaxed),

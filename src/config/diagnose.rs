@@ -256,6 +256,11 @@ fn where_(doc: &DeTable, section: Option<&[Seg]>) -> String {
         [Seg::Key(r), Seg::Index(i), Seg::Key(h)] if r == "route" && h == "health" => {
             format!(" in [route.health] of route {}", route_label(doc, *i))
         }
+        [Seg::Key(r), Seg::Index(i), Seg::Key(b), Seg::Index(j)]
+            if r == "route" && b == "backends" =>
+        {
+            format!(" in backend #{} of route {}", j + 1, route_label(doc, *i))
+        }
         _ => format!(" in [{}]", keys.join(".")),
     }
 }

@@ -172,6 +172,10 @@ pub struct Backend {
     pub name: String,
     /// Resolved at load.
     pub addr: SocketAddr,
+    /// Share of new connections relative to the others (1 to 256).
+    pub weight: u32,
+    /// Used only while no other backend of the route can be.
+    pub backup: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::error::{ConfigError, Source};
-use super::schema::{RawHealth, RawRoute};
+use super::schema::{Backends, RawBackend, RawHealth, RawRoute};
 use super::values::{self, Want};
 use super::{
     Backend, Balance, FileRoute, FileSource, FileStrategy, Global, Health, Protocol, ProxyRoute,
@@ -203,6 +203,102 @@ fn strategy<T: Copy, U>(
     Err(src.error(&value.span(), message))
 }
 
+/// Largest `weight`, as in HAProxy: enough to express any useful ratio
+/// between a handful of servers, small enough that the weighted order stays
+/// short.
+pub const MAX_WEIGHT: i64 = 256;
+
+/// The `backends` list: addresses, or tables with an address, a weight and
+/// a backup flag.
+fn backends(
+    src: &Source,
+    label: &str,
+    list: &Spanned<Backends>,
+) -> Result<Vec<Backend>, ConfigError> {
+    let items: Vec<(&RawBackend, Range<usize>)> = match list.get_ref() {
+        Backends::One(text) => {
+            return Ok(vec![backend(src, text, &list.span(), 1, false)?]);
+        }
+        Backends::Many(items) => items.iter().map(|i| (i.get_ref(), i.span())).collect(),
+    };
+    if items.is_empty() {
+        return Err(src.error(
+            &list.span(),
+            format!(
+                "{label} has an empty `backends` list: \
+                 expected at least one address like \"127.0.0.1:9000\""
+            ),
+        ));
+    }
+    let mut out = Vec::new();
+    for (item, span) in items {
+        out.push(match item {
+            RawBackend::Address(text) => backend(src, text, &span, 1, false)?,
+            RawBackend::Table(t) => {
+                let Some(address) = &t.address else {
+                    return Err(src.error(
+                        &span,
+                        format!(
+                            "a backend table of {label} has no `address`: expected \
+                             {{ address = \"HOST:PORT\", weight = 1, backup = false }}"
+                        ),
+                    ));
+                };
+                let weight = match &t.weight {
+                    Some(w) if !(1..=MAX_WEIGHT).contains(w.get_ref()) => {
+                        return Err(src.error(
+                            &w.span(),
+                            format!(
+                                "weight {} of backend {:?} is out of range: expected 1 to \
+                                 {MAX_WEIGHT} (its share of new connections relative to the \
+                                 other backends)",
+                                w.get_ref(),
+                                address.get_ref()
+                            ),
+                        ));
+                    }
+                    Some(w) => *w.get_ref() as u32,
+                    None => 1,
+                };
+                let backup = t.backup.as_ref().is_some_and(|b| *b.get_ref());
+                backend(src, address.get_ref(), &address.span(), weight, backup)?
+            }
+        });
+    }
+    if out.iter().all(|b| b.backup) {
+        return Err(src.error(
+            &list.span(),
+            format!(
+                "every backend of {label} is a backup: expected at least one without \
+                 `backup = true` (backups only take connections when no other backend can)"
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+fn backend(
+    src: &Source,
+    text: &str,
+    span: &Range<usize>,
+    weight: u32,
+    backup: bool,
+) -> Result<Backend, ConfigError> {
+    let addr = values::address(src, "backend", text, span)?;
+    if addr.port() == 0 {
+        return Err(src.error(
+            span,
+            format!("backend {text:?} has port 0: expected a port from 1 to 65535"),
+        ));
+    }
+    Ok(Backend {
+        name: text.to_string(),
+        addr,
+        weight,
+        backup,
+    })
+}
+
 fn proxy(src: &Source, r: &RawRoute, label: &str, base: &Path) -> Result<RouteKind, ConfigError> {
     reject_keys(
         src,
@@ -215,27 +311,10 @@ fn proxy(src: &Source, r: &RawRoute, label: &str, base: &Path) -> Result<RouteKi
         ],
         "proxy",
     )?;
-    let mut backends = Vec::new();
-    if let Some(list) = &r.backends {
-        if list.get_ref().is_empty() {
-            return Err(src.error(
-                &list.span(),
-                format!(
-                    "{label} has an empty `backends` list: \
-                     expected at least one address like \"127.0.0.1:9000\""
-                ),
-            ));
-        }
-        for (addr, name, span) in values::addresses(src, "backend", list)? {
-            if addr.port() == 0 {
-                return Err(src.error(
-                    &span,
-                    format!("backend {name:?} has port 0: expected a port from 1 to 65535"),
-                ));
-            }
-            backends.push(Backend { name, addr });
-        }
-    }
+    let backends = match &r.backends {
+        Some(list) => backends(src, label, list)?,
+        None => Vec::new(),
+    };
     let fallback_file = match &r.fallback_file {
         Some(v) => Some(values::existing_path(
             src,

@@ -15,7 +15,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use toml::Spanned;
 
 use super::units;
@@ -56,7 +56,7 @@ pub struct RawAdmin {
 pub struct RawRoute {
     pub name: Option<Spanned<String>>,
     pub listen: Option<Spanned<OneOrMany>>,
-    pub backends: Option<Spanned<OneOrMany>>,
+    pub backends: Option<Spanned<Backends>>,
     pub strategy: Option<Spanned<String>>,
     pub balance: Option<Spanned<String>>,
     pub connect_timeout: Option<Spanned<Dur>>,
@@ -208,6 +208,76 @@ impl<'de> Deserialize<'de> for OneOrMany {
     }
 }
 
+/// `backends`: an address, or a list whose items are addresses or tables
+/// `{ address = "...", weight = 2, backup = true }`.
+#[derive(Debug)]
+pub enum Backends {
+    One(String),
+    Many(Vec<Spanned<RawBackend>>),
+}
+
+/// One item of a `backends` list.
+#[derive(Debug)]
+pub enum RawBackend {
+    Address(String),
+    Table(RawBackendTable),
+}
+
+/// A backend written as a table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackendTable {
+    pub address: Option<Spanned<String>>,
+    pub weight: Option<Spanned<i64>>,
+    pub backup: Option<Spanned<bool>>,
+}
+
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawBackend;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "an address like \"127.0.0.1:9000\" or a table like \
+                     { address = \"127.0.0.1:9000\", weight = 2 }",
+                )
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend::Address(s.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawBackend, A::Error> {
+                RawBackendTable::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawBackend::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Backends {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Backends;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an address or a list of addresses and backend tables")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Backends, E> {
+                Ok(Backends::One(s.to_string()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Backends, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<Spanned<RawBackend>>()? {
+                    items.push(item);
+                }
+                Ok(Backends::Many(items))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,8 +309,10 @@ rise = 5
         assert_eq!(items[0].0, "127.0.0.1:1");
         assert_eq!(&text[items[0].1.clone()], "\"127.0.0.1:1\"");
         let backends = r.backends.as_ref().unwrap();
-        let items = backends.get_ref().items(&backends.span());
-        assert_eq!(&text[items[1].1.clone()], "\"y:2\"");
+        let Backends::Many(items) = backends.get_ref() else {
+            panic!("a list")
+        };
+        assert_eq!(&text[items[1].span()], "\"y:2\"");
         assert_eq!(r.pipe_size.as_ref().unwrap().get_ref(), &Size(1 << 20));
         assert_eq!(r.buffer_size.as_ref().unwrap().get_ref(), &Size(4096));
         assert_eq!(

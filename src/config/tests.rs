@@ -644,6 +644,65 @@ fn backends_must_be_usable() {
 }
 
 #[test]
+fn backend_tables_set_weight_and_backup() {
+    let dir = Dir::new();
+    let text = "[[route]]\nname = \"p\"\nlisten = \"127.0.0.1:1\"\n\
+                backends = [\"127.0.0.1:2\", { address = \"127.0.0.1:3\", weight = 256 },\n\
+                { address = \"127.0.0.1:4\", backup = true }]\n";
+    let cfg = dir.parse(text).unwrap();
+    let b = &proxy(&cfg.routes[0]).backends;
+    let got: Vec<(&str, u32, bool)> = b
+        .iter()
+        .map(|b| (b.name.as_str(), b.weight, b.backup))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("127.0.0.1:2", 1, false),
+            ("127.0.0.1:3", 256, false),
+            ("127.0.0.1:4", 1, true)
+        ]
+    );
+    let route = "[[route]]\nname = \"p\"\nlisten = \"127.0.0.1:1\"\n";
+    for (backends, want) in [
+        (
+            "[{ address = \"127.0.0.1:2\", weight = 0 }]",
+            "t.toml:4:49: weight 0 of backend \"127.0.0.1:2\" is out of range: expected 1 to 256",
+        ),
+        (
+            "[{ address = \"127.0.0.1:2\", weight = 257 }]",
+            "t.toml:4:49: weight 257 of backend \"127.0.0.1:2\" is out of range",
+        ),
+        (
+            "[{ weight = 2 }]",
+            "t.toml:4:13: a backend table of route \"p\" has no `address`: expected { address = \"HOST:PORT\", weight = 1, backup = false }",
+        ),
+        (
+            "[\"127.0.0.1:2\", { address = \"127.0.0.1:2\", weigth = 2 }]",
+            "t.toml:4:55: unknown key `weigth` in backend #2 of route \"p\" (did you mean `weight`?); expected one of: address, weight, backup",
+        ),
+        (
+            "[{ address = \"127.0.0.1:2\", backup = true }]",
+            "t.toml:4:12: every backend of route \"p\" is a backup: expected at least one without `backup = true`",
+        ),
+        (
+            "[{ address = \"127.0.0.1:0\" }]",
+            "t.toml:4:25: backend \"127.0.0.1:0\" has port 0",
+        ),
+        (
+            "[\"127.0.0.1:2\", 7]",
+            "t.toml:4:28: wrong type for an item of `backends` in [[route]] \"p\": expected an address like \"127.0.0.1:9000\" or a table like { address = \"127.0.0.1:9000\", weight = 2 }, found integer `7`",
+        ),
+        (
+            "[{ address = \"127.0.0.1:2\", weight = \"2\" }]",
+            "t.toml:4:49: wrong type for `weight` in backend #1 of route \"p\": expected an integer, found string \"2\"",
+        ),
+    ] {
+        rejects(&dir, &format!("{route}backends = {backends}\n"), want);
+    }
+}
+
+#[test]
 fn keys_of_the_other_kind_are_rejected() {
     let dir = Dir::new();
     for (key, value) in [
@@ -888,7 +947,7 @@ fn wrong_types_are_located() {
     rejects(
         &dir,
         "[[route]]\nname = \"p\"\nbackends = [\"127.0.0.1:1\", 2]\n",
-        "t.toml:3:28: wrong type for an item of `backends` in [[route]] \"p\": expected a string, found integer `2`",
+        "t.toml:3:28: wrong type for an item of `backends` in [[route]] \"p\": expected an address like \"127.0.0.1:9000\" or a table like { address = \"127.0.0.1:9000\", weight = 2 }, found integer `2`",
     );
 }
 
