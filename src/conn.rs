@@ -30,7 +30,7 @@ use mio::{Interest, Registry, Token};
 use crate::file_conn::OpenFiles;
 use crate::handshake::Accepted;
 use crate::pump::{Fallback, Flow, FlowError, FlowParams, Pools, Ready};
-use crate::route::RouteRt;
+use crate::route::{Attempts, RouteRt};
 use crate::stats::Counters;
 
 /// Which socket of a connection an event is for.
@@ -199,9 +199,8 @@ pub struct ProxyConn {
     /// Index of the backend connected or being connected to.
     bidx: Option<usize>,
     connecting: bool,
-    /// Balance order bookkeeping (see `RouteRt::pick`).
-    first: Option<usize>,
-    next: usize,
+    /// Where this connection is in its backend order.
+    attempts: Attempts,
     /// Why the last connect attempt failed, for the log.
     last_err: Option<io::Error>,
     up: Flow,
@@ -254,8 +253,7 @@ impl ProxyConn {
             br: Ready::default(),
             bidx: None,
             connecting: false,
-            first: None,
-            next: 0,
+            attempts: Attempts::default(),
             last_err: None,
             up: Flow::new(params),
             down: Flow::new(params),
@@ -290,10 +288,7 @@ impl ProxyConn {
     /// Try backends in balance order until a non-blocking connect starts.
     fn connect_next(&mut self, ctx: &mut Ctx) -> Result<(), End> {
         let connect_timeout = self.route.proxy().expect("proxy route").connect_timeout;
-        while let Some(i) =
-            self.route
-                .pick(self.peer.ip(), &mut self.first, &mut self.next, ctx.rng)
-        {
+        while let Some(i) = self.route.pick(self.peer.ip(), &mut self.attempts, ctx.rng) {
             let b = &self.route.backends[i];
             match TcpStream::connect(b.addr) {
                 Ok(mut s) => {

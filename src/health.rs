@@ -5,8 +5,11 @@
 //! failures in a row mark it down, and balance then skips it. A successful
 //! connect resets the count. With active checks enabled (`[route.health]`),
 //! only the checker brings a down backend back (after `rise` good checks);
-//! without them a down backend is given another chance once `interval`
-//! has passed since it went down, so a route never stays dark for good.
+//! without them one connection at a time tries a down backend again each
+//! `interval` (half-open, as nginx's `fail_timeout`): if it connects, the
+//! backend is up again; if not, that client fails over and the backend
+//! stays down another interval. So a route never stays dark for good, and
+//! a dead backend is not handed every new client each time it is retried.
 //!
 //! Active: `Checker` probes every backend of every route with a
 //! `[route.health]` table by opening a TCP connection, on its own timer,
@@ -69,26 +72,48 @@ pub fn passive_failure(route: &RouteRt, i: usize) {
     }
 }
 
-/// A connect to backend `i` of `route` succeeded.
+/// A connect to backend `i` of `route` succeeded. Without active checks
+/// this is also what brings a downed backend back: its retry connected.
 pub fn passive_success(route: &RouteRt, i: usize) {
-    route.backends[i].fails.store(0, Ordering::Relaxed);
-}
-
-/// Without active checks, bring a passively downed backend back for
-/// another try once `interval` has passed.
-pub fn maybe_retry(b: &BackendRt, interval: Duration) -> bool {
-    let at = b.down_at.load(Ordering::Relaxed);
-    if at != 0 && now_ms().saturating_sub(at) >= interval.as_millis() as u64 {
+    let b = &route.backends[i];
+    b.fails.store(0, Ordering::Relaxed);
+    let passive = route.proxy().is_some_and(|p| !p.health.active);
+    if passive && !b.is_up() {
         b.mark_up();
         log::info!(
-            "backend {} ({}) is given another try after {:?} down",
+            "route {}: backend {} ({}) is UP again: a connect succeeded",
+            route.cfg.name,
             b.name,
-            b.addr,
-            interval
+            b.addr
         );
-        return true;
     }
-    false
+}
+
+/// Without active checks: whether a downed backend may be tried again now,
+/// by the one caller that claims it. Once `interval` has passed since it
+/// went down (or was last tried), the first caller wins the try and
+/// restarts the interval; the backend stays down, out of balancing, until
+/// that connect succeeds (`passive_success`). So a backend that is still
+/// dead costs one client a failover per interval, not a herd of them.
+pub fn claim_retry(b: &BackendRt, interval: Duration) -> bool {
+    let at = b.down_at.load(Ordering::Relaxed);
+    let now = now_ms();
+    if b.is_up() || at == 0 || now.saturating_sub(at) < interval.as_millis() as u64 {
+        return false;
+    }
+    if b.down_at
+        .compare_exchange(at, now, Ordering::Relaxed, Ordering::Relaxed)
+        .is_err()
+    {
+        return false; // another connection took this try
+    }
+    log::info!(
+        "backend {} ({}) is given another try after {:?} down",
+        b.name,
+        b.addr,
+        interval
+    );
+    true
 }
 
 /// One backend the checker probes.

@@ -118,6 +118,9 @@ struct Tier {
     /// many times as its weight, spread out (weights 3 and 1 give
     /// a a b a, not a a a b).
     order: Vec<usize>,
+    /// The members' weights divided by their greatest common divisor: how
+    /// many times each appears in `order`.
+    shares: Vec<u32>,
 }
 
 impl Tier {
@@ -125,12 +128,17 @@ impl Tier {
         // nginx's smooth weighted round-robin, run once per generation: each
         // step every member gains its weight, the richest is picked and pays
         // the total. Weights are at most 256, so the order stays short.
-        let total: i64 = members.iter().map(|&i| i64::from(weight(i))).sum();
+        // Weights 100 and 200 are weights 1 and 2: divided by their
+        // greatest common divisor, the order is as short as it can be.
+        let gcd = members.iter().fold(0, |g, &i| gcd(g, weight(i)));
+        let shares: Vec<u32> = members.iter().map(|&i| weight(i) / gcd.max(1)).collect();
+        let w: Vec<i64> = shares.iter().map(|&s| i64::from(s)).collect();
+        let total: i64 = w.iter().sum();
         let mut current = vec![0i64; members.len()];
         let mut order = Vec::with_capacity(total as usize);
         for _ in 0..total {
-            for (k, &i) in members.iter().enumerate() {
-                current[k] += i64::from(weight(i));
+            for (c, w) in current.iter_mut().zip(&w) {
+                *c += w;
             }
             let best = (0..members.len())
                 .max_by_key(|&k| (current[k], std::cmp::Reverse(k)))
@@ -138,8 +146,27 @@ impl Tier {
             current[best] -= total;
             order.push(members[best]);
         }
-        Tier { members, order }
+        Tier {
+            members,
+            order,
+            shares,
+        }
     }
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Where one connection is in its route's backend order (`RouteRt::pick`).
+#[derive(Debug, Default)]
+pub struct Attempts {
+    /// The first choice, once made.
+    first: Option<usize>,
+    /// The first choice is a down backend this connection claimed a retry of.
+    retry: bool,
+    /// How far along the order the connection is.
+    next: usize,
 }
 
 /// Source of `RouteRt::id`.
@@ -227,31 +254,36 @@ impl RouteRt {
     }
 
     /// The next backend to try for a client, in balance order, skipping
-    /// backends that are down. `next` is the connection's position in that
-    /// order (start at 0); it advances past the backend returned. `None`
-    /// when every backend has been tried or is down.
+    /// backends that are down. `at` is the connection's place in that
+    /// order (start from `Attempts::default()`). `None` when every backend
+    /// has been tried or is down.
     ///
     /// The first choice follows the balance mode and the weights, among
-    /// the primary backends while one of them is usable, else among the
-    /// backups. Later attempts walk on from it through its rank, then
-    /// through the other rank, so one connection tries each backend at
-    /// most once and a backup only after every primary.
-    pub fn pick(
-        &self,
-        client: IpAddr,
-        first: &mut Option<usize>,
-        next: &mut usize,
-        rng: &mut u64,
-    ) -> Option<usize> {
+    /// the primary backends while one of them is up, else among the
+    /// backups; without active checks it may instead be a down backend
+    /// whose retry this connection claimed (see `health::claim_retry`).
+    /// Later attempts walk on from it through its rank, then through the
+    /// other rank, so one connection tries each backend at most once and a
+    /// backup only after every primary.
+    pub fn pick(&self, client: IpAddr, at: &mut Attempts, rng: &mut u64) -> Option<usize> {
         let n = self.backends.len();
         if n == 0 {
             return None;
         }
-        let start = *first.get_or_insert_with(|| self.first_choice(client, rng));
-        while *next < n {
-            let i = self.nth_after(start, *next);
-            *next += 1;
-            if self.usable(i) {
+        let start = match at.first {
+            Some(start) => start,
+            None => {
+                let (start, retry) = self.first_choice(client, rng);
+                at.first = Some(start);
+                at.retry = retry;
+                start
+            }
+        };
+        while at.next < n {
+            let j = at.next;
+            at.next += 1;
+            let i = self.nth_after(start, j);
+            if self.backends[i].is_up() || (j == 0 && at.retry) {
                 return Some(i);
             }
         }
@@ -274,32 +306,34 @@ impl RouteRt {
         }
     }
 
-    /// Up, or down only passively and due for another try.
-    fn usable(&self, i: usize) -> bool {
-        let b = &self.backends[i];
-        if b.is_up() {
-            return true;
+    /// The first backend to try, and whether it is a claimed retry of a
+    /// down backend.
+    fn first_choice(&self, client: IpAddr, rng: &mut u64) -> (usize, bool) {
+        let Some(p) = self.proxy() else {
+            return (0, false);
+        };
+        let up = |t: &Tier| t.members.iter().any(|&i| self.backends[i].is_up());
+        let primaries_up = up(&self.tiers[0]);
+        if !p.health.active {
+            // A down primary due for another try takes this client; a down
+            // backup only matters while no primary is up.
+            let due = if primaries_up { 1 } else { 2 };
+            for t in &self.tiers[..due] {
+                for &i in &t.members {
+                    if crate::health::claim_retry(&self.backends[i], p.health.interval) {
+                        return (i, true);
+                    }
+                }
+            }
         }
-        match self.proxy() {
-            Some(p) if !p.health.active => crate::health::maybe_retry(b, p.health.interval),
-            _ => false,
-        }
-    }
-
-    fn first_choice(&self, client: IpAddr, rng: &mut u64) -> usize {
-        let balance = self
-            .proxy()
-            .map(|p| p.balance)
-            .unwrap_or(Balance::RoundRobin);
-        // The primaries while one is usable (up, or passively down and due
-        // for another try, which this brings back), else the backups; with
-        // every backend down, the primaries anyway (the connect decides).
-        let tier = self
-            .tiers
-            .iter()
-            .find(|t| t.members.iter().any(|&i| self.usable(i)))
-            .unwrap_or(&self.tiers[0]);
-        match balance {
+        // The primaries while one is up, else the backups; with every
+        // backend down, nothing is up to pick and `pick` gives up.
+        let tier = if primaries_up || !up(&self.tiers[1]) {
+            &self.tiers[0]
+        } else {
+            &self.tiers[1]
+        };
+        let first = match p.balance {
             Balance::RoundRobin => {
                 let c = self.shared.rr.fetch_add(1, Ordering::Relaxed);
                 self.weighted_nth(tier, c)
@@ -329,7 +363,8 @@ impl RouteRt {
                 self.weighted_nth(tier, h.finish() as usize)
             }
             Balance::Random => self.weighted_nth(tier, xorshift(rng) as usize),
-        }
+        };
+        (first, false)
     }
 
     fn weight(&self, i: usize) -> u32 {
@@ -349,8 +384,9 @@ impl RouteRt {
         let up_weight: usize = tier
             .members
             .iter()
-            .filter(|&&i| up(i))
-            .map(|&i| self.weight(i) as usize)
+            .zip(&tier.shares)
+            .filter(|&(&i, _)| up(i))
+            .map(|(_, &s)| s as usize)
             .sum();
         if up_weight == order.len() || up_weight == 0 {
             return order[k % order.len()];
@@ -388,20 +424,37 @@ mod tests {
         RouteRt::new(cfg.routes[0].clone(), 1, None)
     }
 
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    /// The first choice of `n` new connections.
     fn firsts(r: &RouteRt, n: usize) -> Vec<usize> {
         let mut rng = 1u64;
         (0..n)
-            .map(|_| {
-                let (mut first, mut next) = (None, 0);
-                r.pick(
-                    IpAddr::from([127, 0, 0, 1]),
-                    &mut first,
-                    &mut next,
-                    &mut rng,
-                )
-                .unwrap()
-            })
+            .map(|_| r.pick(IP, &mut Attempts::default(), &mut rng).unwrap())
             .collect()
+    }
+
+    /// Every backend one connection would try, in order.
+    fn order(r: &RouteRt) -> Vec<usize> {
+        let (mut at, mut rng) = (Attempts::default(), 1u64);
+        std::iter::from_fn(|| r.pick(IP, &mut at, &mut rng)).collect()
+    }
+
+    fn share(v: &[usize], i: usize) -> usize {
+        v.iter().filter(|&&x| x == i).count()
+    }
+
+    /// Mark backend `i` down as passive health does, long enough ago to be
+    /// due for a retry (`due`) or just now.
+    fn down(r: &RouteRt, i: usize, due: bool) {
+        let b = &r.backends[i];
+        b.up.store(false, Ordering::Relaxed);
+        let interval = r.proxy().unwrap().health.interval.as_millis() as u64;
+        while crate::health::now_ms() <= 1 + interval {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let at = if due { 1 } else { crate::health::now_ms() };
+        b.down_at.store(at, Ordering::Relaxed);
     }
 
     #[test]
@@ -409,7 +462,10 @@ mod tests {
         let t = Tier::new(vec![0, 1, 2], |i| [5, 1, 1][i]);
         assert_eq!(t.order, [0, 0, 1, 0, 2, 0, 0]);
         let t = Tier::new(vec![3, 7], |_| 2);
-        assert_eq!(t.order, [3, 7, 3, 7]);
+        assert_eq!((t.order, t.shares), (vec![3, 7], vec![1, 1]));
+        // Divided by the common divisor: 100 and 200 are 1 and 2.
+        let t = Tier::new(vec![0, 1], |i| [100, 200][i]);
+        assert_eq!(t.order, [1, 0, 1]);
         assert!(Tier::new(vec![], |_| 1).order.is_empty());
     }
 
@@ -417,10 +473,9 @@ mod tests {
     fn round_robin_follows_weights_and_skips_down_backends_fairly() {
         let r = route(
             r#"["127.0.0.1:2", { address = "127.0.0.1:3", weight = 3 }, "127.0.0.1:4"]"#,
-            "",
+            "[route.health]\n",
         );
         let got = firsts(&r, 50);
-        let share = |v: &[usize], i| v.iter().filter(|&&x| x == i).count();
         assert_eq!(
             (share(&got, 0), share(&got, 1), share(&got, 2)),
             (10, 30, 10)
@@ -442,16 +497,14 @@ mod tests {
             "[route.health]\ninterval = \"1s\"\n",
         );
         assert!(firsts(&r, 10).iter().all(|&i| i != 1));
-        // A connection that fails over walks the primaries first.
-        let (mut first, mut next, mut rng) = (None, 0, 1u64);
-        let ip = IpAddr::from([127, 0, 0, 1]);
-        let order: Vec<usize> =
-            std::iter::from_fn(|| r.pick(ip, &mut first, &mut next, &mut rng)).collect();
-        assert_eq!(order.len(), 3);
-        assert_eq!(order[2], 1, "the backup last: {order:?}");
+        let o = order(&r);
+        assert_eq!((o.len(), o[2]), (3, 1), "the backup last: {o:?}");
         r.backends[0].up.store(false, Ordering::Relaxed);
         r.backends[2].up.store(false, Ordering::Relaxed);
         assert!(firsts(&r, 5).iter().all(|&i| i == 1));
+        // Nothing up at all: nothing to try (active checks decide).
+        r.backends[1].up.store(false, Ordering::Relaxed);
+        assert_eq!(order(&r), []);
     }
 
     #[test]
@@ -470,5 +523,37 @@ mod tests {
             .map(|b| b.active.load(Ordering::Relaxed))
             .collect();
         assert_eq!(active, [20, 10]);
+    }
+
+    #[test]
+    fn passive_retry_is_one_connection_per_interval_for_any_backend() {
+        // No [route.health]: passive only (the 2 s retry interval of the
+        // default, which `down` waits out, if need be, to be "long ago").
+        let r = route(
+            r#"["127.0.0.1:2", "127.0.0.1:3", { address = "127.0.0.1:4", backup = true }]"#,
+            "",
+        );
+        // Not due yet: the down backend gets nothing.
+        down(&r, 1, false);
+        assert!(firsts(&r, 6).iter().all(|&i| i == 0));
+        // Due, although listed after an up backend: exactly one connection
+        // tries it, the next ones do not, and it stays down meanwhile.
+        down(&r, 1, true);
+        let got = firsts(&r, 6);
+        assert_eq!(got[0], 1, "{got:?}");
+        assert!(got[1..].iter().all(|&i| i == 0), "{got:?}");
+        assert!(!r.backends[1].is_up());
+        // That connection fails over to the up primary, then the backup.
+        down(&r, 1, true);
+        assert_eq!(order(&r), [1, 0, 2]);
+        // Its connect succeeds: up again.
+        crate::health::passive_success(&r, 1);
+        assert!(r.backends[1].is_up());
+        // A down backup is retried only while no primary is up.
+        down(&r, 2, true);
+        assert!(!firsts(&r, 4).contains(&2));
+        down(&r, 0, false);
+        down(&r, 1, false);
+        assert_eq!(firsts(&r, 1), [2]);
     }
 }

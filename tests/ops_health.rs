@@ -203,7 +203,7 @@ fn without_checks_a_downed_primary_gets_its_traffic_back_from_the_backup() {
     let primary = addr(free_port());
     let port = free_port();
     // No [route.health]: passive marking only (3 failed connects make a
-    // backend DOWN; it is tried again after the 2 s interval).
+    // backend DOWN; one client tries it again each 2 s interval).
     let toml = format!(
         "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\n\
          backends = [\"{primary}\", {{ address = \"{}\", backup = true }}]\n",
@@ -216,8 +216,8 @@ fn without_checks_a_downed_primary_gets_its_traffic_back_from_the_backup() {
     sl.wait_log("is DOWN after 3 failed connects", Duration::from_secs(5));
     let l = TcpListener::bind(primary).expect("rebind the primary's port");
     let _live = Backend::from_listener(l, "primary");
-    // Once the retry interval has passed, the next client tries the
-    // primary again and it keeps the traffic.
+    // Once the retry interval has passed, one client tries the primary
+    // again; it connects, so the primary is up and keeps the traffic.
     let end = Instant::now() + Duration::from_secs(10);
     while names(port, 1) != ["primary"] {
         assert!(Instant::now() < end, "the primary never got another try");
@@ -226,4 +226,5 @@ fn without_checks_a_downed_primary_gets_its_traffic_back_from_the_backup() {
     let got = names(port, 4);
     assert!(got.iter().all(|n| n == "primary"), "{got:?}");
     sl.wait_log("is given another try", Duration::from_secs(1));
+    sl.wait_log("is UP again: a connect succeeded", Duration::from_secs(1));
 }

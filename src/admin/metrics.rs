@@ -332,7 +332,8 @@ const BACKEND_METRICS: [BackendMetric; 5] = [
 
 fn backends(o: &mut Out, routes: &[std::sync::Arc<RouteRt>]) {
     // A backend listed twice in one route (same name and address) is
-    // reported once.
+    // reported once. (A configuration can no longer do that, but a route's
+    // list is not where that rule lives.)
     let unique = |r: &RouteRt| -> Vec<usize> {
         (0..r.backends.len())
             .filter(|&i| {

@@ -231,7 +231,9 @@ fn backends(
         ));
     }
     let mut out = Vec::new();
+    let mut spans = Vec::new();
     for (item, span) in items {
+        spans.push(span.clone());
         out.push(match item {
             RawBackend::Address(text) => backend(src, text, &span, 1, false)?,
             RawBackend::Table(t) => {
@@ -264,6 +266,24 @@ fn backends(
                 backend(src, address.get_ref(), &address.span(), weight, backup)?
             }
         });
+    }
+    // One entry per server: its weight says how much it gets, and its
+    // health and counters are one state (two entries would split them).
+    for (k, b) in out.iter().enumerate() {
+        if let Some(first) = out[..k].iter().find(|o| o.addr == b.addr) {
+            let same = if first.name == b.name {
+                format!("backend {:?} is listed twice", b.name)
+            } else {
+                format!(
+                    "backends {:?} and {:?} are the same address {}",
+                    first.name, b.name, b.addr
+                )
+            };
+            return Err(src.error(
+                &spans[k],
+                format!("{same} in {label}: list each server once (use `weight` to give it a larger share)"),
+            ));
+        }
     }
     if out.iter().all(|b| b.backup) {
         return Err(src.error(

@@ -690,6 +690,14 @@ fn backend_tables_set_weight_and_backup() {
             "t.toml:4:25: backend \"127.0.0.1:0\" has port 0",
         ),
         (
+            "[\"127.0.0.1:2\", { address = \"127.0.0.1:2\", backup = true }]",
+            "t.toml:4:28: backend \"127.0.0.1:2\" is listed twice in route \"p\": list each server once (use `weight` to give it a larger share)",
+        ),
+        (
+            "[\"127.0.0.1:2\", \"localhost:2\"]",
+            "t.toml:4:28: backends \"127.0.0.1:2\" and \"localhost:2\" are the same address 127.0.0.1:2 in route \"p\"",
+        ),
+        (
             "[\"127.0.0.1:2\", 7]",
             "t.toml:4:28: wrong type for an item of `backends` in [[route]] \"p\": expected an address like \"127.0.0.1:9000\" or a table like { address = \"127.0.0.1:9000\", weight = 2 }, found integer `7`",
         ),
