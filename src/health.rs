@@ -96,9 +96,13 @@ pub fn passive_success(route: &RouteRt, i: usize) {
 /// that connect succeeds (`passive_success`). So a backend that is still
 /// dead costs one client a failover per interval, not a herd of them.
 pub fn claim_retry(b: &BackendRt, interval: Duration) -> bool {
+    // Runs for every primary on every new connection: up costs one load.
+    if b.is_up() {
+        return false;
+    }
     let at = b.down_at.load(Ordering::Relaxed);
     let now = now_ms();
-    if b.is_up() || at == 0 || now.saturating_sub(at) < interval.as_millis() as u64 {
+    if at == 0 || now.saturating_sub(at) < interval.as_millis() as u64 {
         return false;
     }
     if b.down_at
