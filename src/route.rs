@@ -38,7 +38,8 @@ pub struct BackendRt {
     pub failures: AtomicU64,
     /// Last health-check result: 0 none yet, 1 ok, 2 failed.
     pub last_check: AtomicU32,
-    /// When it went down (`health::now_ms`), 0 while up.
+    /// When it went down or, with passive health only, was last given a
+    /// retry (`health::now_ms`); 0 while up.
     pub down_at: AtomicU64,
     /// Active health checks that passed and that failed, ever.
     pub checks_ok: AtomicU64,
