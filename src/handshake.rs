@@ -17,12 +17,12 @@
 //!
 //! Admission around it (see `worker::admit`): the global and route
 //! connection caps count the connection from accept, since a client that
-//! is still sending its header already holds a descriptor. allow/deny and
-//! `max_connections_per_ip` judge the address the header names, once it
-//! is in. The balancer's own address is not checked, so who may
-//! reach an `accept_proxy` port at all is the firewall's job (HAProxy
-//! splits it the same way: `tcp-request connection` rules see the real
-//! address, later rules the PROXY one; sluice has only the later kind).
+//! is still sending its header already holds a descriptor. The sender's
+//! own address is judged at accept by `accept_proxy_from` (the trusted
+//! balancers; empty trusts anyone who reaches the port), and allow/deny
+//! and `max_connections_per_ip` judge the address the header names, once
+//! it is in. HAProxy splits it the same way: `tcp-request connection`
+//! rules see the real address, later rules the PROXY one.
 //!
 //! The step is route-agnostic: it ends in an `Accepted`, the one thing
 //! every session kind starts from, carrying the socket (still registered,

@@ -460,7 +460,9 @@ impl Worker {
         Counters::inc(&c.conns);
         let acc = Accepted::plain(stream, peer, now);
         let end = if route.cfg.accept_proxy {
-            None // judged on the address in the header, once it is in
+            // Only a trusted balancer may send a header; the client it
+            // names is judged once the header is in.
+            untrusted_sender(&route, acc.peer.ip())
         } else {
             deny(&route, acc.peer.ip())
         };
@@ -890,6 +892,13 @@ fn deny(route: &RouteRt, ip: IpAddr) -> Option<End> {
     let denied = cfg.deny.iter().any(|n| n.contains(&ip))
         || (!cfg.allow.is_empty() && !cfg.allow.iter().any(|n| n.contains(&ip)));
     denied.then_some(End::Denied)
+}
+
+/// `accept_proxy_from` is set and `ip` is not in it: a peer that is not
+/// one of the route's balancers may not name a client.
+fn untrusted_sender(route: &RouteRt, ip: IpAddr) -> Option<End> {
+    let from = &route.cfg.accept_proxy_from;
+    (!from.is_empty() && !from.iter().any(|n| n.contains(&ip))).then_some(End::Denied)
 }
 
 /// Make a waker for a worker's poll (before the worker thread starts).

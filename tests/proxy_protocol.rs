@@ -312,6 +312,49 @@ fn deny_applies_to_the_address_in_the_header() {
     assert_echo(c, 15, 4 * KIB);
 }
 
+#[test]
+fn only_the_listed_balancers_may_send_a_header() {
+    let b = proxy_backend();
+    let port = free_port();
+    let sl = Sluice::start(
+        "accept-from",
+        &cfg(
+            &v4(port).to_string(),
+            &[b.addr],
+            "accept_proxy = true\naccept_proxy_from = [\"127.0.0.2/32\", \"10.0.0.0/8\"]\nsend_proxy = \"v1\"",
+        ),
+    );
+    // A balancer on the list names its client.
+    let mut c = connect_from([127, 0, 0, 2].into(), v4(port));
+    c.write_all(&header("v1", sa(FAKE_SRC), sa(FAKE_DST)))
+        .unwrap();
+    assert_eq!(read_line(&mut c), format!("v1 TCP4 {FAKE_SRC} {FAKE_DST}"));
+    assert_echo(c, 16, 4 * KIB);
+    // Anyone else is refused before a byte is read: a valid header does
+    // not get them in, and no backend is connected.
+    for (i, from) in [[127, 0, 0, 1], [127, 0, 0, 3]].into_iter().enumerate() {
+        let mut c = connect_from(from.into(), v4(port));
+        let _ = c.write_all(&header("v2", sa(FAKE_SRC), sa(FAKE_DST)));
+        assert_closed(&mut c, &format!("untrusted sender {i}"));
+    }
+    let a = sl.wait_ends("denied", 2, Duration::from_secs(5));
+    let denied: Vec<&str> = a
+        .iter()
+        .filter(|l| l["end"] == "denied")
+        .map(|l| l["client"].as_str())
+        .collect();
+    assert_eq!(denied.len(), 2, "{a:?}");
+    assert!(
+        denied[0].starts_with("127.0.0.1:") && denied[1].starts_with("127.0.0.3:"),
+        "the sender's own address is logged: {denied:?}"
+    );
+    assert_eq!(
+        b.accepted(),
+        1,
+        "only the trusted balancer's client reached it"
+    );
+}
+
 /// `source-hash` balances on the address in the header: every connection
 /// comes from 127.0.0.1, yet different header addresses spread over the
 /// backends, and each sticks to one.

@@ -155,6 +155,9 @@ pub struct Route {
     pub deny: Vec<IpNet>,
     /// Expect a PROXY protocol header from the client first.
     pub accept_proxy: bool,
+    /// With `accept_proxy`: the only peers allowed to send one (the
+    /// balancers); empty = anyone who can reach the port.
+    pub accept_proxy_from: Vec<IpNet>,
     /// HTTP: time to receive a whole request head; PROXY: time to receive
     /// the PROXY header.
     pub header_timeout: Duration,

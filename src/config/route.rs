@@ -101,6 +101,18 @@ pub fn route(
         RouteKind::Proxy(_) => Duration::from_secs(300),
         RouteKind::File(_) => Duration::from_secs(60),
     };
+    let accept_proxy = r.accept_proxy.as_ref().is_some_and(|v| *v.get_ref());
+    let accept_proxy_from =
+        values::networks(src, "accept_proxy_from", r.accept_proxy_from.as_ref())?;
+    if let (Some(v), false) = (&r.accept_proxy_from, accept_proxy) {
+        return Err(src.error(
+            &v.span(),
+            format!(
+                "`accept_proxy_from` needs `accept_proxy = true`, which {label} does not set \
+                 (it lists the balancers allowed to send a PROXY header)"
+            ),
+        ));
+    }
     Ok(Route {
         name: name.to_string(),
         listen,
@@ -127,7 +139,8 @@ pub fn route(
         )?,
         allow: values::networks(src, "allow", r.allow.as_ref())?,
         deny: values::networks(src, "deny", r.deny.as_ref())?,
-        accept_proxy: r.accept_proxy.as_ref().is_some_and(|v| *v.get_ref()),
+        accept_proxy,
+        accept_proxy_from,
         header_timeout: values::positive_duration(
             src,
             "header_timeout",

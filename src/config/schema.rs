@@ -68,6 +68,7 @@ pub struct RawRoute {
     pub allow: Option<Spanned<OneOrMany>>,
     pub deny: Option<Spanned<OneOrMany>>,
     pub accept_proxy: Option<Spanned<bool>>,
+    pub accept_proxy_from: Option<Spanned<OneOrMany>>,
     pub send_proxy: Option<Spanned<String>>,
     pub header_timeout: Option<Spanned<Dur>>,
     pub fallback_file: Option<Spanned<String>>,

@@ -711,6 +711,32 @@ fn backend_tables_set_weight_and_backup() {
 }
 
 #[test]
+fn accept_proxy_from_needs_accept_proxy_and_networks() {
+    let dir = Dir::new();
+    let cfg = dir
+        .parse(&format!(
+            "{PROXY}accept_proxy = true\naccept_proxy_from = [\"10.0.0.0/8\", \"192.0.2.7\"]\n"
+        ))
+        .unwrap();
+    let from: Vec<String> = cfg.routes[0]
+        .accept_proxy_from
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(from, ["10.0.0.0/8", "192.0.2.7/32"]);
+    rejects(
+        &dir,
+        &format!("{PROXY}accept_proxy_from = \"10.0.0.0/8\"\n"),
+        "t.toml:5:21: `accept_proxy_from` needs `accept_proxy = true`, which route \"p\" does not set",
+    );
+    rejects(
+        &dir,
+        &format!("{PROXY}accept_proxy = true\naccept_proxy_from = [\"10.0.0/8\"]\n"),
+        "t.toml:6:22: invalid network \"10.0.0/8\" in `accept_proxy_from`: expected an IP address or CIDR",
+    );
+}
+
+#[test]
 fn keys_of_the_other_kind_are_rejected() {
     let dir = Dir::new();
     for (key, value) in [
