@@ -358,11 +358,7 @@ impl RouteRt {
                     })
                     .unwrap_or(m[c % m.len()])
             }
-            Balance::SourceHash => {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                client.hash(&mut h);
-                self.weighted_nth(tier, h.finish() as usize)
-            }
+            Balance::SourceHash => self.rendezvous(tier, client),
             Balance::Random => self.weighted_nth(tier, xorshift(rng) as usize),
         };
         (first, false)
@@ -374,6 +370,34 @@ impl RouteRt {
 }
 
 impl RouteRt {
+    /// Weighted rendezvous (highest random weight) hashing, for
+    /// `source-hash`: each backend up in the tier scores the client by a
+    /// hash of the pair, the best score wins. A backend that goes down or
+    /// comes back moves only its own clients, where `hash mod n` would move
+    /// almost everyone's; the hash is of the backend's address, so a reload
+    /// that reorders the list moves nobody. Weights scale the scores (the
+    /// logarithmic method): a backend of weight 3 wins three times as many
+    /// clients as one of weight 1.
+    fn rendezvous(&self, tier: &Tier, client: IpAddr) -> usize {
+        let any_up = tier.members.iter().any(|&i| self.backends[i].is_up());
+        let mut best = (f64::NEG_INFINITY, tier.members[0]);
+        for (&i, &share) in tier.members.iter().zip(&tier.shares) {
+            let b = &self.backends[i];
+            if any_up && !b.is_up() {
+                continue;
+            }
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (client, b.addr).hash(&mut h);
+            // A uniform draw in (0, 1): 53 bits of the hash, never 0.
+            let u = ((h.finish() >> 11) | 1) as f64 / (1u64 << 53) as f64;
+            let score = -f64::from(share) / u.ln();
+            if score > best.0 {
+                best = (score, i);
+            }
+        }
+        best.1
+    }
+
     /// The `k`-th (modulo) entry of the tier's weighted order, counting
     /// only backends that are up (all of them when none is), so a backend
     /// that is down hands its share to all the others, not to its
@@ -524,6 +548,64 @@ mod tests {
             .map(|b| b.active.load(Ordering::Relaxed))
             .collect();
         assert_eq!(active, [20, 10]);
+    }
+
+    #[test]
+    fn source_hash_moves_only_the_clients_of_a_backend_that_goes_down() {
+        let r = route(
+            r#"["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]"#,
+            "balance = \"source-hash\"\n[route.health]\n",
+        );
+        let clients: Vec<IpAddr> = (0..600u32)
+            .map(|k| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + k * 7919)))
+            .collect();
+        let mut rng = 1u64;
+        let mut pick = |ip| r.pick(ip, &mut Attempts::default(), &mut rng).unwrap();
+        let before: Vec<usize> = clients.iter().map(|&ip| pick(ip)).collect();
+        // Sticky, and spread over all three.
+        assert_eq!(
+            before,
+            clients.iter().map(|&ip| pick(ip)).collect::<Vec<_>>()
+        );
+        for i in 0..3 {
+            assert!(
+                (150..250).contains(&share(&before, i)),
+                "{}",
+                share(&before, i)
+            );
+        }
+        r.backends[1].up.store(false, Ordering::Relaxed);
+        let after: Vec<usize> = clients.iter().map(|&ip| pick(ip)).collect();
+        for (k, (&b, &a)) in before.iter().zip(&after).enumerate() {
+            if b == 1 {
+                assert_ne!(a, 1, "client {k} left the down backend");
+            } else {
+                assert_eq!(a, b, "client {k} stayed where it was");
+            }
+        }
+        // Back up: everyone where they were.
+        r.backends[1].up.store(true, Ordering::Relaxed);
+        assert_eq!(
+            before,
+            clients.iter().map(|&ip| pick(ip)).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn source_hash_follows_weights() {
+        let r = route(
+            r#"[{ address = "127.0.0.1:2", weight = 3 }, "127.0.0.1:3"]"#,
+            "balance = \"source-hash\"\n",
+        );
+        let mut rng = 1u64;
+        let got: Vec<usize> = (0..4000u32)
+            .map(|k| {
+                let ip = IpAddr::from(std::net::Ipv4Addr::from(0xc000_0000 + k * 104_729));
+                r.pick(ip, &mut Attempts::default(), &mut rng).unwrap()
+            })
+            .collect();
+        let a = share(&got, 0);
+        assert!((2800..3200).contains(&a), "weight 3 of 4 won {a} of 4000");
     }
 
     #[test]
