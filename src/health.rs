@@ -12,7 +12,8 @@
 //! a dead backend is not handed every new client each time it is retried.
 //!
 //! Active: `Checker` probes every backend of every route with a
-//! `[route.health]` table by opening a TCP connection, on its own timer,
+//! `[route.health]` table by opening a TCP connection (and, with
+//! `http_path`, sending a GET and reading its status line), on its own timer,
 //! with non-blocking connects registered in the main thread's poll — one
 //! poll for all probes, never a thread per backend. Results land in the
 //! shared `BackendRt` (`up`, `fails`, `rises`, `last_check`), where
@@ -120,6 +121,51 @@ pub fn claim_retry(b: &BackendRt, interval: Duration) -> bool {
     true
 }
 
+/// Advance an HTTP check as far as the socket allows: write what is left
+/// of the request (then listen for the answer), read the answer. `Some`
+/// once there is a verdict.
+fn http_step(p: &mut Probe, registry: &Registry, token: Token) -> Option<Result<(), String>> {
+    let (req, sent) = p.request.as_mut()?;
+    while *sent < req.len() {
+        match io::Write::write(&mut p.stream, &req[*sent..]) {
+            Ok(n) => {
+                *sent += n;
+                if *sent == req.len()
+                    && let Err(e) = registry.reregister(&mut p.stream, token, Interest::READABLE)
+                {
+                    return Some(Err(e.to_string()));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Some(Err(format!("sending the request: {e}"))),
+        }
+    }
+    let mut buf = [0u8; 512];
+    loop {
+        // httparse knows the status by byte 13 or calls it an error, so
+        // this bound only keeps a strange peer from feeding us forever.
+        let room = MAX_ANSWER.saturating_sub(p.answer.len());
+        if room == 0 {
+            return Some(Err(format!(
+                "no HTTP status in the first {MAX_ANSWER} bytes"
+            )));
+        }
+        match io::Read::read(&mut p.stream, &mut buf[..room.min(512)]) {
+            Ok(0) => return judge_answer(&p.answer, true),
+            Ok(n) => {
+                p.answer.extend_from_slice(&buf[..n]);
+                if let Some(verdict) = judge_answer(&p.answer, false) {
+                    return Some(verdict);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Some(Err(format!("reading the answer: {e}"))),
+        }
+    }
+}
+
 /// One backend the checker probes.
 struct Target {
     route: String,
@@ -131,12 +177,54 @@ struct Target {
     probing: bool,
 }
 
-/// A TCP connect in flight.
+/// A check in flight: a TCP connect, then for HTTP checks the request
+/// and the answer's status line.
 struct Probe {
     backend: Arc<BackendRt>,
     stream: TcpStream,
     deadline: Instant,
     timeout: Duration,
+    /// HTTP checks: the request, and how much of it is written.
+    request: Option<(Vec<u8>, usize)>,
+    /// The connect completed.
+    connected: bool,
+    /// HTTP checks: the answer so far (at most `MAX_ANSWER` bytes).
+    answer: Vec<u8>,
+}
+
+/// How much of an HTTP check's answer is read for its status line.
+const MAX_ANSWER: usize = 1024;
+
+/// The request an HTTP check sends: HTTP/1.0, so the backend closes after
+/// answering, with the backend as written in the configuration as Host.
+fn check_request(path: &str, host: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: sluice-health-check\r\n\
+         Connection: close\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// The verdict on an HTTP check's answer so far: `None` until httparse has
+/// the status code. 2xx and 3xx pass, as in HAProxy's `httpchk`.
+fn judge_answer(answer: &[u8], eof: bool) -> Option<Result<(), String>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(answer) {
+        Ok(_) | Err(httparse::Error::TooManyHeaders) if resp.code.is_some() => {
+            let code = resp.code.unwrap_or(0);
+            Some(if (200..400).contains(&code) {
+                Ok(())
+            } else {
+                Err(format!("HTTP status {code}"))
+            })
+        }
+        Ok(_) if eof => Some(Err(
+            "the connection closed before an HTTP status line".into()
+        )),
+        Ok(_) => None,
+        Err(e) => Some(Err(format!("not an HTTP answer ({e})"))),
+    }
 }
 
 /// Active TCP connect checks for every backend of the current generation.
@@ -237,7 +325,12 @@ impl Checker {
             .collect();
         for k in expired {
             let t = self.probes[k].timeout;
-            self.finish(k, Err(format!("no connection within {t:?}")), registry);
+            let why = if self.probes[k].connected {
+                format!("no HTTP status within {t:?}")
+            } else {
+                format!("no connection within {t:?}")
+            };
+            self.finish(k, Err(why), registry);
         }
         for i in 0..self.targets.len() {
             let t = &mut self.targets[i];
@@ -247,6 +340,11 @@ impl Checker {
             t.due = now + t.health.interval;
             let addr = t.backend.addr;
             let timeout = t.health.timeout;
+            let request = t
+                .health
+                .http_path
+                .as_deref()
+                .map(|path| (check_request(path, &t.backend.name), 0));
             let started = TcpStream::connect(addr).and_then(|mut stream| {
                 let entry = self.probes.vacant_entry();
                 registry.register(
@@ -259,6 +357,9 @@ impl Checker {
                     stream,
                     deadline: now + timeout,
                     timeout,
+                    request,
+                    connected: false,
+                    answer: Vec::new(),
                 });
                 Ok(())
             });
@@ -269,28 +370,43 @@ impl Checker {
         }
     }
 
-    /// A probe's socket became writable or failed.
+    /// A probe's socket became writable or readable, or failed.
     pub fn on_event(&mut self, token: Token, ev: &mio::event::Event, registry: &Registry) {
         let k = token.0 - self.base;
-        let Some(p) = self.probes.get(k) else { return };
-        let result = match p.stream.take_error() {
-            Ok(Some(e)) | Err(e) => Err(e.to_string()),
-            Ok(None) => match p.stream.peer_addr() {
-                Ok(_) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                    if ev.is_error() || ev.is_write_closed() {
-                        Err(io::Error::from(io::ErrorKind::ConnectionRefused).to_string())
-                    } else {
-                        return; // still connecting
-                    }
-                }
-                Err(e) => Err(e.to_string()),
-            },
+        let Some(p) = self.probes.get_mut(k) else {
+            return;
         };
-        self.finish(k, result, registry);
+        if !p.connected {
+            let connected = match p.stream.take_error() {
+                Ok(Some(e)) | Err(e) => Err(e.to_string()),
+                Ok(None) => match p.stream.peer_addr() {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                        if ev.is_error() || ev.is_write_closed() {
+                            Err(io::Error::from(io::ErrorKind::ConnectionRefused).to_string())
+                        } else {
+                            return; // still connecting
+                        }
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+            };
+            if connected.is_err() || p.request.is_none() {
+                self.finish(k, connected, registry);
+                return;
+            }
+            p.connected = true;
+        }
+        // An HTTP check: send the request, then read up to the status line.
+        if let Some(result) = http_step(p, registry, Token(self.base + k)) {
+            self.finish(k, result, registry);
+        }
     }
 
     fn finish(&mut self, k: usize, result: Result<(), String>, registry: &Registry) {
+        // Read-only probes close with unread bytes; reset rather than
+        // leave a lingering close to the backend.
+        let _ = socket2::SockRef::from(&self.probes[k].stream).set_linger(Some(Duration::ZERO));
         let mut p = self.probes.remove(k);
         let _ = registry.deregister(&mut p.stream);
         if let Some(i) = self
@@ -347,5 +463,51 @@ impl Checker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_check_verdicts() {
+        let ok = |s: &str, eof| judge_answer(s.as_bytes(), eof);
+        assert_eq!(ok("HTTP/1.1 200 OK\r\n", false), Some(Ok(())));
+        assert_eq!(
+            ok("HTTP/1.0 302 Found\r\nLocation: /x\r\n\r\n", false),
+            Some(Ok(()))
+        );
+        assert_eq!(
+            ok("HTTP/1.1 503 Service Unavailable\r\n", false),
+            Some(Err("HTTP status 503".into()))
+        );
+        assert_eq!(
+            ok("HTTP/1.1 404 Not Found\r\n\r\n", true),
+            Some(Err("HTTP status 404".into()))
+        );
+        // Not yet a whole status line: wait, unless the answer ended.
+        assert_eq!(ok("HTTP/1.1 20", false), None);
+        assert_eq!(
+            ok("HTTP/1.1 20", true),
+            Some(Err(
+                "the connection closed before an HTTP status line".into()
+            ))
+        );
+        assert_eq!(
+            ok("", true),
+            Some(Err(
+                "the connection closed before an HTTP status line".into()
+            ))
+        );
+        assert!(
+            matches!(ok("SSH-2.0-OpenSSH\r\n", false), Some(Err(e)) if e.starts_with("not an HTTP answer"))
+        );
+        // The status is known as soon as its code is, reason phrase or not.
+        assert_eq!(ok("HTTP/1.1 204 No Con", false), Some(Ok(())));
+        assert_eq!(
+            check_request("/health?full=1", "app.internal:8080"),
+            b"GET /health?full=1 HTTP/1.0\r\nHost: app.internal:8080\r\nUser-Agent: sluice-health-check\r\nConnection: close\r\n\r\n"
+        );
     }
 }

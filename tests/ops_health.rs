@@ -228,3 +228,84 @@ fn without_checks_a_downed_primary_gets_its_traffic_back_from_the_backup() {
     sl.wait_log("is given another try", Duration::from_secs(1));
     sl.wait_log("is UP again: a connect succeeded", Duration::from_secs(1));
 }
+
+#[test]
+fn http_checks_judge_the_status_not_just_the_connect() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicU16, Ordering};
+    use std::sync::{Arc, Mutex};
+    // A backend that accepts every connect but answers the check with the
+    // status the test sets, and remembers the requests it got.
+    let status = Arc::new(AtomicU16::new(503));
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (st, sn) = (status.clone(), seen.clone());
+    let b = Backend::spawn(move |mut s| {
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.ends_with(b"\r\n\r\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return String::new(),
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+        let req = String::from_utf8_lossy(&req).to_string();
+        let code = st.load(Ordering::SeqCst);
+        if req.starts_with("GET /health") {
+            sn.lock().unwrap().push(req);
+            let _ = write!(s, "HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n");
+        } else {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello");
+        }
+        String::new()
+    });
+    let (port, aport) = (free_port(), free_port());
+    let toml = format!(
+        "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nbackends = [\"{}\"]\n\
+         [route.health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 2\n\
+         http_path = \"/health?deep=1\"\n",
+        b.addr
+    );
+    let mut sl = Sluice::start("http-check", &toml);
+    // It connects fine, but answers 503: down.
+    let down = sl.wait_log("is DOWN", Duration::from_secs(10));
+    assert!(down.contains("HTTP status 503"), "{down}");
+    let m = scrape(addr(aport));
+    assert_eq!(up(&m, b.addr), 0.0);
+    {
+        let seen = seen.lock().unwrap();
+        let first = seen.first().expect("a check request");
+        assert!(
+            first.starts_with("GET /health?deep=1 HTTP/1.0\r\n"),
+            "{first:?}"
+        );
+        assert!(
+            first.contains(&format!("\r\nHost: {}\r\n", b.addr)),
+            "{first:?}"
+        );
+    }
+    // Healthy again: 200 brings it back after `rise` checks.
+    status.store(200, Ordering::SeqCst);
+    let up_line = sl.wait_log("is UP", Duration::from_secs(10));
+    assert!(up_line.contains("2 good checks"), "{up_line}");
+    assert_eq!(up(&scrape(addr(aport)), b.addr), 1.0);
+    // A redirect passes too; a 404 does not.
+    status.store(301, Ordering::SeqCst);
+    let m = scrape(addr(aport));
+    let ok = |m: &Metrics| {
+        m.sum(
+            "sluice_backend_health_checks_total",
+            &[("address", &b.addr.to_string()), ("result", "ok")],
+        )
+    };
+    let ok0 = ok(&m);
+    let end = Instant::now() + Duration::from_secs(5);
+    while ok(&scrape(addr(aport))) < ok0 + 3.0 {
+        assert!(Instant::now() < end, "301 checks did not pass");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(up(&scrape(addr(aport)), b.addr), 1.0);
+    status.store(404, Ordering::SeqCst);
+    let down = sl.wait_log("HTTP status 404", Duration::from_secs(10));
+    assert!(down.contains("is DOWN"), "{down}");
+}

@@ -228,6 +228,9 @@ pub struct Health {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+    /// HTTP checks: the path to GET; a 2xx or 3xx answer passes. `None`:
+    /// a completed TCP connect passes.
+    pub http_path: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -446,7 +446,33 @@ fn health(src: &Source, raw: Option<&Spanned<RawHealth>>) -> Result<Health, Conf
             1,
             max,
         )?),
+        http_path: match h.and_then(|h| h.http_path.as_ref()) {
+            Some(p) => Some(http_path(src, p)?),
+            None => None,
+        },
     })
+}
+
+/// Longest `http_path`: it goes into one small request.
+const MAX_HTTP_PATH: usize = 1024;
+
+/// An origin-form request target: starts with `/`, printable ASCII, no
+/// spaces, so that the request line stays one valid line.
+fn http_path(src: &Source, v: &Spanned<String>) -> Result<String, ConfigError> {
+    let p = v.get_ref();
+    let ok =
+        p.starts_with('/') && p.len() <= MAX_HTTP_PATH && p.bytes().all(|b| b.is_ascii_graphic());
+    if !ok {
+        return Err(src.error(
+            &v.span(),
+            format!(
+                "invalid http_path {p:?}: expected a path that starts with \"/\", like \
+                 \"/health\" (printable ASCII, no spaces, at most {MAX_HTTP_PATH} bytes; \
+                 percent-encode anything else)"
+            ),
+        ));
+    }
+    Ok(p.clone())
 }
 
 /// A file route serving `path`: one file (`Want::File`, from `file`) or a

@@ -90,6 +90,7 @@ pub struct RawHealth {
     pub timeout: Option<Spanned<Dur>>,
     pub rise: Option<Spanned<u64>>,
     pub fall: Option<Spanned<u64>>,
+    pub http_path: Option<Spanned<String>>,
 }
 
 /// Deserialize the raw schema. Errors are toml's; `locate` turns them into

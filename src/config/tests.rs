@@ -737,6 +737,36 @@ fn accept_proxy_from_needs_accept_proxy_and_networks() {
 }
 
 #[test]
+fn http_path_must_be_a_plain_path() {
+    let dir = Dir::new();
+    let cfg = dir
+        .parse(&format!(
+            "{PROXY}[route.health]\nhttp_path = \"/health?x=1\"\n"
+        ))
+        .unwrap();
+    assert_eq!(
+        proxy(&cfg.routes[0]).health.http_path.as_deref(),
+        Some("/health?x=1")
+    );
+    assert_eq!(dir.parse(PROXY).unwrap().routes.len(), 1);
+    assert!(
+        proxy(&dir.parse(PROXY).unwrap().routes[0])
+            .health
+            .http_path
+            .is_none()
+    );
+    for bad in ["health", "/a b", "/caf\u{e9}", ""] {
+        rejects(
+            &dir,
+            &format!("{PROXY}[route.health]\nhttp_path = \"{bad}\"\n"),
+            &format!(
+                "t.toml:6:13: invalid http_path {bad:?}: expected a path that starts with \"/\""
+            ),
+        );
+    }
+}
+
+#[test]
 fn keys_of_the_other_kind_are_rejected() {
     let dir = Dir::new();
     for (key, value) in [
