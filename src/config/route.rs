@@ -229,9 +229,7 @@ fn backends(
     list: &Spanned<Backends>,
 ) -> Result<Vec<Backend>, ConfigError> {
     let items: Vec<(&RawBackend, Range<usize>)> = match list.get_ref() {
-        Backends::One(text) => {
-            return Ok(vec![backend(src, text, &list.span(), 1, false)?]);
-        }
+        Backends::One(item) => vec![(item, list.span())],
         Backends::Many(items) => items.iter().map(|i| (i.get_ref(), i.span())).collect(),
     };
     if items.is_empty() {

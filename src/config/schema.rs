@@ -210,11 +210,11 @@ impl<'de> Deserialize<'de> for OneOrMany {
     }
 }
 
-/// `backends`: an address, or a list whose items are addresses or tables
-/// `{ address = "...", weight = 2, backup = true }`.
+/// `backends`: one backend (an address or a table
+/// `{ address = "...", weight = 2, backup = true }`), or a list of them.
 #[derive(Debug)]
 pub enum Backends {
-    One(String),
+    One(RawBackend),
     Many(Vec<Spanned<RawBackend>>),
 }
 
@@ -263,10 +263,14 @@ impl<'de> Deserialize<'de> for Backends {
         impl<'de> Visitor<'de> for V {
             type Value = Backends;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an address or a list of addresses and backend tables")
+                f.write_str("an address, a backend table, or a list of them")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Backends, E> {
-                Ok(Backends::One(s.to_string()))
+                Ok(Backends::One(RawBackend::Address(s.to_string())))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Backends, A::Error> {
+                RawBackendTable::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|t| Backends::One(RawBackend::Table(t)))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Backends, A::Error> {
                 let mut items = Vec::new();

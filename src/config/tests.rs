@@ -663,6 +663,15 @@ fn backend_tables_set_weight_and_backup() {
             ("127.0.0.1:4", 1, true)
         ]
     );
+    // One backend may be a table on its own, like a single address.
+    let one = "[[route]]\nname = \"p\"\nlisten = \"127.0.0.1:1\"\n\
+               backends = { address = \"127.0.0.1:5\", weight = 4 }\n";
+    let one = dir.parse(one).unwrap();
+    let b = &proxy(&one.routes[0]).backends;
+    assert_eq!(
+        (b.len(), b[0].name.as_str(), b[0].weight),
+        (1, "127.0.0.1:5", 4)
+    );
     let route = "[[route]]\nname = \"p\"\nlisten = \"127.0.0.1:1\"\n";
     for (backends, want) in [
         (
