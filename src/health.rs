@@ -210,15 +210,17 @@ fn check_request(path: &str, host: &str) -> Vec<u8> {
 fn judge_answer(answer: &[u8], eof: bool) -> Option<Result<(), String>> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(answer) {
-        Ok(_) | Err(httparse::Error::TooManyHeaders) if resp.code.is_some() => {
-            let code = resp.code.unwrap_or(0);
-            Some(if (200..400).contains(&code) {
-                Ok(())
-            } else {
-                Err(format!("HTTP status {code}"))
-            })
-        }
+    let parsed = resp.parse(answer);
+    // Only the status matters: once httparse has the code, what it thinks
+    // of the headers after it (or whether they have arrived) does not.
+    if let Some(code) = resp.code {
+        return Some(if (200..400).contains(&code) {
+            Ok(())
+        } else {
+            Err(format!("HTTP status {code}"))
+        });
+    }
+    match parsed {
         Ok(_) if eof => Some(Err(
             "the connection closed before an HTTP status line".into()
         )),
@@ -404,9 +406,12 @@ impl Checker {
     }
 
     fn finish(&mut self, k: usize, result: Result<(), String>, registry: &Registry) {
-        // Read-only probes close with unread bytes; reset rather than
-        // leave a lingering close to the backend.
-        let _ = socket2::SockRef::from(&self.probes[k].stream).set_linger(Some(Duration::ZERO));
+        // An HTTP check stops reading after the status line: reset, as
+        // HAProxy does, rather than leave unread bytes and a TIME_WAIT on
+        // every interval. A TCP check closes normally.
+        if self.probes[k].request.is_some() {
+            let _ = socket2::SockRef::from(&self.probes[k].stream).set_linger(Some(Duration::ZERO));
+        }
         let mut p = self.probes.remove(k);
         let _ = registry.deregister(&mut p.stream);
         if let Some(i) = self
@@ -503,8 +508,17 @@ mod tests {
         assert!(
             matches!(ok("SSH-2.0-OpenSSH\r\n", false), Some(Err(e)) if e.starts_with("not an HTTP answer"))
         );
-        // The status is known as soon as its code is, reason phrase or not.
+        // The status is known as soon as its code is, reason phrase or not,
+        // and headers httparse would reject do not change it.
         assert_eq!(ok("HTTP/1.1 204 No Con", false), Some(Ok(())));
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nServer : x\r\n\r\n", false),
+            Some(Ok(()))
+        );
+        assert_eq!(
+            ok("HTTP/1.1 500 E\r\nbad header line\r\n\r\n", true),
+            Some(Err("HTTP status 500".into()))
+        );
         assert_eq!(
             check_request("/health?full=1", "app.internal:8080"),
             b"GET /health?full=1 HTTP/1.0\r\nHost: app.internal:8080\r\nUser-Agent: sluice-health-check\r\nConnection: close\r\n\r\n"

@@ -10,7 +10,6 @@
 //! route name and backend address.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -153,6 +152,32 @@ impl Tier {
             shares,
         }
     }
+}
+
+/// A hash of (client, backend) that is the same on every build and
+/// machine, so that every sluice in a fleet, before and after an upgrade,
+/// sends a client to the same backend: FNV-1a over the addresses as
+/// explicit bytes (IPv4 as IPv4-mapped IPv6, the port big-endian), then
+/// splitmix64's finalizer to spread FNV's weak low bits. std's
+/// `DefaultHasher` promises no such stability.
+fn pair_hash(client: IpAddr, backend: SocketAddr) -> u64 {
+    let v6 = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes = v6(client)
+        .into_iter()
+        .chain(v6(backend.ip()))
+        .chain(backend.port().to_be_bytes());
+    for b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -386,10 +411,8 @@ impl RouteRt {
             if any_up && !b.is_up() {
                 continue;
             }
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (client, b.addr).hash(&mut h);
             // A uniform draw in (0, 1): 53 bits of the hash, never 0.
-            let u = ((h.finish() >> 11) | 1) as f64 / (1u64 << 53) as f64;
+            let u = ((pair_hash(client, b.addr) >> 11) | 1) as f64 / (1u64 << 53) as f64;
             let score = -f64::from(share) / u.ln();
             if score > best.0 {
                 best = (score, i);
@@ -590,6 +613,22 @@ mod tests {
             clients.iter().map(|&ip| pick(ip)).collect::<Vec<_>>()
         );
     }
+
+    #[test]
+    fn source_hash_is_the_same_on_every_build() {
+        // Pinned values: a change here moves every sticky client of every
+        // deployment, so it must be deliberate.
+        let c4 = IpAddr::from([192, 0, 2, 7]);
+        let c6: IpAddr = "2001:db8::7".parse().unwrap();
+        let b: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+        assert_eq!(pair_hash(c4, b), PINNED[0]);
+        assert_eq!(pair_hash(c6, b), PINNED[1]);
+        // An IPv4 client and its IPv4-mapped form are one client.
+        assert_eq!(pair_hash("::ffff:192.0.2.7".parse().unwrap(), b), PINNED[0]);
+        assert_ne!(pair_hash(c4, "10.0.0.1:8081".parse().unwrap()), PINNED[0]);
+    }
+
+    const PINNED: [u64; 2] = [7_639_601_215_532_668_450, 805_049_832_141_050_339];
 
     #[test]
     fn source_hash_follows_weights() {

@@ -309,3 +309,46 @@ fn http_checks_judge_the_status_not_just_the_connect() {
     let down = sl.wait_log("HTTP status 404", Duration::from_secs(10));
     assert!(down.contains("is DOWN"), "{down}");
 }
+
+#[test]
+fn an_http_check_answer_split_over_several_segments_passes() {
+    use std::io::{Read, Write};
+    // The status line arrives in pieces: the check must wait for the rest
+    // (edge-triggered: each piece is a new readable event).
+    let b = Backend::spawn(|mut s| {
+        let _ = s.set_nodelay(true);
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf);
+        for piece in [
+            &b"HTTP/1.1 2"[..],
+            b"00 O",
+            b"K\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            if s.write_all(piece).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        String::new()
+    });
+    let (port, aport) = (free_port(), free_port());
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nbackends = [\"{}\"]\n\
+         [route.health]\ninterval = \"100ms\"\ntimeout = \"800ms\"\nhttp_path = \"/\"\n",
+        b.addr
+    );
+    let _sl = Sluice::start("http-check-split", &toml);
+    let count = |result: &str| {
+        scrape(addr(aport)).sum(
+            "sluice_backend_health_checks_total",
+            &[("address", &b.addr.to_string()), ("result", result)],
+        )
+    };
+    let end = Instant::now() + Duration::from_secs(10);
+    while count("ok") < 3.0 {
+        assert!(Instant::now() < end, "split answers never passed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(count("failed"), 0.0, "no split answer was judged early");
+}

@@ -104,6 +104,17 @@ pub fn route(
     let accept_proxy = r.accept_proxy.as_ref().is_some_and(|v| *v.get_ref());
     let accept_proxy_from =
         values::networks(src, "accept_proxy_from", r.accept_proxy_from.as_ref())?;
+    if let Some(v) = &r.accept_proxy_from
+        && accept_proxy_from.is_empty()
+    {
+        return Err(src.error(
+            &v.span(),
+            format!(
+                "{label} has an empty `accept_proxy_from`: list the balancers' addresses, \
+                 or leave the key out to trust anyone who reaches the port"
+            ),
+        ));
+    }
     if let (Some(v), false) = (&r.accept_proxy_from, accept_proxy) {
         return Err(src.error(
             &v.span(),

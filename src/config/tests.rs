@@ -740,6 +740,11 @@ fn accept_proxy_from_needs_accept_proxy_and_networks() {
     );
     rejects(
         &dir,
+        &format!("{PROXY}accept_proxy = true\naccept_proxy_from = []\n"),
+        "t.toml:6:21: route \"p\" has an empty `accept_proxy_from`: list the balancers' addresses",
+    );
+    rejects(
+        &dir,
         &format!("{PROXY}accept_proxy = true\naccept_proxy_from = [\"10.0.0/8\"]\n"),
         "t.toml:6:22: invalid network \"10.0.0/8\" in `accept_proxy_from`: expected an IP address or CIDR",
     );
