@@ -1086,7 +1086,7 @@ fn a_socket_that_cannot_be_watched_again_ends_its_connection() {
         sl.wait_access(2, Duration::from_secs(10));
         // The worker goes on: the next connection gets everything.
         let mut c = connect(addr(port));
-        assert_eq!(read_until_end(&mut c), (vec![1u8; len], "eof".to_string()));
+        let (next, next_how) = read_until_end(&mut c);
         drop(c);
         let a = sl.wait_access(3, Duration::from_secs(10));
         let logs = sl.logs();
@@ -1095,10 +1095,21 @@ fn a_socket_that_cannot_be_watched_again_ends_its_connection() {
         let injected = text.lines().find(|l| l.contains("INJECTED")).unwrap_or("");
         let rewatch = injected.contains("EPOLL_CTL_ADD")
             || (injected.contains("EPOLL_CTL_MOD") && injected.contains("EPOLLIN"));
-        if !rewatch {
-            eprintln!("attempt {attempt}: the failed call was not a re-watch: {injected:?}");
+        // Which epoll_ctl is the sixth depends on how events batch: on a
+        // loaded machine it can fall in the third connection instead.
+        if !rewatch || a[1]["end"] != "backend_error" {
+            eprintln!(
+                "attempt {attempt}: the failed call did not hit the second connection's \
+                 re-watch: {injected:?}, ends {:?} / {:?}",
+                a[1]["end"], a[2]["end"]
+            );
             continue;
         }
+        assert_eq!(
+            (next.len(), next.iter().all(|&b| b == 1), next_how.as_str()),
+            (len, true, "eof"),
+            "the next connection gets everything"
+        );
         assert_eq!(a[1]["end"], "backend_error", "{:?}", a[1]);
         // Cut short, and the client is told so by a reset, not a FIN that
         // would make the cut stream look complete.
