@@ -260,9 +260,6 @@ impl Checker {
             }
             let n = r.backends.len() as u32;
             for (i, b) in r.backends.iter().enumerate() {
-                if targets.iter().any(|t: &Target| Arc::ptr_eq(&t.backend, b)) {
-                    continue; // the same backend listed twice
-                }
                 let old = self.targets.iter().find(|t| Arc::ptr_eq(&t.backend, b));
                 // New backends: first probes spread over one interval, so
                 // a route with many backends does not connect to all of

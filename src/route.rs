@@ -319,6 +319,9 @@ impl RouteRt {
     /// The `j`-th backend of the failover order that starts at `start`:
     /// `start`'s rank from `start` on, then the other rank in file order.
     fn nth_after(&self, start: usize, j: usize) -> usize {
+        if j == 0 {
+            return start; // every connection's first try: no search
+        }
         let (own, other) = if self.tiers[0].members.contains(&start) {
             (&self.tiers[0].members, &self.tiers[1].members)
         } else {
@@ -369,7 +372,7 @@ impl RouteRt {
                 // spreads ties.
                 let c = self.shared.rr.fetch_add(1, Ordering::Relaxed);
                 let m = &tier.members;
-                let weight = |i: usize| u64::from(self.weight(i));
+                let weight = |i: usize| u64::from(p.backends[i].weight);
                 let load = |i: usize| self.backends[i].active.load(Ordering::Relaxed) as u64;
                 (0..m.len())
                     .map(|k| m[(c + k) % m.len()])
@@ -387,10 +390,6 @@ impl RouteRt {
             Balance::Random => self.weighted_nth(tier, xorshift(rng) as usize),
         };
         (first, false)
-    }
-
-    fn weight(&self, i: usize) -> u32 {
-        self.proxy().map_or(1, |p| p.backends[i].weight)
     }
 }
 

@@ -285,114 +285,90 @@ fn labelled(
     }
 }
 
-/// A per-backend metric: name, type, help, value.
+/// A per-backend metric: name, type, help, value (from the live state or
+/// from the route's configuration of that backend).
 type BackendMetric = (
     &'static str,
     &'static str,
     &'static str,
-    fn(&BackendRt) -> i64,
+    fn(&BackendRt, &crate::config::Backend) -> i64,
 );
 
-const BACKEND_METRICS: [BackendMetric; 5] = [
+const BACKEND_METRICS: [BackendMetric; 7] = [
     (
         "sluice_backend_up",
         "gauge",
         "1 if the backend is up (health checks and passive marking), 0 if down.",
-        |b| i64::from(b.is_up()),
+        |b, _| i64::from(b.is_up()),
     ),
     (
         "sluice_backend_connections_active",
         "gauge",
         "Connections open to the backend now.",
-        |b| b.active.load(Ordering::Relaxed) as i64,
+        |b, _| b.active.load(Ordering::Relaxed) as i64,
     ),
     (
         "sluice_backend_connections_total",
         "counter",
         "Connections established to the backend.",
-        |b| b.total.load(Ordering::Relaxed) as i64,
+        |b, _| b.total.load(Ordering::Relaxed) as i64,
     ),
     (
         "sluice_backend_connect_failures_total",
         "counter",
         "Connect attempts to the backend that failed.",
-        |b| b.failures.load(Ordering::Relaxed) as i64,
+        |b, _| b.failures.load(Ordering::Relaxed) as i64,
     ),
     (
         "sluice_backend_last_check",
         "gauge",
         "Result of the last active health check: 1 passed, 0 failed, -1 none yet.",
-        |b| match b.last_check.load(Ordering::Relaxed) {
+        |b, _| match b.last_check.load(Ordering::Relaxed) {
             1 => 1,
             2 => 0,
             _ => -1,
         },
     ),
+    (
+        "sluice_backend_weight",
+        "gauge",
+        "The backend's weight: its share of new connections relative to its route's other backends of the same rank.",
+        |_, c| i64::from(c.weight),
+    ),
+    (
+        "sluice_backend_backup",
+        "gauge",
+        "1 for a backup backend, used only while no primary backend of its route is up.",
+        |_, c| i64::from(c.backup),
+    ),
 ];
 
 fn backends(o: &mut Out, routes: &[std::sync::Arc<RouteRt>]) {
-    // A backend listed twice in one route (same name and address) is
-    // reported once. (A configuration can no longer do that, but a route's
-    // list is not where that rule lives.)
-    let unique = |r: &RouteRt| -> Vec<usize> {
-        (0..r.backends.len())
-            .filter(|&i| {
-                let b = &r.backends[i];
-                !r.backends[..i]
+    // Each backend once: a route cannot list a server twice (config error).
+    let each = || {
+        routes
+            .iter()
+            .filter_map(|r| r.proxy().map(|p| (r, p)))
+            .flat_map(|(r, p)| {
+                r.backends
                     .iter()
-                    .any(|o| o.addr == b.addr && o.name == b.name)
+                    .zip(&p.backends)
+                    .map(move |(b, c)| (r, b, c))
             })
-            .collect()
     };
     for (name, kind, help, f) in BACKEND_METRICS {
         o.family(name, kind, help);
-        for r in routes {
-            for i in unique(r) {
-                let b = &r.backends[i];
-                let addr = b.addr.to_string();
-                o.sample(
-                    name,
-                    &[
-                        ("route", &r.cfg.name),
-                        ("backend", &b.name),
-                        ("address", &addr),
-                    ],
-                    f(b),
-                );
-            }
-        }
-    }
-    // Settings, from the route's configuration (not the shared state).
-    type Setting = fn(&crate::config::Backend) -> u64;
-    let settings: [(&str, &str, Setting); 2] = [
-        (
-            "sluice_backend_weight",
-            "The backend's weight: its share of new connections relative to its route's other backends of the same rank.",
-            |b| u64::from(b.weight),
-        ),
-        (
-            "sluice_backend_backup",
-            "1 for a backup backend, used only while no primary backend of its route is up.",
-            |b| u64::from(b.backup),
-        ),
-    ];
-    for (name, help, f) in settings {
-        o.family(name, "gauge", help);
-        for r in routes {
-            let Some(p) = r.proxy() else { continue };
-            for i in unique(r) {
-                let b = &r.backends[i];
-                let addr = b.addr.to_string();
-                o.sample(
-                    name,
-                    &[
-                        ("route", &r.cfg.name),
-                        ("backend", &b.name),
-                        ("address", &addr),
-                    ],
-                    f(&p.backends[i]),
-                );
-            }
+        for (r, b, c) in each() {
+            let addr = b.addr.to_string();
+            o.sample(
+                name,
+                &[
+                    ("route", &r.cfg.name),
+                    ("backend", &b.name),
+                    ("address", &addr),
+                ],
+                f(b, c),
+            );
         }
     }
     let name = "sluice_backend_health_checks_total";
@@ -401,22 +377,19 @@ fn backends(o: &mut Out, routes: &[std::sync::Arc<RouteRt>]) {
         "counter",
         "Active health checks of the backend, by result.",
     );
-    for r in routes {
-        for i in unique(r) {
-            let b = &r.backends[i];
-            let addr = b.addr.to_string();
-            for (result, n) in [("ok", &b.checks_ok), ("failed", &b.checks_failed)] {
-                o.sample(
-                    name,
-                    &[
-                        ("route", &r.cfg.name),
-                        ("backend", &b.name),
-                        ("address", &addr),
-                        ("result", result),
-                    ],
-                    n.load(Ordering::Relaxed),
-                );
-            }
+    for (r, b, _) in each() {
+        let addr = b.addr.to_string();
+        for (result, n) in [("ok", &b.checks_ok), ("failed", &b.checks_failed)] {
+            o.sample(
+                name,
+                &[
+                    ("route", &r.cfg.name),
+                    ("backend", &b.name),
+                    ("address", &addr),
+                    ("result", result),
+                ],
+                n.load(Ordering::Relaxed),
+            );
         }
     }
 }
