@@ -3,10 +3,13 @@
 //!
 //! ```text
 //!   accept ──► Connecting ──(writable, no error)──► Relaying ──► closed
-//!                 │  ▲                                  │
-//!   refused/timeout│  └── next backend                  ├─ both flows done (FIN each way)
-//!                 ▼                                     ├─ idle_timeout
-//!          ConnectFailed (all tried)                    └─ reset / error (RST the other peer)
+//!     │           │  ▲                                  │
+//!     │  refused/timeout└── next backend                ├─ both flows done (FIN each way)
+//!     │           ▼                                     ├─ idle_timeout
+//!     │    ConnectFailed (all tried)                    └─ reset / error (RST the other peer)
+//!     │
+//!     └─(every backend that is up is full)─► Waiting ──(a slot frees)──► Connecting
+//!                                               └──(queue_timeout)──► closed (or fallback_file)
 //! ```
 //!
 //! The worker owns connections in a slab and routes each mio event here
@@ -66,6 +69,9 @@ pub enum End {
     /// `accept_proxy`: the PROXY header was malformed, too long, or did
     /// not arrive within header_timeout.
     BadProxyHeader = 12,
+    /// Every backend that was up stayed at its `max_connections` for the
+    /// route's whole `queue_timeout`.
+    QueueTimeout = 13,
 }
 
 impl End {
@@ -83,6 +89,7 @@ impl End {
         End::Limited,
         End::Denied,
         End::BadProxyHeader,
+        End::QueueTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -100,6 +107,7 @@ impl End {
             End::Limited => "limit",
             End::Denied => "denied",
             End::BadProxyHeader => "bad_proxy_header",
+            End::QueueTimeout => "queue_timeout",
         }
     }
 }
@@ -112,6 +120,10 @@ pub struct Ctx<'a> {
     pub now: Instant,
     pub worker: usize,
     pub rng: &'a mut u64,
+    /// Set when a backend slot may have come free for clients waiting on
+    /// it (a slot was given back, or a backend came up): the worker then
+    /// tries its waiting clients and wakes the other workers.
+    pub freed: &'a mut bool,
 }
 
 /// Watch a client socket for both directions (edge-triggered) under its
@@ -221,6 +233,8 @@ pub struct ProxyConn {
     reset: Option<(io::Error, Instant)>,
     /// What each socket (by `Side`) is registered for; see `arm`.
     watch: [Watch; 2],
+    /// Waiting for a backend slot (`max_connections`) until then.
+    queued_until: Option<Instant>,
 }
 
 impl ProxyConn {
@@ -264,6 +278,7 @@ impl ProxyConn {
             lingering: false,
             reset: None,
             watch: [Watch::BOTH; 2],
+            queued_until: None,
             route,
         };
         // TCP_NODELAY came with the socket: the listener has it.
@@ -285,10 +300,16 @@ impl ProxyConn {
         self.last_err.as_ref().is_some_and(local_exhaustion)
     }
 
-    /// Try backends in balance order until a non-blocking connect starts.
+    /// Try backends in balance order until a non-blocking connect starts;
+    /// if the only backends left are up but full, wait for a slot
+    /// (`wait_for_slot`).
     fn connect_next(&mut self, ctx: &mut Ctx) -> Result<(), End> {
         let connect_timeout = self.route.proxy().expect("proxy route").connect_timeout;
         while let Some(i) = self.route.pick(self.peer.ip(), &mut self.attempts, ctx.rng) {
+            if !self.route.take_slot(i) {
+                self.attempts.full = true;
+                continue;
+            }
             let b = &self.route.backends[i];
             match TcpStream::connect(b.addr) {
                 Ok(mut s) => {
@@ -297,10 +318,11 @@ impl ProxyConn {
                         token(self.key, Side::Backend),
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
+                        self.route.release_slot(i);
                         self.connect_failed(i, e, ctx);
                         continue;
                     }
-                    b.active.fetch_add(1, Ordering::Relaxed);
+                    self.stop_waiting();
                     self.backend = Some(s);
                     self.bidx = Some(i);
                     self.br = Ready::default();
@@ -310,6 +332,7 @@ impl ProxyConn {
                     return Ok(());
                 }
                 Err(e) if local_exhaustion(&e) => {
+                    self.route.release_slot(i);
                     // Out of descriptors or memory here, not a backend
                     // fault: no passive-health blame, no point trying the
                     // others now.
@@ -321,14 +344,69 @@ impl ProxyConn {
                     self.last_err = Some(e);
                     return Err(End::ConnectFailed);
                 }
-                Err(e) => self.connect_failed(i, e, ctx),
+                Err(e) => {
+                    self.route.release_slot(i);
+                    self.connect_failed(i, e, ctx);
+                }
             }
+        }
+        if self.attempts.full {
+            return self.wait_for_slot(ctx);
         }
         if self.last_err.is_some() {
             Err(End::ConnectFailed)
         } else {
             Err(End::NoBackend)
         }
+    }
+
+    /// Every backend that could take the client is up but at its
+    /// `max_connections`: wait, as HAProxy's queue does, at most
+    /// `queue_timeout` (none: give up at once). The worker tries again
+    /// (`retry_waiting`) whenever a slot may have come free: a connection
+    /// holding one ended or failed over (`slot_news`, on any worker), or a
+    /// backend came up (a health check, or a passive retry that
+    /// connected).
+    fn wait_for_slot(&mut self, ctx: &mut Ctx) -> Result<(), End> {
+        if self.queued_until.is_none() {
+            let wait = self.route.proxy().expect("proxy route").queue_timeout;
+            if wait.is_zero() {
+                return Err(End::QueueTimeout);
+            }
+            self.route.shared.waiting.fetch_add(1, Ordering::AcqRel);
+            self.queued_until = Some(ctx.now + wait);
+            self.deadline = ctx.now + wait;
+        }
+        Ok(())
+    }
+
+    /// Backend `i` gave back a slot, or came up: let waiting clients know.
+    fn slot_news(&self, ctx: &mut Ctx) {
+        if self.route.shared.waiting.load(Ordering::Acquire) > 0 {
+            *ctx.freed = true;
+        }
+    }
+
+    /// Leave the wait for a slot, if waiting.
+    fn stop_waiting(&mut self) {
+        if self.queued_until.take().is_some() {
+            self.route.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Waiting for a backend slot.
+    pub fn is_waiting(&self) -> bool {
+        self.queued_until.is_some()
+    }
+
+    /// A slot may have come free: try the backends again, from the top of
+    /// the balance order.
+    pub fn retry_waiting(&mut self, ctx: &mut Ctx) -> Option<End> {
+        if !self.is_waiting() {
+            return None;
+        }
+        self.attempts = Attempts::default();
+        self.connect_next(ctx).err()
     }
 
     /// Record a failed attempt on backend `i` (passive health) and drop
@@ -354,9 +432,8 @@ impl ProxyConn {
         // out of the poll: no epoll_ctl needed (here and on every close).
         if let (Some(s), Some(i)) = (self.backend.take(), self.bidx.take()) {
             drop(s);
-            self.route.backends[i]
-                .active
-                .fetch_sub(1, Ordering::Relaxed);
+            self.route.release_slot(i);
+            self.slot_news(ctx);
             self.connect_failed(i, e, ctx);
         }
         self.connecting = false;
@@ -381,6 +458,10 @@ impl ProxyConn {
                 to.pending() == 0 && !to.shut && !self.connecting;
         }
 
+        if self.is_waiting() && ev.is_error() {
+            // Reset while waiting for a backend: its place goes to others.
+            return Some(End::ClientReset);
+        }
         if side == Side::Backend && self.connecting {
             let s = self.backend.as_ref()?;
             match connect_outcome(s, ev) {
@@ -388,7 +469,9 @@ impl ProxyConn {
                     self.connecting = false;
                     let _ = s.set_nodelay(true);
                     if let Some(i) = self.bidx {
-                        crate::health::passive_success(&self.route, i);
+                        if crate::health::passive_success(&self.route, i) {
+                            self.slot_news(ctx);
+                        }
                         self.route.backends[i].total.fetch_add(1, Ordering::Relaxed);
                     }
                     self.deadline = ctx.now + self.route.cfg.idle_timeout;
@@ -695,6 +778,9 @@ impl ProxyConn {
         if ctx.now < self.deadline {
             return None;
         }
+        if self.is_waiting() {
+            return Some(End::QueueTimeout);
+        }
         if self.connecting {
             let e = io::Error::new(io::ErrorKind::TimedOut, "connect_timeout expired");
             return self.retry(e, ctx);
@@ -761,10 +847,10 @@ impl ProxyConn {
             }
         }
         if let Some(i) = self.bidx {
-            self.route.backends[i]
-                .active
-                .fetch_sub(1, Ordering::Relaxed);
+            self.route.release_slot(i);
+            self.slot_news(ctx);
         }
+        self.stop_waiting();
         Counters::inc(&self.route.shared.stats.slot(ctx.worker).no_backend);
         if let Some(e) = &self.last_err {
             log::info!(
@@ -788,10 +874,10 @@ impl ProxyConn {
         // closing it removes it from the poll (two syscalls saved per
         // connection).
         if let Some(i) = self.bidx {
-            self.route.backends[i]
-                .active
-                .fetch_sub(1, Ordering::Relaxed);
+            self.route.release_slot(i);
+            self.slot_news(ctx);
         }
+        self.stop_waiting();
         if end == End::IdleTimeout || end == End::Shutdown {
             // Nobody is waiting for a graceful FIN exchange any more.
             self.reset_peer(Side::Client);
@@ -804,7 +890,7 @@ impl ProxyConn {
             Some(Fallback::Refused) => Counters::inc(&c.fallback_refused),
             None => {}
         }
-        if matches!(end, End::ConnectFailed | End::NoBackend) {
+        if matches!(end, End::ConnectFailed | End::NoBackend | End::QueueTimeout) {
             Counters::inc(&c.no_backend);
         }
         Counters::inc(&c.ends[end as usize]);

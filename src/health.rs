@@ -74,8 +74,9 @@ pub fn passive_failure(route: &RouteRt, i: usize) {
 }
 
 /// A connect to backend `i` of `route` succeeded. Without active checks
-/// this is also what brings a downed backend back: its retry connected.
-pub fn passive_success(route: &RouteRt, i: usize) {
+/// this is also what brings a downed backend back: its retry connected
+/// (true: it came up).
+pub fn passive_success(route: &RouteRt, i: usize) -> bool {
     let b = &route.backends[i];
     b.fails.store(0, Ordering::Relaxed);
     let passive = route.proxy().is_some_and(|p| !p.health.active);
@@ -87,7 +88,9 @@ pub fn passive_success(route: &RouteRt, i: usize) {
             b.name,
             b.addr
         );
+        return true;
     }
+    false
 }
 
 /// Without active checks: whether a downed backend may be tried again now,
@@ -235,6 +238,8 @@ pub struct Checker {
     base: usize,
     targets: Vec<Target>,
     probes: Slab<Probe>,
+    /// A backend came up since `came_up` was last asked.
+    rose: std::cell::Cell<bool>,
 }
 
 impl Checker {
@@ -244,7 +249,14 @@ impl Checker {
             base,
             targets: Vec::new(),
             probes: Slab::new(),
+            rose: std::cell::Cell::new(false),
         }
+    }
+
+    /// Whether a backend came up since the last call: clients waiting for
+    /// a backend slot (`max_connections`) may find one there.
+    pub fn came_up(&self) -> bool {
+        self.rose.replace(false)
     }
 
     /// Probe the backends of these routes from now on. Backends carried
@@ -436,6 +448,7 @@ impl Checker {
                 let rises = b.rises.fetch_add(1, Ordering::Relaxed) + 1;
                 if rises >= t.health.rise {
                     b.mark_up();
+                    self.rose.set(true);
                     log::warn!(
                         "route {}: backend {} ({}) is UP ({rises} good checks in a row)",
                         t.route,

@@ -75,6 +75,10 @@ pub struct RouteShared {
     pub active: AtomicUsize,
     /// Per client IP counts, only kept when `max_connections_per_ip` > 0.
     pub per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Clients waiting for a backend below its `max_connections`, all
+    /// workers together: a connection that ends while some wait frees a
+    /// slot someone can take.
+    pub waiting: AtomicUsize,
     rr: AtomicUsize,
 }
 
@@ -84,6 +88,7 @@ impl RouteShared {
             stats: Stats::new(workers),
             active: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
+            waiting: AtomicUsize::new(0),
             rr: AtomicUsize::new(0),
         }
     }
@@ -193,6 +198,8 @@ pub struct Attempts {
     retry: bool,
     /// How far along the order the connection is.
     next: usize,
+    /// A backend that was up had no free slot (`max_connections`).
+    pub full: bool,
 }
 
 /// Source of `RouteRt::id`.
@@ -277,6 +284,41 @@ impl RouteRt {
             RouteKind::Proxy(p) => Some(p),
             RouteKind::File(_) => None,
         }
+    }
+
+    /// Backend `i`'s `max_connections` (0: no limit).
+    fn max_connections(&self, i: usize) -> usize {
+        self.proxy().map_or(0, |p| p.backends[i].max_connections)
+    }
+
+    /// Whether backend `i` has a free slot (no limit, or fewer connections
+    /// than its `max_connections`).
+    fn has_room(&self, i: usize) -> bool {
+        let max = self.max_connections(i);
+        max == 0 || self.backends[i].active.load(Ordering::Relaxed) < max
+    }
+
+    /// Take one of backend `i`'s slots for a connection about to be made;
+    /// false: it is at its `max_connections`. The slot is held from before
+    /// the connect until the connection ends (`release_slot`), so workers
+    /// racing for the last slot cannot both get it.
+    pub fn take_slot(&self, i: usize) -> bool {
+        let max = self.max_connections(i);
+        let active = &self.backends[i].active;
+        if max == 0 {
+            active.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        active
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Give back a slot `take_slot` took.
+    pub fn release_slot(&self, i: usize) {
+        self.backends[i].active.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// The next backend to try for a client, in balance order, skipping
@@ -376,7 +418,7 @@ impl RouteRt {
                 let load = |i: usize| self.backends[i].active.load(Ordering::Relaxed) as u64;
                 (0..m.len())
                     .map(|k| m[(c + k) % m.len()])
-                    .filter(|&i| self.backends[i].is_up())
+                    .filter(|&i| self.backends[i].is_up() && self.has_room(i))
                     .reduce(|a, b| {
                         if load(b) * weight(a) < load(a) * weight(b) {
                             b
@@ -421,13 +463,14 @@ impl RouteRt {
     }
 
     /// The `k`-th (modulo) entry of the tier's weighted order, counting
-    /// only backends that are up (all of them when none is), so a backend
-    /// that is down hands its share to all the others, not to its
-    /// neighbour. No allocation: it runs for every new connection, and
-    /// only walks the order when some backend is down.
+    /// only backends that are up and below their `max_connections` (all of
+    /// them when none is), so a backend that is down or full hands its
+    /// share to all the others, not to its neighbour. No allocation: it
+    /// runs for every new connection, and only walks the order when some
+    /// backend is down or full.
     fn weighted_nth(&self, tier: &Tier, k: usize) -> usize {
         let order = &tier.order;
-        let up = |i: usize| self.backends[i].is_up();
+        let up = |i: usize| self.backends[i].is_up() && self.has_room(i);
         let up_weight: usize = tier
             .members
             .iter()
@@ -552,6 +595,55 @@ mod tests {
         // Nothing up at all: nothing to try (active checks decide).
         r.backends[1].up.store(false, Ordering::Relaxed);
         assert_eq!(order(&r), []);
+    }
+
+    #[test]
+    fn a_backend_holds_at_most_its_max_connections_slots() {
+        let r = route(
+            r#"[{ address = "127.0.0.1:2", max_connections = 2 }, "127.0.0.1:3"]"#,
+            "",
+        );
+        assert!(r.take_slot(0) && r.take_slot(0));
+        assert!(!r.take_slot(0), "a third slot of two");
+        assert_eq!(r.backends[0].active.load(Ordering::Relaxed), 2);
+        r.release_slot(0);
+        assert!(r.take_slot(0), "a released slot is free again");
+        // No limit: any number.
+        assert!((0..1000).all(|_| r.take_slot(1)));
+        // Racing workers never take more slots than there are.
+        let r = std::sync::Arc::new(route(
+            r#"[{ address = "127.0.0.1:2", max_connections = 7 }]"#,
+            "",
+        ));
+        let taken: usize = (0..4)
+            .map(|_| {
+                let r = r.clone();
+                std::thread::spawn(move || (0..1000).filter(|_| r.take_slot(0)).count())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .sum();
+        assert_eq!(taken, 7);
+    }
+
+    #[test]
+    fn a_full_backend_hands_its_share_to_the_others() {
+        for balance in ["round-robin", "random", "least-connections"] {
+            let r = route(
+                r#"[{ address = "127.0.0.1:2", max_connections = 1 }, "127.0.0.1:3", "127.0.0.1:4"]"#,
+                &format!("balance = \"{balance}\"\n"),
+            );
+            assert!(r.take_slot(0));
+            let got = firsts(&r, 60);
+            assert_eq!(share(&got, 0), 0, "{balance}: {got:?}");
+            assert!(
+                share(&got, 1) >= 20 && share(&got, 2) >= 20,
+                "{balance}: {got:?}"
+            );
+            r.release_slot(0);
+            assert!(share(&firsts(&r, 60), 0) >= 10, "{balance}: back in");
+        }
     }
 
     #[test]

@@ -17,9 +17,9 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -51,7 +51,7 @@ pub struct ProcessStats {
 
 struct WorkerHandle {
     tx: Sender<Cmd>,
-    waker: Waker,
+    waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -98,6 +98,7 @@ impl Server {
             active: AtomicUsize::new(0),
             pipes: PipeBudget::new(cfg.global.max_pipes, cfg.global.workers),
             draining: AtomicBool::new(false),
+            wakers: OnceLock::new(),
         });
         let activated = activated_sockets(&cfg);
         let mut sockets = HashMap::new();
@@ -128,11 +129,20 @@ impl Server {
         }
         let mut checker = Checker::new(PROBES);
         checker.follow(&generation.routes, poll.registry(), Instant::now());
-        let mut workers = Vec::new();
-        for id in 0..cfg.global.workers {
+        // Every worker's poll and waker first: each worker may wake the
+        // others (see `Shared::wakers`).
+        let mut polls = Vec::new();
+        for _ in 0..cfg.global.workers {
             let poll = Poll::new().map_err(|e| StartError(format!("cannot create a poll: {e}")))?;
             let waker = worker::waker(&poll)
                 .map_err(|e| StartError(format!("cannot create a waker: {e}")))?;
+            polls.push((poll, Arc::new(waker)));
+        }
+        let _ = shared
+            .wakers
+            .set(polls.iter().map(|(_, w)| w.clone()).collect());
+        let mut workers = Vec::new();
+        for (id, (poll, waker)) in polls.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
             let w = Worker::new(id, poll, rx, shared.clone(), generation.clone())
                 .map_err(|e| StartError(format!("worker {id}: {e}")))?;
@@ -233,6 +243,12 @@ impl Server {
             let now = Instant::now();
             self.admin.expire(self.poll.registry(), now);
             self.checker.run(self.poll.registry(), now);
+            if self.checker.came_up() {
+                // Clients waiting for a backend slot may find one there.
+                for w in &self.workers {
+                    let _ = w.waker.wake();
+                }
+            }
             if stopping.is_some()
                 && self
                     .workers

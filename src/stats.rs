@@ -55,7 +55,7 @@ pub struct Counters {
 }
 
 /// Number of distinct `conn::End` reasons.
-pub const END_KINDS: usize = 13;
+pub const END_KINDS: usize = 14;
 
 impl Counters {
     pub fn add(c: &AtomicU64, n: u64) {

@@ -27,12 +27,12 @@
 //! (and only those) whether their lease is breaking.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
@@ -86,6 +86,10 @@ pub struct Shared {
     pub pipes: Arc<PipeBudget>,
     /// Set when a graceful stop begins (for /healthz).
     pub draining: AtomicBool,
+    /// Every worker's waker, by worker id (set once, before they start):
+    /// a connection that ends while clients of its route wait for a
+    /// backend slot wakes the other workers, whose clients may be waiting.
+    pub wakers: OnceLock<Vec<Arc<Waker>>>,
 }
 
 pub enum Cmd {
@@ -123,6 +127,8 @@ struct Entry {
     sess: Session,
     /// On the ready list already (so it is listed once).
     queued: bool,
+    /// On the list of clients waiting for a backend slot already.
+    waits: bool,
 }
 
 impl Entry {
@@ -140,6 +146,9 @@ impl Entry {
             Session::File(c) => c.route(),
         }
     }
+    fn waits_for_backend(&self) -> bool {
+        matches!(&self.sess, Session::Proxy(c) if c.is_waiting())
+    }
     fn wants_turn(&self) -> bool {
         match &self.sess {
             Session::Proxy(c) => c.wants_turn(),
@@ -147,6 +156,16 @@ impl Entry {
             Session::File(c) => c.wants_turn(),
         }
     }
+}
+
+/// The clients (key, id) of one route (`RouteRt::id`) waiting for a
+/// backend slot, oldest first, and how many of them ended since (their
+/// places are stale until swept).
+#[derive(Default)]
+struct WaitQueue {
+    route: u64,
+    queue: VecDeque<(usize, u64)>,
+    stale: usize,
 }
 
 pub struct Worker {
@@ -168,6 +187,13 @@ pub struct Worker {
     drain: Option<Instant>,
     /// Sessions (key, id) to run again next turn without an event.
     ready: Vec<(usize, u64)>,
+    /// Proxy clients waiting for a backend slot, one queue per route.
+    waiting: Vec<WaitQueue>,
+    /// A slot may have come free: try the waiting clients this turn.
+    slot_freed: bool,
+    /// A session of this worker freed a slot (or saw a backend come up)
+    /// while clients wait: the other workers must hear of it too.
+    freed_here: bool,
     lease_signal: Option<Signals>,
 }
 
@@ -198,6 +224,9 @@ impl Worker {
             rng: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
             drain: None,
             ready: Vec::new(),
+            waiting: Vec::new(),
+            slot_freed: false,
+            freed_here: false,
             lease_signal: None,
         };
         w.watch_lease_signal();
@@ -292,7 +321,11 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         loop {
             let now = Instant::now();
-            let timeout = if self.backlog.is_empty() && self.ready.is_empty() {
+            let idle = self.backlog.is_empty()
+                && self.ready.is_empty()
+                && !self.freed_here
+                && !self.slot_freed;
+            let timeout = if idle {
                 self.next_wakeup().map(|t| t.saturating_duration_since(now))
             } else {
                 Some(Duration::ZERO)
@@ -310,6 +343,8 @@ impl Worker {
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => {
+                        // Commands, or another worker freed a backend slot.
+                        self.slot_freed = true;
                         if !self.commands(now) {
                             return;
                         }
@@ -325,6 +360,12 @@ impl Worker {
                 }
             }
             self.run_ready(now);
+            if self.freed_here {
+                self.wake_others();
+            }
+            if self.slot_freed {
+                self.serve_waiting(now);
+            }
             self.accept_backlog(now);
             self.fire_timers(now);
             self.files.sweep(now);
@@ -487,6 +528,7 @@ impl Worker {
             ip: None,
             sess: Session::Handshake(h),
             queued: false,
+            waits: false,
         };
         match step {
             Step::Fail(end) => self.close(entry, end, now),
@@ -546,6 +588,7 @@ impl Worker {
             ip: Some(ip),
             sess,
             queued: false,
+            waits: false,
         };
         match end {
             Some(end) => self.close(entry, end, now),
@@ -560,6 +603,10 @@ impl Worker {
         if entry.wants_turn() {
             entry.queued = true;
             self.ready.push((key, entry.id));
+        }
+        if entry.waits_for_backend() {
+            entry.waits = true;
+            self.wait_list(entry.route().id).push_back((key, entry.id));
         }
         let k = self.slab.insert(entry);
         debug_assert_eq!(k, key);
@@ -663,6 +710,7 @@ impl Worker {
             now,
             worker: self.id,
             rng: &mut self.rng,
+            freed: &mut self.freed_here,
         }
     }
 
@@ -710,6 +758,97 @@ impl Worker {
             };
             self.settle(key, entry, end, now);
         }
+    }
+
+    /// A session of this worker freed a backend slot (or saw a backend
+    /// come up) while clients wait for one: try this worker's waiting
+    /// clients this turn, and wake the other workers to try theirs.
+    fn wake_others(&mut self) {
+        self.freed_here = false;
+        self.slot_freed = true;
+        if let Some(wakers) = self.shared.wakers.get() {
+            for (i, w) in wakers.iter().enumerate() {
+                if i != self.id
+                    && let Err(e) = w.wake()
+                {
+                    log::debug!("worker {}: cannot wake worker {i}: {e}", self.id);
+                }
+            }
+        }
+    }
+
+    /// The queue of clients of route `rid` waiting for a backend slot.
+    fn wait_list(&mut self, rid: u64) -> &mut VecDeque<(usize, u64)> {
+        let i = match self.waiting.iter().position(|q| q.route == rid) {
+            Some(i) => i,
+            None => {
+                self.waiting.push(WaitQueue {
+                    route: rid,
+                    ..WaitQueue::default()
+                });
+                self.waiting.len() - 1
+            }
+        };
+        &mut self.waiting[i].queue
+    }
+
+    /// Give waiting clients, oldest first, the backend slots that came
+    /// free. In each route's queue only the oldest clients try: once one
+    /// still finds no slot, the ones behind it would find none either (and
+    /// must not overtake it), so a pass costs what it serves, however many
+    /// wait.
+    fn serve_waiting(&mut self, now: Instant) {
+        self.slot_freed = false;
+        let mut queues = std::mem::take(&mut self.waiting);
+        for WaitQueue { queue, stale, .. } in &mut queues {
+            // Clients that ended while waiting behind others left stale
+            // places: sweep them once they are half the queue (so a sweep
+            // costs at most twice what the stale places did).
+            if *stale > 32 && 2 * *stale > queue.len() {
+                let slab = &self.slab;
+                queue.retain(|&(key, id)| {
+                    matches!(slab.get(key), Some(e) if e.id == id && e.waits_for_backend())
+                });
+                *stale = 0;
+            }
+            while let Some(&(key, id)) = queue.front() {
+                let live =
+                    matches!(self.slab.get(key), Some(e) if e.id == id && e.waits_for_backend());
+                if !live {
+                    queue.pop_front(); // ended while it waited
+                    *stale = stale.saturating_sub(1);
+                    continue;
+                }
+                let mut entry = self.slab.remove(key);
+                let mut ctx = self.ctx(now);
+                let end = match &mut entry.sess {
+                    Session::Proxy(c) => c.retry_waiting(&mut ctx),
+                    Session::Handshake(_) | Session::File(_) => None,
+                };
+                let still = end.is_none() && entry.waits_for_backend();
+                if !still {
+                    queue.pop_front();
+                    entry.waits = false;
+                }
+                self.settle(key, entry, end, now);
+                if still {
+                    break;
+                }
+            }
+        }
+        // Sessions settled during the pass may have joined queues (a client
+        // whose connect failed over to a full backend).
+        for mut late in std::mem::take(&mut self.waiting) {
+            match queues.iter_mut().find(|q| q.route == late.route) {
+                Some(q) => {
+                    q.queue.append(&mut late.queue);
+                    q.stale += late.stale;
+                }
+                None => queues.push(late),
+            }
+        }
+        queues.retain(|q| !q.queue.is_empty());
+        self.waiting = queues;
     }
 
     /// A graceful stop began: idle HTTP keep-alive connections close now,
@@ -765,6 +904,10 @@ impl Worker {
                     entry.queued = true;
                     self.ready.push((key, entry.id));
                 }
+                if entry.waits_for_backend() && !entry.waits {
+                    entry.waits = true;
+                    self.wait_list(entry.route().id).push_back((key, entry.id));
+                }
                 let k = self.slab.insert(entry);
                 debug_assert_eq!(k, key);
             }
@@ -773,8 +916,18 @@ impl Worker {
 
     fn close(&mut self, entry: Entry, end: End, now: Instant) {
         let route = entry.route().clone();
+        if entry.waits {
+            // Its place in the queue is stale now; enough of them call
+            // for a pass, which sweeps them.
+            if let Some(q) = self.waiting.iter_mut().find(|q| q.route == route.id) {
+                q.stale += 1;
+                if q.stale > 32 && 2 * q.stale > q.queue.len() {
+                    self.slot_freed = true;
+                }
+            }
+        }
         let starved = matches!(&entry.sess, Session::Proxy(c) if c.out_of_descriptors());
-        let fallback = matches!(end, End::ConnectFailed | End::NoBackend)
+        let fallback = matches!(end, End::ConnectFailed | End::NoBackend | End::QueueTimeout)
             && route.proxy().is_some_and(|p| p.fallback_file.is_some());
         let key = self.slab.vacant_key();
         let mut ctx = self.ctx(now);
@@ -789,6 +942,7 @@ impl Worker {
                     ip: entry.ip,
                     sess: Session::File(f),
                     queued: false,
+                    waits: false,
                 };
                 self.next_id += 1;
                 match fend {

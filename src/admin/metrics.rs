@@ -134,6 +134,18 @@ pub fn render(v: &View) -> String {
             r.shared.stats.active(),
         );
     }
+    o.family(
+        "sluice_route_connections_waiting",
+        "gauge",
+        "Client connections waiting for a backend below its max_connections.",
+    );
+    for r in routes.iter().filter(|r| r.proxy().is_some()) {
+        o.sample(
+            "sluice_route_connections_waiting",
+            &[("route", &r.cfg.name)],
+            r.shared.waiting.load(Ordering::Relaxed),
+        );
+    }
     for (name, help, f) in ROUTE_COUNTERS {
         o.family(name, "counter", help);
         for r in routes {
@@ -294,7 +306,7 @@ type BackendMetric = (
     fn(&BackendRt, &crate::config::Backend) -> i64,
 );
 
-const BACKEND_METRICS: [BackendMetric; 7] = [
+const BACKEND_METRICS: [BackendMetric; 8] = [
     (
         "sluice_backend_up",
         "gauge",
@@ -340,6 +352,12 @@ const BACKEND_METRICS: [BackendMetric; 7] = [
         "gauge",
         "1 for a backup backend, used only while no primary backend of its route is up.",
         |_, c| i64::from(c.backup),
+    ),
+    (
+        "sluice_backend_max_connections",
+        "gauge",
+        "The backend's max_connections: most connections open to it at once (0: no limit).",
+        |_, c| c.max_connections as i64,
     ),
 ];
 

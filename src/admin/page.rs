@@ -142,6 +142,11 @@ fn route(h: &mut String, r: &RouteRt) {
             Some(c) => c.weight.to_string(),
             None => "-".into(),
         };
+        // "3 / 10" against a max_connections, else just the count.
+        let active = match r.proxy().map(|p| p.backends[i].max_connections) {
+            Some(max) if max > 0 => format!("{} / {max}", b.active.load(Ordering::Relaxed)),
+            _ => b.active.load(Ordering::Relaxed).to_string(),
+        };
         let last = match b.last_check.load(Ordering::Relaxed) {
             1 => "passed",
             2 => "failed",
@@ -156,7 +161,7 @@ fn route(h: &mut String, r: &RouteRt) {
             if up { "up" } else { "down" },
             if up { "UP" } else { "DOWN" },
             weight,
-            b.active.load(Ordering::Relaxed),
+            active,
             b.total.load(Ordering::Relaxed),
             b.failures.load(Ordering::Relaxed),
             last,
@@ -182,8 +187,8 @@ fn route(h: &mut String, r: &RouteRt) {
     };
     let _ = writeln!(
         h,
-        "<tr class=\"sum\"><td class=\"l\" colspan=\"3\">route total: {} in, {} out{}; \
-         {} denied, {} limited, {} without backend</td><td>{}</td><td>{}</td><td>{}</td>\
+        "<tr class=\"sum\"><td class=\"l\" colspan=\"4\">route total: {} in, {} out{}; \
+         {} denied, {} limited, {} without backend{}</td><td>{}</td><td>{}</td><td>{}</td>\
          <td colspan=\"2\"></td></tr>\n</table>",
         bytes(sum(|c| &c.bytes_in)),
         bytes(sum(|c| &c.bytes_out)),
@@ -191,6 +196,10 @@ fn route(h: &mut String, r: &RouteRt) {
         sum(|c| &c.denied),
         sum(|c| &c.limited),
         sum(|c| &c.no_backend),
+        match r.shared.waiting.load(Ordering::Relaxed) {
+            0 => String::new(),
+            n => format!(", {n} waiting for a backend"),
+        },
         s.active(),
         sum(|c| &c.conns),
         sum(|c| &c.connect_failures),

@@ -179,6 +179,10 @@ pub struct Backend {
     pub weight: u32,
     /// Used only while no other backend of the route can be.
     pub backup: bool,
+    /// Most connections open to it at once, all workers together
+    /// (0: no limit). A client that finds every backend full waits for
+    /// one (`queue_timeout`).
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -187,6 +191,9 @@ pub struct ProxyRoute {
     pub strategy: ProxyStrategy,
     pub balance: Balance,
     pub connect_timeout: Duration,
+    /// How long a client may wait for a backend below its
+    /// `max_connections`; zero: turned away at once.
+    pub queue_timeout: Duration,
     /// Requested pipe size in bytes (F_SETPIPE_SZ; the kernel may clamp it).
     pub pipe_size: usize,
     /// Copy buffer size in bytes, per direction.

@@ -232,6 +232,10 @@ fn strategy<T: Copy, U>(
 /// short.
 pub const MAX_WEIGHT: i64 = 256;
 
+/// Largest per-backend `max_connections`: more than one process could hold
+/// open (each takes a descriptor).
+pub const MAX_BACKEND_CONNECTIONS: i64 = 10_000_000;
+
 /// The `backends` list: addresses, or tables with an address, a weight and
 /// a backup flag.
 fn backends(
@@ -264,7 +268,8 @@ fn backends(
                         &span,
                         format!(
                             "a backend table of {label} has no `address`: expected \
-                             {{ address = \"HOST:PORT\", weight = 1, backup = false }}"
+                             {{ address = \"HOST:PORT\", weight = 1, backup = false, \
+                             max_connections = 100 }}"
                         ),
                     ));
                 };
@@ -285,7 +290,24 @@ fn backends(
                     None => 1,
                 };
                 let backup = t.backup.as_ref().is_some_and(|b| *b.get_ref());
-                backend(src, address.get_ref(), &address.span(), weight, backup)?
+                let max_connections = match &t.max_connections {
+                    Some(m) if !(1..=MAX_BACKEND_CONNECTIONS).contains(m.get_ref()) => {
+                        return Err(src.error(
+                            &m.span(),
+                            format!(
+                                "max_connections {} of backend {:?} is out of range: expected \
+                                 1 to {MAX_BACKEND_CONNECTIONS} (leave it out for no limit)",
+                                m.get_ref(),
+                                address.get_ref()
+                            ),
+                        ));
+                    }
+                    Some(m) => *m.get_ref() as usize,
+                    None => 0,
+                };
+                let mut b = backend(src, address.get_ref(), &address.span(), weight, backup)?;
+                b.max_connections = max_connections;
+                b
             }
         });
     }
@@ -338,6 +360,7 @@ fn backend(
         addr,
         weight,
         backup,
+        max_connections: 0,
     })
 }
 
@@ -373,6 +396,14 @@ fn proxy(src: &Source, r: &RawRoute, label: &str, base: &Path) -> Result<RouteKi
             format!("`fallback_strategy` needs `fallback_file`, which {label} does not set"),
         ));
     }
+    let connect_timeout = values::positive_duration(
+        src,
+        "connect_timeout",
+        r.connect_timeout.as_ref(),
+        Duration::from_secs(3),
+    )?;
+    // As HAProxy's `timeout queue`: a client may wait for a free backend
+    // as long as it would wait for a connect.
     Ok(RouteKind::Proxy(ProxyRoute {
         backends,
         strategy: strategy(
@@ -391,11 +422,12 @@ fn proxy(src: &Source, r: &RawRoute, label: &str, base: &Path) -> Result<RouteKi
             BALANCES,
             Balance::RoundRobin,
         )?,
-        connect_timeout: values::positive_duration(
+        connect_timeout,
+        queue_timeout: values::duration(
             src,
-            "connect_timeout",
-            r.connect_timeout.as_ref(),
-            Duration::from_secs(3),
+            "queue_timeout",
+            r.queue_timeout.as_ref(),
+            connect_timeout,
         )?,
         pipe_size: values::size(src, "pipe_size", r.pipe_size.as_ref(), MIB, MAX_PIPE_SIZE)?,
         buffer_size: values::size(
@@ -500,6 +532,7 @@ fn file(
         &[
             ("balance", span(&r.balance)),
             ("connect_timeout", span(&r.connect_timeout)),
+            ("queue_timeout", span(&r.queue_timeout)),
             ("send_proxy", span(&r.send_proxy)),
             ("fallback_file", span(&r.fallback_file)),
             ("fallback_strategy", span(&r.fallback_strategy)),

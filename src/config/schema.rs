@@ -60,6 +60,7 @@ pub struct RawRoute {
     pub strategy: Option<Spanned<String>>,
     pub balance: Option<Spanned<String>>,
     pub connect_timeout: Option<Spanned<Dur>>,
+    pub queue_timeout: Option<Spanned<Dur>>,
     pub idle_timeout: Option<Spanned<Dur>>,
     pub pipe_size: Option<Spanned<Size>>,
     pub buffer_size: Option<Spanned<Size>>,
@@ -232,6 +233,7 @@ pub struct RawBackendTable {
     pub address: Option<Spanned<String>>,
     pub weight: Option<Spanned<i64>>,
     pub backup: Option<Spanned<bool>>,
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 impl<'de> Deserialize<'de> for RawBackend {

@@ -684,11 +684,11 @@ fn backend_tables_set_weight_and_backup() {
         ),
         (
             "[{ weight = 2 }]",
-            "t.toml:4:13: a backend table of route \"p\" has no `address`: expected { address = \"HOST:PORT\", weight = 1, backup = false }",
+            "t.toml:4:13: a backend table of route \"p\" has no `address`: expected { address = \"HOST:PORT\", weight = 1, backup = false, max_connections = 100 }",
         ),
         (
             "[\"127.0.0.1:2\", { address = \"127.0.0.1:2\", weigth = 2 }]",
-            "t.toml:4:55: unknown key `weigth` in backend #2 of route \"p\" (did you mean `weight`?); expected one of: address, weight, backup",
+            "t.toml:4:55: unknown key `weigth` in backend #2 of route \"p\" (did you mean `weight`?); expected one of: address, weight, backup, max_connections",
         ),
         (
             "[{ address = \"127.0.0.1:2\", backup = true }]",
@@ -717,6 +717,51 @@ fn backend_tables_set_weight_and_backup() {
     ] {
         rejects(&dir, &format!("{route}backends = {backends}\n"), want);
     }
+}
+
+#[test]
+fn backend_max_connections_and_queue_timeout() {
+    let dir = Dir::new();
+    let text = "[[route]]\nname = \"p\"\nlisten = \"127.0.0.1:1\"\nconnect_timeout = \"2s\"\n\
+                backends = [\"127.0.0.1:2\", { address = \"127.0.0.1:3\", max_connections = 50 }]\n";
+    let cfg = dir.parse(text).unwrap();
+    let p = proxy(&cfg.routes[0]);
+    let max: Vec<usize> = p.backends.iter().map(|b| b.max_connections).collect();
+    assert_eq!(max, [0, 50], "no limit unless set");
+    // A client waits for a free backend as long as for a connect, unless
+    // queue_timeout says otherwise; 0 turns it away at once.
+    assert_eq!(p.queue_timeout, Duration::from_secs(2));
+    for (value, want) in [("\"750ms\"", 750), ("0", 0)] {
+        let cfg = dir
+            .parse(&format!("{PROXY}queue_timeout = {value}\n"))
+            .unwrap();
+        assert_eq!(
+            proxy(&cfg.routes[0]).queue_timeout,
+            Duration::from_millis(want)
+        );
+    }
+    let route = "[[route]]\nname = \"p\"\nlisten = \"127.0.0.1:1\"\n";
+    for (backends, want) in [
+        (
+            "[{ address = \"127.0.0.1:2\", max_connections = 0 }]",
+            "t.toml:4:58: max_connections 0 of backend \"127.0.0.1:2\" is out of range: expected 1 to 10000000 (leave it out for no limit)",
+        ),
+        (
+            "[{ address = \"127.0.0.1:2\", max_connections = -5 }]",
+            "t.toml:4:58: max_connections -5 of backend \"127.0.0.1:2\" is out of range",
+        ),
+        (
+            "[{ address = \"127.0.0.1:2\", max_connection = 5 }]",
+            "t.toml:4:40: unknown key `max_connection` in backend #1 of route \"p\" (did you mean `max_connections`?)",
+        ),
+    ] {
+        rejects(&dir, &format!("{route}backends = {backends}\n"), want);
+    }
+    rejects(
+        &dir,
+        &format!("{PROXY}queue_timeout = \"8d\"\n"),
+        "t.toml:5:17: queue_timeout of 691200s is too long: expected at most 7d",
+    );
 }
 
 #[test]
@@ -798,6 +843,7 @@ fn keys_of_the_other_kind_are_rejected() {
     for (key, value) in [
         ("balance", "\"random\""),
         ("connect_timeout", "\"1s\""),
+        ("queue_timeout", "\"1s\""),
         ("send_proxy", "\"v1\""),
         ("fallback_file", "\"maintenance.http\""),
         ("fallback_strategy", "\"copy\""),

@@ -1,0 +1,367 @@
+//! Per-backend `max_connections` and the wait for a free backend
+//! (`queue_timeout`), through the real binary: a full backend never holds
+//! more connections than its limit, waiting clients are served as slots
+//! free (also across workers), a client that waits too long is turned
+//! away (or sent the fallback file), and a full backend's share goes to
+//! the others.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::admin::{Metrics, scrape};
+use common::*;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A per-backend metric of route `route`.
+fn bget(m: &Metrics, route: &str, name: &str, b: SocketAddr) -> f64 {
+    let a = b.to_string();
+    m.get(name, &[("route", route), ("backend", &a), ("address", &a)])
+}
+
+fn waiting(m: &Metrics, route: &str) -> f64 {
+    m.get("sluice_route_connections_waiting", &[("route", route)])
+}
+
+/// Scrape until `f` holds (or fail after 10 s, printing the last value).
+fn wait_metrics(aport: u16, what: &str, f: impl Fn(&Metrics) -> bool) -> Metrics {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(addr(aport));
+        if f(&m) {
+            return m;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A backend that sends `name` and a newline, then echoes; it records
+/// how many connections it holds at once, and the most it ever held.
+struct Counted {
+    backend: Backend,
+    now: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+}
+
+fn counted(name: &'static str) -> Counted {
+    let now = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (n2, m2) = (now.clone(), most.clone());
+    let backend = Backend::spawn(move |mut s| {
+        let held = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        m2.fetch_max(held, Ordering::SeqCst);
+        let _ = s.write_all(format!("{name}\n").as_bytes());
+        echo(&mut s);
+        n2.fetch_sub(1, Ordering::SeqCst);
+        name.to_string()
+    });
+    Counted { backend, now, most }
+}
+
+#[test]
+fn clients_wait_for_a_full_backend_and_are_served_in_turn() {
+    let b = counted("b");
+    let (port, aport) = (free_port(), free_port());
+    // Two workers: a slot freed on one must reach clients waiting on the
+    // other (a missed wake-up would leave them to the 20 s queue_timeout,
+    // and they would be turned away without an answer).
+    let toml = format!(
+        "[global]\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nqueue_timeout = \"20s\"\n\
+         backends = [{{ address = \"{}\", max_connections = 1 }}]\n",
+        b.backend.addr
+    );
+    let sl = Sluice::start("limits-queue", &toml);
+    let mut first = connect(addr(port));
+    assert_eq!(read_line(&mut first), "b");
+    // Five more clients: none reaches the backend while the first holds it.
+    let clients: Vec<TcpStream> = (0..12).map(|_| connect(addr(port))).collect();
+    let m = wait_metrics(aport, "12 waiting", |m| waiting(m, "r") == 12.0);
+    assert_eq!(
+        bget(&m, "r", "sluice_backend_connections_active", b.backend.addr),
+        1.0
+    );
+    assert_eq!(
+        bget(&m, "r", "sluice_backend_max_connections", b.backend.addr),
+        1.0
+    );
+    assert_eq!(b.backend.accepted(), 1);
+    let page = common::admin::get(addr(aport), "/").body;
+    assert!(page.contains("<td>1 / 1</td>"), "{page}");
+    assert!(page.contains("12 waiting for a backend"), "{page}");
+
+    // Each client, once through, exchanges 64 KiB and closes: the next
+    // one gets the slot.
+    let served: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut c)| {
+            thread::spawn(move || {
+                c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let name = read_line(&mut c);
+                let seed = 100 + k as u64;
+                let want = {
+                    let mut g = DataGen::new(seed);
+                    let mut v = vec![0u8; 65536];
+                    g.fill(&mut v);
+                    v
+                };
+                c.write_all(&want).unwrap();
+                let mut got = vec![0u8; want.len()];
+                c.read_exact(&mut got).unwrap();
+                (name, digest_of(&got) == digest_of(&want))
+            })
+        })
+        .collect();
+    drop(first);
+    for t in served {
+        assert_eq!(t.join().unwrap(), ("b".to_string(), true));
+    }
+    assert_eq!(b.most.load(Ordering::SeqCst), 1, "never two at once");
+    assert_eq!(b.backend.accepted(), 13);
+    let a = sl.wait_access(13, Duration::from_secs(10));
+    assert!(a.iter().all(|l| l["end"] != "queue_timeout"), "{a:?}");
+    // The kernel spread the clients over both workers, so some were woken
+    // by a slot freed on the other one.
+    let on = |w: &str| a.iter().filter(|l| l["worker"] == w).count();
+    assert!(on("0") > 0 && on("1") > 0, "{a:?}");
+    let m = wait_metrics(aport, "nobody waiting", |m| waiting(m, "r") == 0.0);
+    assert_eq!(
+        m.get(
+            "sluice_route_connections_ended_total",
+            &[("route", "r"), ("reason", "queue_timeout")]
+        ),
+        0.0
+    );
+    assert_eq!(b.now.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_client_that_waits_past_queue_timeout_is_turned_away() {
+    let dir = temp_dir("limits-timeout");
+    let page = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\n\r\nbusy\n";
+    write_file(&dir, "busy.http", page);
+    let b = counted("b");
+    let (wait_port, now_port, fb_port, aport) =
+        (free_port(), free_port(), free_port(), free_port());
+    let route = |name: &str, port: u16, extra: &str| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\n{extra}\n\
+             backends = [{{ address = \"{}\", max_connections = 1 }}]\n\n",
+            b.backend.addr
+        )
+    };
+    let toml = format!(
+        "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n{}{}{}",
+        route("wait", wait_port, "queue_timeout = \"300ms\""),
+        route("now", now_port, "queue_timeout = 0"),
+        route(
+            "fb",
+            fb_port,
+            "queue_timeout = 0\nfallback_file = \"busy.http\""
+        ),
+    );
+    let sl = Sluice::start_in(dir, &toml, &[]);
+    // Each route counts its own connections to the backend: one client
+    // each fills it.
+    let mut holders = Vec::new();
+    for p in [wait_port, now_port, fb_port] {
+        let mut c = connect(addr(p));
+        assert_eq!(read_line(&mut c), "b");
+        holders.push(c);
+    }
+    for p in [wait_port, now_port] {
+        let mut c = connect(addr(p));
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = c.write_all(b"hello");
+        let mut got = Vec::new();
+        // Turned away: closed (a FIN, or a reset) without a byte.
+        let _ = c.read_to_end(&mut got);
+        assert!(got.is_empty(), "{got:?}");
+    }
+    let mut c = connect(addr(fb_port));
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(got, page);
+    let a = sl.wait_access(3, Duration::from_secs(10));
+    let ends: Vec<(&str, &str, &str)> = a
+        .iter()
+        .map(|l| {
+            let get = |k: &str| l.get(k).map_or("", String::as_str);
+            (get("route"), get("end"), get("backend"))
+        })
+        .collect();
+    assert!(ends.contains(&("wait", "queue_timeout", "-")), "{ends:?}");
+    assert!(ends.contains(&("now", "queue_timeout", "-")), "{ends:?}");
+    assert!(ends.contains(&("fb", "fallback", "")), "{ends:?}");
+    let m = scrape(addr(aport));
+    for r in ["wait", "now", "fb"] {
+        assert_eq!(
+            m.get(
+                "sluice_route_connections_ended_total",
+                &[("route", r), ("reason", "queue_timeout")]
+            ),
+            if r == "fb" { 0.0 } else { 1.0 },
+            "{r}"
+        );
+        assert_eq!(
+            m.get("sluice_route_no_backend_total", &[("route", r)]),
+            1.0,
+            "{r}"
+        );
+        assert_eq!(waiting(&m, r), 0.0);
+    }
+    assert_eq!(b.backend.accepted(), 3, "nobody got past a full backend");
+    drop(holders);
+}
+
+#[test]
+fn a_full_backend_hands_its_clients_to_the_others() {
+    let a = counted("a");
+    let b = Backend::named("b");
+    let (port, aport) = (free_port(), free_port());
+    let toml = format!(
+        "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\n\
+         backends = [{{ address = \"{}\", max_connections = 2 }}, \"{}\"]\n",
+        a.backend.addr, b.addr
+    );
+    let _sl = Sluice::start("limits-spill", &toml);
+    // Round-robin: a, b, a, then a is full and everything goes to b.
+    let mut held = Vec::new();
+    let mut names = Vec::new();
+    for _ in 0..10 {
+        let mut c = connect(addr(port));
+        names.push(read_line(&mut c));
+        held.push(c);
+    }
+    assert_eq!(names.iter().filter(|n| *n == "a").count(), 2, "{names:?}");
+    assert_eq!(names.iter().filter(|n| *n == "b").count(), 8, "{names:?}");
+    assert_eq!(a.most.load(Ordering::SeqCst), 2);
+    let m = scrape(addr(aport));
+    assert_eq!(waiting(&m, "r"), 0.0, "nobody waits while b has room");
+    assert_eq!(
+        bget(&m, "r", "sluice_backend_connections_active", a.backend.addr),
+        2.0
+    );
+    // Freed slots take clients again.
+    held.clear();
+    wait_metrics(aport, "a empty", |m| {
+        bget(m, "r", "sluice_backend_connections_active", a.backend.addr) == 0.0
+    });
+    let names: Vec<String> = (0..4)
+        .map(|_| {
+            let mut c = connect(addr(port));
+            read_line(&mut c)
+        })
+        .collect();
+    assert!(names.iter().any(|n| n == "a"), "{names:?}");
+}
+
+#[test]
+fn a_backend_that_comes_up_takes_the_waiting_clients() {
+    let a = counted("a");
+    // The second backend's port has nobody behind it yet.
+    let late = addr(free_port());
+    let (port, aport) = (free_port(), free_port());
+    let toml = format!(
+        "[global]\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nqueue_timeout = \"20s\"\n\
+         backends = [{{ address = \"{}\", max_connections = 1 }}, \"{late}\"]\n\
+         [route.health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 1\n",
+        a.backend.addr
+    );
+    let mut sl = Sluice::start("limits-rise", &toml);
+    sl.wait_log("is DOWN", Duration::from_secs(10));
+    let mut holder = connect(addr(port));
+    assert_eq!(read_line(&mut holder), "a");
+    let mut waiters: Vec<TcpStream> = (0..3).map(|_| connect(addr(port))).collect();
+    wait_metrics(aport, "3 waiting", |m| waiting(m, "r") == 3.0);
+    // Nothing ends on `a`: only the health check that brings `late` up
+    // can tell the waiting clients there is room now.
+    let l = std::net::TcpListener::bind(late).expect("rebind the late backend's port");
+    let _late = Backend::from_listener(l, "late");
+    for c in &mut waiters {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        assert_eq!(read_line(c), "late");
+    }
+    // (The backend also sees health checks: count relayed connections.)
+    let m = scrape(addr(aport));
+    assert_eq!(
+        bget(&m, "r", "sluice_backend_connections_total", a.backend.addr),
+        1.0
+    );
+    assert_eq!(waiting(&m, "r"), 0.0);
+    assert_eq!(
+        bget(&m, "r", "sluice_backend_connections_active", late),
+        3.0
+    );
+    drop(holder);
+}
+
+#[test]
+fn a_crowd_that_times_out_leaves_the_queue_clean() {
+    let b = counted("b");
+    let (port, aport) = (free_port(), free_port());
+    let toml = format!(
+        "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nqueue_timeout = \"300ms\"\n\
+         backends = [{{ address = \"{}\", max_connections = 1 }}]\n",
+        b.backend.addr
+    );
+    let sl = Sluice::start("limits-crowd", &toml);
+    let mut holder = connect(addr(port));
+    assert_eq!(read_line(&mut holder), "b");
+    // 150 clients wait; a third of them give up (reset) first.
+    let mut crowd: Vec<TcpStream> = (0..150).map(|_| connect(addr(port))).collect();
+    wait_metrics(aport, "150 waiting", |m| waiting(m, "r") == 150.0);
+    for c in crowd.iter().step_by(3) {
+        socket2::SockRef::from(c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+    let mut k = 0;
+    crowd.retain(|_| {
+        k += 1;
+        (k - 1) % 3 != 0
+    });
+    let m = wait_metrics(aport, "everyone gone", |m| waiting(m, "r") == 0.0);
+    let ended = |m: &Metrics, why: &str| {
+        m.get(
+            "sluice_route_connections_ended_total",
+            &[("route", "r"), ("reason", why)],
+        )
+    };
+    assert_eq!(ended(&m, "client_reset"), 50.0);
+    assert_eq!(ended(&m, "queue_timeout"), 100.0);
+    for c in &mut crowd {
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        assert!(got.is_empty());
+    }
+    // Nothing left to do: the worker sleeps.
+    let cpu = sl.cpu_time();
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        sl.cpu_time() - cpu < Duration::from_millis(100),
+        "busy while idle"
+    );
+    // The slot frees: the next client goes straight through.
+    drop(holder);
+    wait_metrics(aport, "b free", |m| {
+        bget(m, "r", "sluice_backend_connections_active", b.backend.addr) == 0.0
+    });
+    let mut c = connect(addr(port));
+    assert_eq!(read_line(&mut c), "b");
+    assert_eq!(b.backend.accepted(), 2);
+}
