@@ -233,8 +233,11 @@ pub struct ProxyConn {
     reset: Option<(io::Error, Instant)>,
     /// What each socket (by `Side`) is registered for; see `arm`.
     watch: [Watch; 2],
-    /// Waiting for a backend slot (`max_connections`) until then.
-    queued_until: Option<Instant>,
+    /// Waiting for a backend slot (`max_connections`).
+    waiting: bool,
+    /// When the client's wait for a slot ends: set when it first waits,
+    /// kept for its life, so failovers cannot stretch the wait.
+    wait_until: Option<Instant>,
 }
 
 impl ProxyConn {
@@ -278,7 +281,8 @@ impl ProxyConn {
             lingering: false,
             reset: None,
             watch: [Watch::BOTH; 2],
-            queued_until: None,
+            waiting: false,
+            wait_until: None,
             route,
         };
         // TCP_NODELAY came with the socket: the listener has it.
@@ -301,11 +305,55 @@ impl ProxyConn {
     }
 
     /// Try backends in balance order until a non-blocking connect starts;
-    /// if the only backends left are up but full, wait for a slot
-    /// (`wait_for_slot`).
+    /// if the only backends left are up but full, wait for a slot.
+    ///
+    /// Every backend that could take the client is up but at its
+    /// `max_connections`: wait, as HAProxy's queue does, at most
+    /// `queue_timeout` (none: give up at once). The worker tries again
+    /// (`retry_waiting`) whenever a slot may have come free: a connection
+    /// holding one ended or failed over (`slot_news`, on any worker), or a
+    /// backend came up (a health check, or a passive retry that
+    /// connected).
     fn connect_next(&mut self, ctx: &mut Ctx) -> Result<(), End> {
+        if let Some(started) = self.try_backends(ctx) {
+            return started;
+        }
+        if self.attempts.full {
+            if self.waiting {
+                return Ok(()); // still full: keep the place
+            }
+            // Announce the wait, then look once more: a slot given back
+            // between the first look and the announcement was given back
+            // by someone who saw nobody waiting, and would wake no one
+            // (both sides use SeqCst, so one of them sees the other).
+            self.start_waiting(ctx)?;
+            self.attempts = Attempts::default();
+            if let Some(started) = self.try_backends(ctx) {
+                return started;
+            }
+            if self.attempts.full {
+                return Ok(());
+            }
+            self.stop_waiting();
+        }
+        if self.last_err.is_some() {
+            Err(End::ConnectFailed)
+        } else {
+            Err(End::NoBackend)
+        }
+    }
+
+    /// Walk the balance order from where `attempts` is: `Some` once a
+    /// connect started (or cannot, for want of descriptors), `None` when
+    /// every backend was down, failed, or full (`attempts.full`).
+    fn try_backends(&mut self, ctx: &mut Ctx) -> Option<Result<(), End>> {
         let connect_timeout = self.route.proxy().expect("proxy route").connect_timeout;
         while let Some(i) = self.route.pick(self.peer.ip(), &mut self.attempts, ctx.rng) {
+            // Full primaries make clients wait; they do not spill over to
+            // the backups, which stand in only for primaries that are down.
+            if self.attempts.full && self.route.backup_behind_primaries(i) {
+                continue;
+            }
             if !self.route.take_slot(i) {
                 self.attempts.full = true;
                 continue;
@@ -318,7 +366,7 @@ impl ProxyConn {
                         token(self.key, Side::Backend),
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
-                        self.route.release_slot(i);
+                        self.give_back(i, ctx);
                         self.connect_failed(i, e, ctx);
                         continue;
                     }
@@ -329,10 +377,10 @@ impl ProxyConn {
                     self.watch[Side::Backend as usize] = Watch::BOTH;
                     self.connecting = true;
                     self.deadline = ctx.now + connect_timeout;
-                    return Ok(());
+                    return Some(Ok(()));
                 }
                 Err(e) if local_exhaustion(&e) => {
-                    self.route.release_slot(i);
+                    self.give_back(i, ctx);
                     // Out of descriptors or memory here, not a backend
                     // fault: no passive-health blame, no point trying the
                     // others now.
@@ -342,67 +390,64 @@ impl ProxyConn {
                         self.peer
                     );
                     self.last_err = Some(e);
-                    return Err(End::ConnectFailed);
+                    self.stop_waiting();
+                    return Some(Err(End::ConnectFailed));
                 }
                 Err(e) => {
-                    self.route.release_slot(i);
+                    self.give_back(i, ctx);
                     self.connect_failed(i, e, ctx);
                 }
             }
         }
-        if self.attempts.full {
-            return self.wait_for_slot(ctx);
-        }
-        if self.last_err.is_some() {
-            Err(End::ConnectFailed)
-        } else {
-            Err(End::NoBackend)
-        }
+        None
     }
 
-    /// Every backend that could take the client is up but at its
-    /// `max_connections`: wait, as HAProxy's queue does, at most
-    /// `queue_timeout` (none: give up at once). The worker tries again
-    /// (`retry_waiting`) whenever a slot may have come free: a connection
-    /// holding one ended or failed over (`slot_news`, on any worker), or a
-    /// backend came up (a health check, or a passive retry that
-    /// connected).
-    fn wait_for_slot(&mut self, ctx: &mut Ctx) -> Result<(), End> {
-        if self.queued_until.is_none() {
-            let wait = self.route.proxy().expect("proxy route").queue_timeout;
-            if wait.is_zero() {
-                return Err(End::QueueTimeout);
-            }
-            self.route.shared.waiting.fetch_add(1, Ordering::AcqRel);
-            self.queued_until = Some(ctx.now + wait);
-            self.deadline = ctx.now + wait;
+    /// Begin waiting for a slot, until `queue_timeout` after the first
+    /// time this client waited.
+    fn start_waiting(&mut self, ctx: &mut Ctx) -> Result<(), End> {
+        let wait = self.route.proxy().expect("proxy route").queue_timeout;
+        if wait.is_zero() {
+            return Err(End::QueueTimeout);
         }
+        let until = *self.wait_until.get_or_insert(ctx.now + wait);
+        if ctx.now >= until {
+            return Err(End::QueueTimeout);
+        }
+        self.route.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        self.waiting = true;
+        self.deadline = until;
         Ok(())
+    }
+
+    /// Give back the slot of backend `i` and tell waiting clients.
+    fn give_back(&self, i: usize, ctx: &mut Ctx) {
+        self.route.release_slot(i);
+        self.slot_news(ctx);
     }
 
     /// Backend `i` gave back a slot, or came up: let waiting clients know.
     fn slot_news(&self, ctx: &mut Ctx) {
-        if self.route.shared.waiting.load(Ordering::Acquire) > 0 {
+        if self.route.shared.waiting.load(Ordering::SeqCst) > 0 {
             *ctx.freed = true;
         }
     }
 
     /// Leave the wait for a slot, if waiting.
     fn stop_waiting(&mut self) {
-        if self.queued_until.take().is_some() {
-            self.route.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+        if std::mem::take(&mut self.waiting) {
+            self.route.shared.waiting.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
     /// Waiting for a backend slot.
     pub fn is_waiting(&self) -> bool {
-        self.queued_until.is_some()
+        self.waiting
     }
 
     /// A slot may have come free: try the backends again, from the top of
     /// the balance order.
     pub fn retry_waiting(&mut self, ctx: &mut Ctx) -> Option<End> {
-        if !self.is_waiting() {
+        if !self.waiting {
             return None;
         }
         self.attempts = Attempts::default();
@@ -432,8 +477,7 @@ impl ProxyConn {
         // out of the poll: no epoll_ctl needed (here and on every close).
         if let (Some(s), Some(i)) = (self.backend.take(), self.bidx.take()) {
             drop(s);
-            self.route.release_slot(i);
-            self.slot_news(ctx);
+            self.give_back(i, ctx);
             self.connect_failed(i, e, ctx);
         }
         self.connecting = false;
@@ -847,8 +891,7 @@ impl ProxyConn {
             }
         }
         if let Some(i) = self.bidx {
-            self.route.release_slot(i);
-            self.slot_news(ctx);
+            self.give_back(i, ctx);
         }
         self.stop_waiting();
         Counters::inc(&self.route.shared.stats.slot(ctx.worker).no_backend);
@@ -874,8 +917,7 @@ impl ProxyConn {
         // closing it removes it from the poll (two syscalls saved per
         // connection).
         if let Some(i) = self.bidx {
-            self.route.release_slot(i);
-            self.slot_news(ctx);
+            self.give_back(i, ctx);
         }
         self.stop_waiting();
         if end == End::IdleTimeout || end == End::Shutdown {

@@ -309,8 +309,12 @@ impl RouteRt {
             active.fetch_add(1, Ordering::Relaxed);
             return true;
         }
+        // SeqCst, like `release_slot` and the route's `waiting` count: a
+        // client that announces its wait and then looks again, and a
+        // connection that gives back a slot and then looks for waiting
+        // clients, cannot both miss each other.
         active
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < max).then_some(n + 1)
             })
             .is_ok()
@@ -318,7 +322,17 @@ impl RouteRt {
 
     /// Give back a slot `take_slot` took.
     pub fn release_slot(&self, i: usize) {
-        self.backends[i].active.fetch_sub(1, Ordering::AcqRel);
+        self.backends[i].active.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Backend `i` is a backup while a primary is up: it does not take
+    /// the clients of primaries that are merely full.
+    pub fn backup_behind_primaries(&self, i: usize) -> bool {
+        self.proxy().is_some_and(|p| p.backends[i].backup)
+            && self.tiers[0]
+                .members
+                .iter()
+                .any(|&m| self.backends[m].is_up())
     }
 
     /// The next backend to try for a client, in balance order, skipping
@@ -443,13 +457,25 @@ impl RouteRt {
     /// almost everyone's; the hash is of the backend's address, so a reload
     /// that reorders the list moves nobody. Weights scale the scores (the
     /// logarithmic method): a backend of weight 3 wins three times as many
-    /// clients as one of weight 1.
+    /// clients as one of weight 1. A backend at its `max_connections`
+    /// scores nobody: its new clients go to their runner-up (each to its
+    /// own, so its share spreads over all the others).
     fn rendezvous(&self, tier: &Tier, client: IpAddr) -> usize {
-        let any_up = tier.members.iter().any(|&i| self.backends[i].is_up());
+        // Among the backends that can take the client; failing that, the
+        // ones that are up (all full: the client waits); failing that, all.
+        let open = |i: usize| self.backends[i].is_up() && self.has_room(i);
+        let up = |i: usize| self.backends[i].is_up();
+        let fits: &dyn Fn(usize) -> bool = if tier.members.iter().any(|&i| open(i)) {
+            &open
+        } else if tier.members.iter().any(|&i| up(i)) {
+            &up
+        } else {
+            &|_| true
+        };
         let mut best = (f64::NEG_INFINITY, tier.members[0]);
         for (&i, &share) in tier.members.iter().zip(&tier.shares) {
             let b = &self.backends[i];
-            if any_up && !b.is_up() {
+            if !fits(i) {
                 continue;
             }
             // A uniform draw in (0, 1): 53 bits of the hash, never 0.
@@ -644,6 +670,35 @@ mod tests {
             r.release_slot(0);
             assert!(share(&firsts(&r, 60), 0) >= 10, "{balance}: back in");
         }
+    }
+
+    #[test]
+    fn source_hash_sends_a_full_backends_clients_to_their_runner_up() {
+        let r = route(
+            r#"[{ address = "127.0.0.1:2", max_connections = 1 }, "127.0.0.1:3", "127.0.0.1:4"]"#,
+            "balance = \"source-hash\"\n",
+        );
+        let clients: Vec<IpAddr> = (0..300u32)
+            .map(|k| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + k * 7919)))
+            .collect();
+        let mut rng = 1u64;
+        let mut pick = |ip| r.pick(ip, &mut Attempts::default(), &mut rng).unwrap();
+        let before: Vec<usize> = clients.iter().map(|&ip| pick(ip)).collect();
+        assert!(r.take_slot(0));
+        let full: Vec<usize> = clients.iter().map(|&ip| pick(ip)).collect();
+        let mut moved = [0; 3];
+        for (b, f) in before.iter().zip(&full) {
+            if b != f {
+                assert_eq!(*b, 0, "only the full backend's clients move");
+                moved[*f] += 1;
+            }
+        }
+        assert_eq!(moved[0], 0);
+        assert_eq!(moved[1] + moved[2], share(&before, 0));
+        assert!(moved[1] > 20 && moved[2] > 20, "spread: {moved:?}");
+        r.release_slot(0);
+        let after: Vec<usize> = clients.iter().map(|&ip| pick(ip)).collect();
+        assert_eq!(after, before, "back where they were");
     }
 
     #[test]

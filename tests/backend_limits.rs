@@ -83,7 +83,7 @@ fn clients_wait_for_a_full_backend_and_are_served_in_turn() {
     let sl = Sluice::start("limits-queue", &toml);
     let mut first = connect(addr(port));
     assert_eq!(read_line(&mut first), "b");
-    // Five more clients: none reaches the backend while the first holds it.
+    // Twelve more clients: none reaches the backend while the first holds it.
     let clients: Vec<TcpStream> = (0..12).map(|_| connect(addr(port))).collect();
     let m = wait_metrics(aport, "12 waiting", |m| waiting(m, "r") == 12.0);
     assert_eq!(
@@ -315,7 +315,7 @@ fn a_crowd_that_times_out_leaves_the_queue_clean() {
     let (port, aport) = (free_port(), free_port());
     let toml = format!(
         "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
-         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nqueue_timeout = \"300ms\"\n\
+         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nqueue_timeout = \"3s\"\n\
          backends = [{{ address = \"{}\", max_connections = 1 }}]\n",
         b.backend.addr
     );
@@ -364,4 +364,31 @@ fn a_crowd_that_times_out_leaves_the_queue_clean() {
     let mut c = connect(addr(port));
     assert_eq!(read_line(&mut c), "b");
     assert_eq!(b.backend.accepted(), 2);
+}
+
+#[test]
+fn full_primaries_make_clients_wait_instead_of_spilling_to_a_backup() {
+    let p = counted("primary");
+    let backup = Backend::named("backup");
+    let (port, aport) = (free_port(), free_port());
+    let toml = format!(
+        "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nqueue_timeout = \"20s\"\n\
+         backends = [{{ address = \"{}\", max_connections = 1 }}, \
+         {{ address = \"{}\", backup = true }}]\n",
+        p.backend.addr, backup.addr
+    );
+    let _sl = Sluice::start("limits-backup", &toml);
+    let mut holder = connect(addr(port));
+    assert_eq!(read_line(&mut holder), "primary");
+    let mut next = connect(addr(port));
+    wait_metrics(aport, "1 waiting", |m| waiting(m, "r") == 1.0);
+    assert_eq!(
+        backup.accepted(),
+        0,
+        "the backup stands in for a down primary only"
+    );
+    drop(holder);
+    assert_eq!(read_line(&mut next), "primary");
+    assert_eq!(backup.accepted(), 0);
 }
