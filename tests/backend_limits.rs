@@ -392,3 +392,60 @@ fn full_primaries_make_clients_wait_instead_of_spilling_to_a_backup() {
     assert_eq!(read_line(&mut next), "primary");
     assert_eq!(backup.accepted(), 0);
 }
+
+#[test]
+fn clients_waiting_across_a_reload_are_served_under_either_generation() {
+    let b = counted("b");
+    let (port, aport) = (free_port(), free_port());
+    let cfg = |max: usize| {
+        format!(
+            "[global]\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+             [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nqueue_timeout = \"20s\"\n\
+             backends = [{{ address = \"{}\", max_connections = {max} }}]\n",
+            b.backend.addr
+        )
+    };
+    let mut sl = Sluice::start("limits-reload", &cfg(1));
+    let mut holder = connect(addr(port));
+    assert_eq!(read_line(&mut holder), "b");
+    let old: Vec<TcpStream> = (0..3).map(|_| connect(addr(port))).collect();
+    wait_metrics(aport, "3 waiting", |m| waiting(m, "r") == 3.0);
+    // A reload keeps the backend (same address: same connection count)
+    // and the waiting clients; new clients wait behind the same limit.
+    std::fs::write(&sl.config, cfg(2)).unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
+    let new: Vec<TcpStream> = (0..3).map(|_| connect(addr(port))).collect();
+    // The new limit of 2 lets one new client in at once; the others wait.
+    let m = wait_metrics(aport, "5 waiting", |m| waiting(m, "r") == 5.0);
+    assert_eq!(
+        bget(&m, "r", "sluice_backend_connections_active", b.backend.addr),
+        2.0
+    );
+    drop(holder);
+    let all: Vec<_> = old
+        .into_iter()
+        .chain(new)
+        .map(|mut c| {
+            thread::spawn(move || {
+                c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let name = read_line(&mut c);
+                drop(c);
+                name
+            })
+        })
+        .collect();
+    for t in all {
+        assert_eq!(t.join().unwrap(), "b");
+    }
+    assert_eq!(b.backend.accepted(), 7);
+    assert!(b.most.load(Ordering::SeqCst) <= 2, "never above the limit");
+    let m = wait_metrics(aport, "nobody waiting", |m| waiting(m, "r") == 0.0);
+    assert_eq!(
+        m.get(
+            "sluice_route_connections_ended_total",
+            &[("route", "r"), ("reason", "queue_timeout")]
+        ),
+        0.0
+    );
+}
