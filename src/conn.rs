@@ -238,6 +238,13 @@ pub struct ProxyConn {
     /// When the client's wait for a slot ends: set when it first waits,
     /// kept for its life, so failovers cannot stretch the wait.
     wait_until: Option<Instant>,
+    /// When it first waited for a slot, and when it last stopped: the
+    /// access log's `queue_ms`.
+    waited: Option<(Instant, Option<Instant>)>,
+    /// When the current connect attempt started, and when it completed:
+    /// the access log's `connect_ms`.
+    connect_began: Instant,
+    connected_at: Option<Instant>,
 }
 
 impl ProxyConn {
@@ -283,6 +290,9 @@ impl ProxyConn {
             watch: [Watch::BOTH; 2],
             waiting: false,
             wait_until: None,
+            waited: None,
+            connect_began: ctx.now,
+            connected_at: None,
             route,
         };
         // TCP_NODELAY came with the socket: the listener has it.
@@ -334,7 +344,7 @@ impl ProxyConn {
             if self.attempts.full {
                 return Ok(());
             }
-            self.stop_waiting();
+            self.stop_waiting(ctx.now);
         }
         if self.last_err.is_some() {
             Err(End::ConnectFailed)
@@ -370,7 +380,8 @@ impl ProxyConn {
                         self.connect_failed(i, e, ctx);
                         continue;
                     }
-                    self.stop_waiting();
+                    self.stop_waiting(ctx.now);
+                    self.connect_began = ctx.now;
                     self.backend = Some(s);
                     self.bidx = Some(i);
                     self.br = Ready::default();
@@ -390,7 +401,7 @@ impl ProxyConn {
                         self.peer
                     );
                     self.last_err = Some(e);
-                    self.stop_waiting();
+                    self.stop_waiting(ctx.now);
                     return Some(Err(End::ConnectFailed));
                 }
                 Err(e) => {
@@ -415,6 +426,7 @@ impl ProxyConn {
         }
         self.route.shared.waiting.fetch_add(1, Ordering::SeqCst);
         self.waiting = true;
+        self.waited.get_or_insert((ctx.now, None));
         self.deadline = until;
         Ok(())
     }
@@ -433,9 +445,12 @@ impl ProxyConn {
     }
 
     /// Leave the wait for a slot, if waiting.
-    fn stop_waiting(&mut self) {
+    fn stop_waiting(&mut self, now: Instant) {
         if std::mem::take(&mut self.waiting) {
             self.route.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            if let Some((_, end)) = &mut self.waited {
+                *end = Some(now);
+            }
         }
     }
 
@@ -511,6 +526,7 @@ impl ProxyConn {
             match connect_outcome(s, ev) {
                 Ok(true) => {
                     self.connecting = false;
+                    self.connected_at = Some(ctx.now);
                     let _ = s.set_nodelay(true);
                     if let Some(i) = self.bidx {
                         if crate::health::passive_success(&self.route, i) {
@@ -893,7 +909,7 @@ impl ProxyConn {
         if let Some(i) = self.bidx {
             self.give_back(i, ctx);
         }
-        self.stop_waiting();
+        self.stop_waiting(ctx.now);
         Counters::inc(&self.route.shared.stats.slot(ctx.worker).no_backend);
         if let Some(e) = &self.last_err {
             log::info!(
@@ -919,7 +935,7 @@ impl ProxyConn {
         if let Some(i) = self.bidx {
             self.give_back(i, ctx);
         }
-        self.stop_waiting();
+        self.stop_waiting(ctx.now);
         if end == End::IdleTimeout || end == End::Shutdown {
             // Nobody is waiting for a graceful FIN exchange any more.
             self.reset_peer(Side::Client);
@@ -951,7 +967,7 @@ impl ProxyConn {
             }
             log::info!(
                 target: "access",
-                "route={} client={} backend={} strategy={} up_strategy={} down_strategy={} bytes_in={} bytes_out={} spliced={} copied={} fallback={} duration_ms={} worker={} end={}{}",
+                "route={} client={} backend={} strategy={} up_strategy={} down_strategy={} bytes_in={} bytes_out={} spliced={} copied={} fallback={} queue_ms={} connect_ms={} duration_ms={} worker={} end={}{}",
                 self.route.cfg.name,
                 self.peer,
                 backend,
@@ -966,6 +982,20 @@ impl ProxyConn {
                 self.up.spliced + self.down.spliced,
                 self.up.copied + self.down.copied,
                 fallback.map(Fallback::as_str).unwrap_or("-"),
+                match self.waited {
+                    Some((began, ended)) => ended
+                        .unwrap_or(ctx.now)
+                        .saturating_duration_since(began)
+                        .as_millis(),
+                    None => 0,
+                },
+                match self.connected_at {
+                    Some(at) => at
+                        .saturating_duration_since(self.connect_began)
+                        .as_millis()
+                        .to_string(),
+                    None => "-".to_string(),
+                },
                 ctx.now.saturating_duration_since(self.started).as_millis(),
                 ctx.worker,
                 end.as_str(),

@@ -130,6 +130,14 @@ fn clients_wait_for_a_full_backend_and_are_served_in_turn() {
     assert_eq!(b.backend.accepted(), 13);
     let a = sl.wait_access(13, Duration::from_secs(10));
     assert!(a.iter().all(|l| l["end"] != "queue_timeout"), "{a:?}");
+    // Everyone connected (connect_ms is a number); the twelve who came
+    // after the first waited, and the access log says so.
+    assert!(
+        a.iter().all(|l| l["connect_ms"].parse::<u64>().is_ok()),
+        "{a:?}"
+    );
+    let waited = a.iter().filter(|l| l["queue_ms"] != "0").count();
+    assert!(waited >= 11, "{a:?}");
     // The kernel spread the clients over both workers, so some were woken
     // by a slot freed on the other one.
     let on = |w: &str| a.iter().filter(|l| l["worker"] == w).count();
@@ -344,6 +352,22 @@ fn a_crowd_that_times_out_leaves_the_queue_clean() {
     };
     assert_eq!(ended(&m, "client_reset"), 50.0);
     assert_eq!(ended(&m, "queue_timeout"), 100.0);
+    // Each turned-away client waited its whole queue_timeout and never
+    // connected.
+    let lines = sl.wait_access(150, Duration::from_secs(10));
+    let timed_out: Vec<_> = lines
+        .iter()
+        .filter(|l| l["end"] == "queue_timeout")
+        .collect();
+    assert_eq!(timed_out.len(), 100);
+    for l in timed_out {
+        let waited: u64 = l["queue_ms"].parse().unwrap();
+        assert!(waited >= 3000, "{l:?}");
+        assert_eq!(
+            (l["connect_ms"].as_str(), l["backend"].as_str()),
+            ("-", "-")
+        );
+    }
     for c in &mut crowd {
         let mut got = Vec::new();
         let _ = c.read_to_end(&mut got);
