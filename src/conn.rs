@@ -382,6 +382,12 @@ impl ProxyConn {
                     }
                     self.stop_waiting(ctx.now);
                     self.connect_began = ctx.now;
+                    if let Some(t) = self.route.cfg.tcp_keepalive {
+                        let ka = socket2::TcpKeepalive::new().with_time(t);
+                        if let Err(e) = socket2::SockRef::from(&s).set_tcp_keepalive(&ka) {
+                            log::debug!("client {}: backend keepalive not set: {e}", self.peer);
+                        }
+                    }
                     self.backend = Some(s);
                     self.bidx = Some(i);
                     self.br = Ready::default();

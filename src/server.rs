@@ -464,6 +464,14 @@ fn build_generation(
             });
         }
     }
+    // Only now that the generation stands: a reload that fails must not
+    // change the sockets the running one listens on.
+    for l in &listeners {
+        let route = &routes[l.route];
+        for s in &l.socks {
+            set_keepalive(s, route.cfg.tcp_keepalive, &route.cfg.name, l.addr);
+        }
+    }
     Ok(Generation {
         id,
         routes,
@@ -472,6 +480,27 @@ fn build_generation(
         open_file_cache: open_file_cache(cfg, workers),
         open_file_cache_inactive: cfg.global.open_file_cache_inactive,
     })
+}
+
+/// Turn TCP keepalive on (probes after `idle` without traffic) or off on
+/// a listening socket: the clients it accepts inherit it, so it costs
+/// nothing per connection.
+fn set_keepalive(
+    sock: &std::net::TcpListener,
+    idle: Option<std::time::Duration>,
+    route: &str,
+    addr: SocketAddr,
+) {
+    let s = socket2::SockRef::from(sock);
+    let res = match idle {
+        Some(t) => s.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(t)),
+        None => s.set_keepalive(false),
+    };
+    if let Err(e) = res {
+        log::warn!(
+            "route {route}: cannot set tcp_keepalive on {addr}: {e}; clients keep the previous setting"
+        );
+    }
 }
 
 /// Sockets systemd passed, keyed by (route name, address).

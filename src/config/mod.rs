@@ -146,6 +146,10 @@ pub struct Route {
     /// Close a connection with no traffic either way for this long
     /// (for HTTP file routes: keep-alive idle between requests).
     pub idle_timeout: Duration,
+    /// TCP keepalive probes after this long without traffic, on client
+    /// sockets (set on the listener, which accepted sockets inherit) and
+    /// backend sockets; `None`: off.
+    pub tcp_keepalive: Option<Duration>,
     /// Per-route cap on open client connections.
     pub max_connections: usize,
     /// Per client IP cap; 0 = unlimited.

@@ -134,6 +134,7 @@ pub fn route(
             r.idle_timeout.as_ref(),
             default_idle,
         )?,
+        tcp_keepalive: keepalive(src, r.tcp_keepalive.as_ref())?,
         max_connections: values::count_usize(
             src,
             "max_connections",
@@ -225,6 +226,29 @@ fn strategy<T: Copy, U>(
         )
     };
     Err(src.error(&value.span(), message))
+}
+
+/// Longest `tcp_keepalive`: the kernel's limit for TCP_KEEPIDLE.
+const MAX_KEEPALIVE_SECS: u64 = 32_767;
+
+/// `tcp_keepalive`: the idle time before the first probe, in whole seconds.
+fn keepalive(
+    src: &Source,
+    value: Option<&Spanned<super::schema::Dur>>,
+) -> Result<Option<Duration>, ConfigError> {
+    let Some(v) = value else { return Ok(None) };
+    let secs = v.get_ref().0.as_secs();
+    if !(1..=MAX_KEEPALIVE_SECS).contains(&secs) {
+        return Err(src.error(
+            &v.span(),
+            format!(
+                "tcp_keepalive must be from 1s to {MAX_KEEPALIVE_SECS}s (the kernel's limit): \
+                 the time without traffic before the first keepalive probe; leave it out for \
+                 no probes"
+            ),
+        ));
+    }
+    Ok(Some(Duration::from_secs(secs)))
 }
 
 /// Largest `weight`, as in HAProxy: enough to express any useful ratio

@@ -62,6 +62,7 @@ pub struct RawRoute {
     pub connect_timeout: Option<Spanned<Dur>>,
     pub queue_timeout: Option<Spanned<Dur>>,
     pub idle_timeout: Option<Spanned<Dur>>,
+    pub tcp_keepalive: Option<Spanned<Dur>>,
     pub pipe_size: Option<Spanned<Size>>,
     pub buffer_size: Option<Spanned<Size>>,
     pub max_connections: Option<Spanned<u64>>,
