@@ -191,6 +191,17 @@ pub fn token(key: usize, side: Side) -> Token {
     Token(key * 2 + side as usize)
 }
 
+/// A client handed from a proxy connection that found no backend to the
+/// file session that sends it the route's `fallback_file`.
+pub struct Handover {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// When it was accepted (its access line's `duration_ms` counts from here).
+    pub since: Instant,
+    /// How long it waited for a backend slot.
+    pub queue_ms: u128,
+}
+
 pub struct ProxyConn {
     route: Arc<RouteRt>,
     key: usize,
@@ -238,13 +249,17 @@ pub struct ProxyConn {
     /// When the client's wait for a slot ends: set when it first waits,
     /// kept for its life, so failovers cannot stretch the wait.
     wait_until: Option<Instant>,
-    /// When it first waited for a slot, and when it last stopped: the
-    /// access log's `queue_ms`.
-    waited: Option<(Instant, Option<Instant>)>,
-    /// When the current connect attempt started, and when it completed:
-    /// the access log's `connect_ms`.
-    connect_began: Instant,
+    /// Time spent waiting for a slot, over every wait, and when the
+    /// current wait began: the access log's `queue_ms`.
+    queued: std::time::Duration,
+    wait_began: Option<Instant>,
+    /// When the first connect attempt after the last wait started, and
+    /// when a connect completed: the access log's `connect_ms` (failed
+    /// attempts and failovers included, as HAProxy's Tc), with `retries`
+    /// the attempts that failed.
+    connect_began: Option<Instant>,
     connected_at: Option<Instant>,
+    retries: u32,
 }
 
 impl ProxyConn {
@@ -290,9 +305,11 @@ impl ProxyConn {
             watch: [Watch::BOTH; 2],
             waiting: false,
             wait_until: None,
-            waited: None,
-            connect_began: ctx.now,
+            queued: std::time::Duration::ZERO,
+            wait_began: None,
+            connect_began: None,
             connected_at: None,
+            retries: 0,
             route,
         };
         // TCP_NODELAY came with the socket: the listener has it.
@@ -381,7 +398,7 @@ impl ProxyConn {
                         continue;
                     }
                     self.stop_waiting(ctx.now);
-                    self.connect_began = ctx.now;
+                    self.connect_began.get_or_insert(ctx.now);
                     if let Some(t) = self.route.cfg.tcp_keepalive {
                         let ka = socket2::TcpKeepalive::new().with_time(t);
                         if let Err(e) = socket2::SockRef::from(&s).set_tcp_keepalive(&ka) {
@@ -432,7 +449,9 @@ impl ProxyConn {
         }
         self.route.shared.waiting.fetch_add(1, Ordering::SeqCst);
         self.waiting = true;
-        self.waited.get_or_insert((ctx.now, None));
+        self.wait_began = Some(ctx.now);
+        // Connect time counts again from the attempt after this wait.
+        self.connect_began = None;
         self.deadline = until;
         Ok(())
     }
@@ -454,10 +473,19 @@ impl ProxyConn {
     fn stop_waiting(&mut self, now: Instant) {
         if std::mem::take(&mut self.waiting) {
             self.route.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-            if let Some((_, end)) = &mut self.waited {
-                *end = Some(now);
+            if let Some(began) = self.wait_began.take() {
+                self.queued += now.saturating_duration_since(began);
             }
         }
+    }
+
+    /// Milliseconds spent waiting for a slot so far (a wait still going
+    /// counts up to `now`).
+    fn queue_ms(&self, now: Instant) -> u128 {
+        let current = self.wait_began.map_or(std::time::Duration::ZERO, |b| {
+            now.saturating_duration_since(b)
+        });
+        (self.queued + current).as_millis()
     }
 
     /// Waiting for a backend slot.
@@ -487,6 +515,7 @@ impl ProxyConn {
             self.peer
         );
         b.failures.fetch_add(1, Ordering::Relaxed);
+        self.retries += 1;
         Counters::inc(&self.route.shared.stats.slot(ctx.worker).connect_failures);
         crate::health::passive_failure(&self.route, i);
         self.last_err = Some(e);
@@ -889,7 +918,7 @@ impl ProxyConn {
     /// release everything but the client socket (still registered under
     /// this connection's token) and hand it over. Counts `no_backend`; the
     /// file session that takes over logs the access line.
-    pub fn into_client(mut self, ctx: &mut Ctx) -> (TcpStream, SocketAddr) {
+    pub fn into_client(mut self, ctx: &mut Ctx) -> Handover {
         let mut pools = Pools {
             pipes: ctx.pools.pipes,
             bufs: ctx.pools.bufs,
@@ -924,7 +953,12 @@ impl ProxyConn {
                 self.peer
             );
         }
-        (self.client, self.peer)
+        Handover {
+            since: self.started,
+            queue_ms: self.queue_ms(ctx.now),
+            stream: self.client,
+            peer: self.peer,
+        }
     }
 
     /// Close both sockets, release pipes and buffers, count and log.
@@ -973,7 +1007,7 @@ impl ProxyConn {
             }
             log::info!(
                 target: "access",
-                "route={} client={} backend={} strategy={} up_strategy={} down_strategy={} bytes_in={} bytes_out={} spliced={} copied={} fallback={} queue_ms={} connect_ms={} duration_ms={} worker={} end={}{}",
+                "route={} client={} backend={} strategy={} up_strategy={} down_strategy={} bytes_in={} bytes_out={} spliced={} copied={} fallback={} queue_ms={} connect_ms={} retries={} duration_ms={} worker={} end={}{}",
                 self.route.cfg.name,
                 self.peer,
                 backend,
@@ -988,20 +1022,14 @@ impl ProxyConn {
                 self.up.spliced + self.down.spliced,
                 self.up.copied + self.down.copied,
                 fallback.map(Fallback::as_str).unwrap_or("-"),
-                match self.waited {
-                    Some((began, ended)) => ended
-                        .unwrap_or(ctx.now)
-                        .saturating_duration_since(began)
-                        .as_millis(),
-                    None => 0,
+                self.queue_ms(ctx.now),
+                match (self.connect_began, self.connected_at) {
+                    (Some(began), Some(at)) => {
+                        at.saturating_duration_since(began).as_millis().to_string()
+                    }
+                    _ => "-".to_string(),
                 },
-                match self.connected_at {
-                    Some(at) => at
-                        .saturating_duration_since(self.connect_began)
-                        .as_millis()
-                        .to_string(),
-                    None => "-".to_string(),
-                },
+                self.retries,
                 ctx.now.saturating_duration_since(self.started).as_millis(),
                 ctx.worker,
                 end.as_str(),

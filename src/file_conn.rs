@@ -69,8 +69,9 @@ const FALLBACK_CHUNK: usize = 2 << 20;
 enum Proto {
     Http,
     Raw,
-    /// A proxy route's fallback file; `End` says why no backend served.
-    Fallback(End),
+    /// A proxy route's fallback file: why no backend served, and how long
+    /// the client waited for one (`queue_ms`).
+    Fallback(End, u128),
 }
 
 /// One response (or the raw file) on its way to the client.
@@ -186,11 +187,11 @@ impl FileConn {
     pub fn fallback(
         route: Arc<RouteRt>,
         key: usize,
-        sock: TcpStream,
-        peer: SocketAddr,
+        h: crate::conn::Handover,
         end: End,
         ctx: &mut Ctx,
     ) -> (FileConn, Option<End>) {
+        let (sock, peer) = (h.stream, h.peer);
         let shared = route.clone();
         let p = shared.proxy().expect("proxy route");
         let params = BodyParams {
@@ -198,7 +199,7 @@ impl FileConn {
             pipe_size: p.pipe_size,
             buffer_size: p.buffer_size,
         };
-        let proto = Proto::Fallback(end);
+        let proto = Proto::Fallback(end, h.queue_ms);
         let mut c = FileConn::new(route, sock, peer, proto, params, FALLBACK_CHUNK, ctx);
         c.deadline = ctx.now + c.route.cfg.idle_timeout;
         if !watch_client(ctx, &shared, &mut c.sock, peer, key, true) {
@@ -213,6 +214,10 @@ impl FileConn {
         };
         if let Some(path) = &p.fallback_file {
             c.start_raw(path, ctx);
+            // Its line counts from accept, as the proxy's would have.
+            if let Some(r) = c.resp.as_mut() {
+                r.started = h.since;
+            }
         }
         let end = c.drive(ctx);
         (c, end)
@@ -645,7 +650,7 @@ impl FileConn {
         }
         let c = self.route.shared.stats.slot(ctx.worker);
         let end = match self.proto {
-            Proto::Fallback(why) => why,
+            Proto::Fallback(why, _) => why,
             _ => end,
         };
         Counters::inc(&c.ends[end as usize]);
@@ -670,8 +675,15 @@ impl FileConn {
             return;
         }
         let end = match self.proto {
-            Proto::Fallback(_) if end == "ok" => "fallback",
+            Proto::Fallback(..) if end == "ok" => "fallback",
             _ => end,
+        };
+        // A fallback says why no backend served and how long it waited.
+        let why = match self.proto {
+            Proto::Fallback(why, queue_ms) => {
+                format!(" reason={} queue_ms={queue_ms}", why.as_str())
+            }
+            _ => String::new(),
         };
         let status = match r.status {
             0 => "-".to_string(),
@@ -680,7 +692,7 @@ impl FileConn {
         let target = log_safe(&r.target);
         log::info!(
             target: "access",
-            "route={} client={} method={} path={} status={} bytes={} body_bytes={} strategy={} fallback={} duration_ms={} end={}",
+            "route={} client={} method={} path={} status={} bytes={} body_bytes={} strategy={} fallback={} duration_ms={} end={}{}",
             self.route.cfg.name,
             self.peer,
             r.method,
@@ -692,6 +704,7 @@ impl FileConn {
             fallback.unwrap_or("-"),
             ctx.now.saturating_duration_since(r.started).as_millis(),
             end,
+            why,
         );
     }
 }

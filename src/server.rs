@@ -13,7 +13,7 @@
 //! listening sockets come from systemd (`sys::activation`), matched to
 //! routes by `FileDescriptorName=` and address.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,6 +62,9 @@ pub struct Server {
     generation: Arc<Generation>,
     /// Every listening socket group, by address; survives reloads.
     sockets: HashMap<SocketAddr, Group>,
+    /// Listening addresses whose sockets sluice turned keepalive on for
+    /// (`tcp_keepalive`): the only ones it turns it off on again.
+    keepalive: HashSet<SocketAddr>,
     /// Sockets systemd passed, by route name and address. Kept for the
     /// life of the process: systemd holds them open anyway, so a route a
     /// reload removes and a later one brings back gets the same socket.
@@ -102,9 +105,17 @@ impl Server {
         });
         let activated = activated_sockets(&cfg);
         let mut sockets = HashMap::new();
-        let generation =
-            build_generation(&cfg, cfg.global.workers, 1, None, &mut sockets, &activated)
-                .map_err(StartError)?;
+        let mut keepalive = HashSet::new();
+        let generation = build_generation(
+            &cfg,
+            cfg.global.workers,
+            1,
+            None,
+            &mut sockets,
+            &mut keepalive,
+            &activated,
+        )
+        .map_err(StartError)?;
         let generation = Arc::new(generation);
         let poll = Poll::new().map_err(|e| StartError(format!("cannot create a poll: {e}")))?;
         // Handlers go in before anything can tell the world we started: a
@@ -171,6 +182,7 @@ impl Server {
             shared,
             generation,
             sockets,
+            keepalive,
             activated,
             workers,
             stats: Arc::new(ProcessStats::default()),
@@ -310,6 +322,7 @@ impl Server {
                     self.generation.id + 1,
                     Some(&self.generation),
                     &mut self.sockets,
+                    &mut self.keepalive,
                     &self.activated,
                 )?;
                 Ok((cfg, generation, admin))
@@ -415,6 +428,7 @@ fn build_generation(
     id: u64,
     prev: Option<&Generation>,
     sockets: &mut HashMap<SocketAddr, Group>,
+    keepalive: &mut HashSet<SocketAddr>,
     activated: &Activated,
 ) -> Result<Generation, String> {
     let mut routes = Vec::new();
@@ -465,11 +479,20 @@ fn build_generation(
         }
     }
     // Only now that the generation stands: a reload that fails must not
-    // change the sockets the running one listens on.
+    // change the sockets the running one listens on. A socket sluice never
+    // turned keepalive on for keeps what it came with (a socket unit's
+    // KeepAlive=, say).
     for l in &listeners {
         let route = &routes[l.route];
+        let idle = route.cfg.tcp_keepalive;
+        if idle.is_none() && !keepalive.remove(&l.addr) {
+            continue;
+        }
         for s in &l.socks {
-            set_keepalive(s, route.cfg.tcp_keepalive, &route.cfg.name, l.addr);
+            set_keepalive(s, idle, &route.cfg.name, l.addr);
+        }
+        if idle.is_some() {
+            keepalive.insert(l.addr);
         }
     }
     Ok(Generation {

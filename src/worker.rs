@@ -934,8 +934,8 @@ impl Worker {
         match entry.sess {
             Session::Proxy(c) if fallback => {
                 // The client stays: it gets the route's fallback file.
-                let (stream, peer) = c.into_client(&mut ctx);
-                let (f, fend) = FileConn::fallback(route.clone(), key, stream, peer, end, &mut ctx);
+                let h = c.into_client(&mut ctx);
+                let (f, fend) = FileConn::fallback(route.clone(), key, h, end, &mut ctx);
                 let entry = Entry {
                     id: self.next_id,
                     scheduled: now,

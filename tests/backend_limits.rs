@@ -136,8 +136,17 @@ fn clients_wait_for_a_full_backend_and_are_served_in_turn() {
         a.iter().all(|l| l["connect_ms"].parse::<u64>().is_ok()),
         "{a:?}"
     );
-    let waited = a.iter().filter(|l| l["queue_ms"] != "0").count();
-    assert!(waited >= 11, "{a:?}");
+    let waited: Vec<_> = a.iter().filter(|l| l["queue_ms"] != "0").collect();
+    assert!(waited.len() >= 11, "{a:?}");
+    // Connect time starts when the wait ends: it is not the wait again.
+    for l in waited {
+        let (q, c): (u64, u64) = (
+            l["queue_ms"].parse().unwrap(),
+            l["connect_ms"].parse().unwrap(),
+        );
+        assert!(c < q, "{l:?}");
+        assert_eq!(l["retries"], "0");
+    }
     // The kernel spread the clients over both workers, so some were woken
     // by a slot freed on the other one.
     let on = |w: &str| a.iter().filter(|l| l["worker"] == w).count();
@@ -212,6 +221,15 @@ fn a_client_that_waits_past_queue_timeout_is_turned_away() {
     assert!(ends.contains(&("wait", "queue_timeout", "-")), "{ends:?}");
     assert!(ends.contains(&("now", "queue_timeout", "-")), "{ends:?}");
     assert!(ends.contains(&("fb", "fallback", "")), "{ends:?}");
+    let fb = a
+        .iter()
+        .find(|l| l.get("route").map(String::as_str) == Some("fb"))
+        .unwrap();
+    assert_eq!(
+        (fb["reason"].as_str(), fb["queue_ms"].as_str()),
+        ("queue_timeout", "0"),
+        "{fb:?}"
+    );
     let m = scrape(addr(aport));
     for r in ["wait", "now", "fb"] {
         assert_eq!(
@@ -418,35 +436,50 @@ fn full_primaries_make_clients_wait_instead_of_spilling_to_a_backup() {
 }
 
 #[test]
-fn clients_waiting_across_a_reload_are_served_under_either_generation() {
+fn clients_waiting_across_a_reload_keep_the_limit_they_came_under() {
     let b = counted("b");
     let (port, aport) = (free_port(), free_port());
     let cfg = |max: usize| {
         format!(
-            "[global]\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+            "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
              [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nqueue_timeout = \"20s\"\n\
              backends = [{{ address = \"{}\", max_connections = {max} }}]\n",
             b.backend.addr
         )
     };
-    let mut sl = Sluice::start("limits-reload", &cfg(1));
-    let mut holder = connect(addr(port));
-    assert_eq!(read_line(&mut holder), "b");
-    let old: Vec<TcpStream> = (0..3).map(|_| connect(addr(port))).collect();
-    wait_metrics(aport, "3 waiting", |m| waiting(m, "r") == 3.0);
-    // A reload keeps the backend (same address: same connection count)
-    // and the waiting clients; new clients wait behind the same limit.
-    std::fs::write(&sl.config, cfg(2)).unwrap();
+    let mut sl = Sluice::start("limits-reload", &cfg(2));
+    let mut holders: Vec<TcpStream> = (0..2).map(|_| connect(addr(port))).collect();
+    for h in &mut holders {
+        assert_eq!(read_line(h), "b");
+    }
+    let old: Vec<TcpStream> = (0..2).map(|_| connect(addr(port))).collect();
+    wait_metrics(aport, "2 waiting", |m| waiting(m, "r") == 2.0);
+    // The reload lowers the limit to 1 and keeps the backend (same
+    // address: same connection count) and the waiting clients.
+    std::fs::write(&sl.config, cfg(1)).unwrap();
     sl.signal("HUP");
     sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
-    let new: Vec<TcpStream> = (0..3).map(|_| connect(addr(port))).collect();
-    // The new limit of 2 lets one new client in at once; the others wait.
-    let m = wait_metrics(aport, "5 waiting", |m| waiting(m, "r") == 5.0);
+    let new: Vec<TcpStream> = (0..2).map(|_| connect(addr(port))).collect();
+    wait_metrics(aport, "4 waiting", |m| waiting(m, "r") == 4.0);
+    // One slot frees: 1 open. An old client (limit 2) may take it, a new
+    // one (limit 1) may not.
+    holders.pop();
+    let m = wait_metrics(aport, "3 waiting", |m| waiting(m, "r") == 3.0);
     assert_eq!(
         bget(&m, "r", "sluice_backend_connections_active", b.backend.addr),
         2.0
     );
-    drop(holder);
+    let has_answer = |c: &TcpStream| {
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        matches!(c.peek(&mut byte), Ok(1))
+    };
+    let old_served = old.iter().filter(|c| has_answer(c)).count();
+    let new_served = new.iter().filter(|c| has_answer(c)).count();
+    assert_eq!((old_served, new_served), (1, 0));
+    // Everyone leaves in turn: all are served, never more than 2 at once.
+    drop(holders);
     let all: Vec<_> = old
         .into_iter()
         .chain(new)
@@ -462,7 +495,7 @@ fn clients_waiting_across_a_reload_are_served_under_either_generation() {
     for t in all {
         assert_eq!(t.join().unwrap(), "b");
     }
-    assert_eq!(b.backend.accepted(), 7);
+    assert_eq!(b.backend.accepted(), 6);
     assert!(b.most.load(Ordering::SeqCst) <= 2, "never above the limit");
     let m = wait_metrics(aport, "nobody waiting", |m| waiting(m, "r") == 0.0);
     assert_eq!(
@@ -472,4 +505,32 @@ fn clients_waiting_across_a_reload_are_served_under_either_generation() {
         ),
         0.0
     );
+}
+
+#[test]
+fn a_failover_counts_its_retries_and_connect_time() {
+    let live = Backend::named("live");
+    // Nobody listens on the first backend: its connects are refused.
+    let dead = addr(free_port());
+    let port = free_port();
+    let toml = format!(
+        "[global]\nworkers = 1\n\n[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\n\
+         backends = [\"{dead}\", \"{}\"]\n",
+        live.addr
+    );
+    let sl = Sluice::start("limits-retries", &toml);
+    // Round-robin: one of two clients tries the dead backend first.
+    for _ in 0..2 {
+        let mut c = connect(addr(port));
+        assert_eq!(read_line(&mut c), "live");
+    }
+    let a = sl.wait_access(2, Duration::from_secs(10));
+    let mut retries: Vec<&str> = a.iter().map(|l| l["retries"].as_str()).collect();
+    retries.sort();
+    assert_eq!(retries, ["0", "1"], "{a:?}");
+    for l in &a {
+        assert_eq!(l["backend"], live.addr.to_string());
+        assert!(l["connect_ms"].parse::<u64>().is_ok(), "{l:?}");
+        assert_eq!(l["queue_ms"], "0");
+    }
 }

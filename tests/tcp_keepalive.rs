@@ -49,21 +49,20 @@ fn established() -> Vec<TcpRow> {
         .collect()
 }
 
-/// sluice's two sockets of the one connection through route port `port`
-/// to backend port `bport`: (client side, backend side). Waits until no
-/// other timer (a delayed ACK) is pending on them.
-fn sluice_sockets(port: u16, bport: u16, client_port: u16) -> (TcpRow, TcpRow) {
+/// sluice's two sockets of one connection: the one accepted on route port
+/// `port` from the test client's `client_port`, and the one to backend
+/// port `bport` from `via` (the peer port the backend saw). Waits until
+/// no other timer (a delayed ACK) is pending on them.
+fn sluice_sockets(port: u16, client_port: u16, bport: u16, via: u16) -> (TcpRow, TcpRow) {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         let rows = established();
         let client = rows
             .iter()
             .position(|r| r.local_port == port && r.remote_port == client_port);
-        // The backend socket is sluice's: to the backend's port, from a
-        // port that is not the test client's.
         let backend = rows
             .iter()
-            .position(|r| r.remote_port == bport && r.local_port != port);
+            .position(|r| r.remote_port == bport && r.local_port == via);
         if let (Some(c), Some(b)) = (client, backend) {
             let settled = |r: &TcpRow| r.timer == 0 || r.when > 100;
             if settled(&rows[c]) && settled(&rows[b]) {
@@ -83,9 +82,23 @@ fn sluice_sockets(port: u16, bport: u16, client_port: u16) -> (TcpRow, TcpRow) {
     }
 }
 
+/// A backend that sends "b" and a newline, then echoes; it records the
+/// peer port of each connection (sluice's backend socket).
+fn backend() -> (Backend, std::sync::Arc<std::sync::Mutex<Vec<u16>>>) {
+    let ports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let p2 = ports.clone();
+    let b = Backend::spawn(move |mut s| {
+        p2.lock().unwrap().push(s.peer_addr().unwrap().port());
+        let _ = std::io::Write::write_all(&mut s, b"b\n");
+        echo(&mut s);
+        String::new()
+    });
+    (b, ports)
+}
+
 #[test]
 fn keepalive_is_armed_on_both_sockets_of_a_route_that_sets_it() {
-    let b = Backend::named("b");
+    let (b, via) = backend();
     let (on, off) = (free_port(), free_port());
     let cfg = |keepalive: &str| {
         format!(
@@ -97,40 +110,47 @@ fn keepalive_is_armed_on_both_sockets_of_a_route_that_sets_it() {
     };
     let mut sl = Sluice::start("keepalive", &cfg("tcp_keepalive = \"45s\""));
     let bport = b.addr.port();
+    // The sockets of the connection just made through `port`.
+    let through = |port: u16| {
+        let mut c = connect(addr(port));
+        assert_eq!(read_line(&mut c), "b");
+        let last = *via.lock().unwrap().last().unwrap();
+        let rows = sluice_sockets(port, c.local_addr().unwrap().port(), bport, last);
+        (c, rows)
+    };
 
-    let mut c = connect(addr(on));
-    assert_eq!(read_line(&mut c), "b");
-    let (client, backend) = sluice_sockets(on, bport, c.local_addr().unwrap().port());
+    let (_c1, (client, backend)) = through(on);
     for (side, r) in [("client", &client), ("backend", &backend)] {
         assert_eq!(r.timer, 2, "{side}: keepalive timer armed: {r:?}");
         // 45 s from the last traffic, in clock ticks.
         assert!((3500..=4500).contains(&r.when), "{side}: {r:?}");
     }
-    drop(c);
-
-    let mut c = connect(addr(off));
-    assert_eq!(read_line(&mut c), "b");
-    let (client, backend) = sluice_sockets(off, bport, c.local_addr().unwrap().port());
+    let (_c2, (client, backend)) = through(off);
     assert_eq!(
         (client.timer, backend.timer),
         (0, 0),
         "{client:?} {backend:?}"
     );
-    drop(c);
 
     // A reload that drops the key turns it off for new clients (the
-    // listening socket is kept, its option changed).
+    // listening socket is kept, its option changed); the client already
+    // connected keeps it.
     std::fs::write(&sl.config, cfg("")).unwrap();
     sl.signal("HUP");
     sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
-    let mut c = connect(addr(on));
-    assert_eq!(read_line(&mut c), "b");
-    let (client, backend) = sluice_sockets(on, bport, c.local_addr().unwrap().port());
+    let (_c3, (client, backend)) = through(on);
     assert_eq!(
         (client.timer, backend.timer),
         (0, 0),
         "{client:?} {backend:?}"
     );
+    let first = sluice_sockets(
+        on,
+        _c1.local_addr().unwrap().port(),
+        bport,
+        via.lock().unwrap()[0],
+    );
+    assert_eq!(first.0.timer, 2, "{first:?}");
 }
 
 #[test]
