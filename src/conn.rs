@@ -452,8 +452,22 @@ impl ProxyConn {
         self.wait_began = Some(ctx.now);
         // Connect time counts again from the attempt after this wait.
         self.connect_began = None;
-        self.deadline = until;
+        self.deadline = self.next_look(ctx.now, until);
         Ok(())
+    }
+
+    /// When a waiting client looks for a backend by itself: at the end of
+    /// its wait; or, without active health checks and with a backend down,
+    /// after a health `interval`, since only a client's own connect can
+    /// bring such a backend back (`health::claim_retry`) and no event
+    /// will say when it is due.
+    fn next_look(&self, now: Instant, until: Instant) -> Instant {
+        let p = self.route.proxy().expect("proxy route");
+        if !p.health.active && self.route.backends.iter().any(|b| !b.is_up()) {
+            until.min(now + p.health.interval)
+        } else {
+            until
+        }
     }
 
     /// Give back the slot of backend `i` and tell waiting clients.
@@ -874,7 +888,16 @@ impl ProxyConn {
             return None;
         }
         if self.is_waiting() {
-            return Some(End::QueueTimeout);
+            let until = self.wait_until.unwrap_or(ctx.now);
+            if ctx.now >= until {
+                return Some(End::QueueTimeout);
+            }
+            // A passively downed backend may be due its retry.
+            let end = self.retry_waiting(ctx);
+            if end.is_none() && self.is_waiting() {
+                self.deadline = self.next_look(ctx.now, until);
+            }
+            return end;
         }
         if self.connecting {
             let e = io::Error::new(io::ErrorKind::TimedOut, "connect_timeout expired");

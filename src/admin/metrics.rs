@@ -111,7 +111,7 @@ const ROUTE_COUNTERS: [RouteCounter; 11] = [
     ),
     (
         "sluice_route_no_backend_total",
-        "Client connections closed because no backend could be connected.",
+        "Client connections no backend served: none was up, every connect failed, or every backend stayed full for queue_timeout.",
         |c| &c.no_backend,
     ),
 ];

@@ -237,7 +237,14 @@ fn keepalive(
     value: Option<&Spanned<super::schema::Dur>>,
 ) -> Result<Option<Duration>, ConfigError> {
     let Some(v) = value else { return Ok(None) };
-    let secs = v.get_ref().0.as_secs();
+    let d = v.get_ref().0;
+    let secs = d.as_secs();
+    if d.subsec_nanos() != 0 {
+        return Err(src.error(
+            &v.span(),
+            "tcp_keepalive is set in whole seconds (TCP_KEEPIDLE): expected a value like 30s or 2m",
+        ));
+    }
     if !(1..=MAX_KEEPALIVE_SECS).contains(&secs) {
         return Err(src.error(
             &v.span(),
