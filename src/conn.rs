@@ -244,13 +244,12 @@ pub struct ProxyConn {
     reset: Option<(io::Error, Instant)>,
     /// What each socket (by `Side`) is registered for; see `arm`.
     watch: [Watch; 2],
-    /// Waiting for a backend slot (`max_connections`).
-    waiting: bool,
     /// When the client's wait for a slot ends: set when it first waits,
     /// kept for its life, so failovers cannot stretch the wait.
     wait_until: Option<Instant>,
-    /// Time spent waiting for a slot, over every wait, and when the
-    /// current wait began: the access log's `queue_ms`.
+    /// Time spent waiting for a slot over the waits that ended, and when
+    /// the current wait began (`Some` exactly while waiting for a slot,
+    /// `max_connections`): the access log's `queue_ms`.
     queued: std::time::Duration,
     wait_began: Option<Instant>,
     /// When the first connect attempt after the last wait started, and
@@ -303,7 +302,6 @@ impl ProxyConn {
             lingering: false,
             reset: None,
             watch: [Watch::BOTH; 2],
-            waiting: false,
             wait_until: None,
             queued: std::time::Duration::ZERO,
             wait_began: None,
@@ -346,7 +344,7 @@ impl ProxyConn {
             return started;
         }
         if self.attempts.full {
-            if self.waiting {
+            if self.is_waiting() {
                 return Ok(()); // still full: keep the place
             }
             // Announce the wait, then look once more: a slot given back
@@ -448,7 +446,6 @@ impl ProxyConn {
             return Err(End::QueueTimeout);
         }
         self.route.shared.waiting.fetch_add(1, Ordering::SeqCst);
-        self.waiting = true;
         self.wait_began = Some(ctx.now);
         // Connect time counts again from the attempt after this wait.
         self.connect_began = None;
@@ -485,11 +482,9 @@ impl ProxyConn {
 
     /// Leave the wait for a slot, if waiting.
     fn stop_waiting(&mut self, now: Instant) {
-        if std::mem::take(&mut self.waiting) {
+        if let Some(began) = self.wait_began.take() {
             self.route.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-            if let Some(began) = self.wait_began.take() {
-                self.queued += now.saturating_duration_since(began);
-            }
+            self.queued += now.saturating_duration_since(began);
         }
     }
 
@@ -504,13 +499,13 @@ impl ProxyConn {
 
     /// Waiting for a backend slot.
     pub fn is_waiting(&self) -> bool {
-        self.waiting
+        self.wait_began.is_some()
     }
 
     /// A slot may have come free: try the backends again, from the top of
     /// the balance order.
     pub fn retry_waiting(&mut self, ctx: &mut Ctx) -> Option<End> {
-        if !self.waiting {
+        if !self.is_waiting() {
             return None;
         }
         self.attempts = Attempts::default();

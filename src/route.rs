@@ -556,6 +556,13 @@ mod tests {
         std::iter::from_fn(|| r.pick(IP, &mut at, &mut rng)).collect()
     }
 
+    /// `n` client addresses spread over 10.0.0.0/8.
+    fn spread_clients(n: u32) -> Vec<IpAddr> {
+        (0..n)
+            .map(|k| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + k * 7919)))
+            .collect()
+    }
+
     fn share(v: &[usize], i: usize) -> usize {
         v.iter().filter(|&&x| x == i).count()
     }
@@ -678,9 +685,7 @@ mod tests {
             r#"[{ address = "127.0.0.1:2", max_connections = 1 }, "127.0.0.1:3", "127.0.0.1:4"]"#,
             "balance = \"source-hash\"\n",
         );
-        let clients: Vec<IpAddr> = (0..300u32)
-            .map(|k| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + k * 7919)))
-            .collect();
+        let clients = spread_clients(300);
         let mut rng = 1u64;
         let mut pick = |ip| r.pick(ip, &mut Attempts::default(), &mut rng).unwrap();
         let before: Vec<usize> = clients.iter().map(|&ip| pick(ip)).collect();
@@ -725,9 +730,7 @@ mod tests {
             r#"["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]"#,
             "balance = \"source-hash\"\n[route.health]\n",
         );
-        let clients: Vec<IpAddr> = (0..600u32)
-            .map(|k| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + k * 7919)))
-            .collect();
+        let clients = spread_clients(600);
         let mut rng = 1u64;
         let mut pick = |ip| r.pick(ip, &mut Attempts::default(), &mut rng).unwrap();
         let before: Vec<usize> = clients.iter().map(|&ip| pick(ip)).collect();

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::admin::{Metrics, scrape};
+use common::admin::{Metrics, scrape, scrape_until};
 use common::*;
 
 fn addr(port: u16) -> SocketAddr {
@@ -27,21 +27,17 @@ fn bget(m: &Metrics, route: &str, name: &str, b: SocketAddr) -> f64 {
     m.get(name, &[("route", route), ("backend", &a), ("address", &a)])
 }
 
-fn waiting(m: &Metrics, route: &str) -> f64 {
-    m.get("sluice_route_connections_waiting", &[("route", route)])
+/// A config with `workers` workers, the admin listener on `aport`, and
+/// one route "r" on `port`; `route` is the rest of the route's table.
+fn config(workers: usize, aport: u16, port: u16, route: &str) -> String {
+    format!(
+        "[global]\nworkers = {workers}\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\n{route}\n"
+    )
 }
 
-/// Scrape until `f` holds (or fail after 10 s, printing the last value).
-fn wait_metrics(aport: u16, what: &str, f: impl Fn(&Metrics) -> bool) -> Metrics {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = scrape(addr(aport));
-        if f(&m) {
-            return m;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
+fn waiting(m: &Metrics, route: &str) -> f64 {
+    m.get("sluice_route_connections_waiting", &[("route", route)])
 }
 
 /// A backend that sends `name` and a newline, then echoes; it records
@@ -74,18 +70,22 @@ fn clients_wait_for_a_full_backend_and_are_served_in_turn() {
     // Two workers: a slot freed on one must reach clients waiting on the
     // other (a missed wake-up would leave them to the 20 s queue_timeout,
     // and they would be turned away without an answer).
-    let toml = format!(
-        "[global]\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
-         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nqueue_timeout = \"20s\"\n\
-         backends = [{{ address = \"{}\", max_connections = 1 }}]\n",
+    let backends = format!(
+        "backends = [{{ address = \"{}\", max_connections = 1 }}]",
         b.backend.addr
+    );
+    let toml = config(
+        2,
+        aport,
+        port,
+        &format!("queue_timeout = \"20s\"\n{backends}"),
     );
     let sl = Sluice::start("limits-queue", &toml);
     let mut first = connect(addr(port));
     assert_eq!(read_line(&mut first), "b");
     // Twelve more clients: none reaches the backend while the first holds it.
     let clients: Vec<TcpStream> = (0..12).map(|_| connect(addr(port))).collect();
-    let m = wait_metrics(aport, "12 waiting", |m| waiting(m, "r") == 12.0);
+    let m = scrape_until(addr(aport), "12 waiting", |m| waiting(m, "r") == 12.0);
     assert_eq!(
         bget(&m, "r", "sluice_backend_connections_active", b.backend.addr),
         1.0
@@ -151,7 +151,7 @@ fn clients_wait_for_a_full_backend_and_are_served_in_turn() {
     // by a slot freed on the other one.
     let on = |w: &str| a.iter().filter(|l| l["worker"] == w).count();
     assert!(on("0") > 0 && on("1") > 0, "{a:?}");
-    let m = wait_metrics(aport, "nobody waiting", |m| waiting(m, "r") == 0.0);
+    let m = scrape_until(addr(aport), "nobody waiting", |m| waiting(m, "r") == 0.0);
     assert_eq!(
         m.get(
             "sluice_route_connections_ended_total",
@@ -232,7 +232,7 @@ fn a_client_that_waits_past_queue_timeout_is_turned_away() {
         "{fb:?}"
     );
     // The fallback session counts why no backend served once it ends.
-    let m = wait_metrics(aport, "fb ended", |m| {
+    let m = scrape_until(addr(aport), "fb ended", |m| {
         m.get(
             "sluice_route_connections_ended_total",
             &[("route", "fb"), ("reason", "queue_timeout")],
@@ -263,12 +263,11 @@ fn a_full_backend_hands_its_clients_to_the_others() {
     let a = counted("a");
     let b = Backend::named("b");
     let (port, aport) = (free_port(), free_port());
-    let toml = format!(
-        "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
-         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\n\
-         backends = [{{ address = \"{}\", max_connections = 2 }}, \"{}\"]\n",
+    let backends = format!(
+        "backends = [{{ address = \"{}\", max_connections = 2 }}, \"{}\"]",
         a.backend.addr, b.addr
     );
+    let toml = config(1, aport, port, &backends);
     let _sl = Sluice::start("limits-spill", &toml);
     // Round-robin: a, b, a, then a is full and everything goes to b.
     let mut held = Vec::new();
@@ -289,7 +288,7 @@ fn a_full_backend_hands_its_clients_to_the_others() {
     );
     // Freed slots take clients again.
     held.clear();
-    wait_metrics(aport, "a empty", |m| {
+    scrape_until(addr(aport), "a empty", |m| {
         bget(m, "r", "sluice_backend_connections_active", a.backend.addr) == 0.0
     });
     let names: Vec<String> = (0..4)
@@ -307,19 +306,19 @@ fn a_backend_that_comes_up_takes_the_waiting_clients() {
     // The second backend's port has nobody behind it yet.
     let late = addr(free_port());
     let (port, aport) = (free_port(), free_port());
-    let toml = format!(
-        "[global]\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
-         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nqueue_timeout = \"20s\"\n\
+    let route = format!(
+        "queue_timeout = \"20s\"\n\
          backends = [{{ address = \"{}\", max_connections = 1 }}, \"{late}\"]\n\
-         [route.health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 1\n",
+         [route.health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 1",
         a.backend.addr
     );
+    let toml = config(2, aport, port, &route);
     let mut sl = Sluice::start("limits-rise", &toml);
     sl.wait_log("is DOWN", Duration::from_secs(10));
     let mut holder = connect(addr(port));
     assert_eq!(read_line(&mut holder), "a");
     let mut waiters: Vec<TcpStream> = (0..3).map(|_| connect(addr(port))).collect();
-    wait_metrics(aport, "3 waiting", |m| waiting(m, "r") == 3.0);
+    scrape_until(addr(aport), "3 waiting", |m| waiting(m, "r") == 3.0);
     // Nothing ends on `a`: only the health check that brings `late` up
     // can tell the waiting clients there is room now.
     let l = std::net::TcpListener::bind(late).expect("rebind the late backend's port");
@@ -346,18 +345,22 @@ fn a_backend_that_comes_up_takes_the_waiting_clients() {
 fn a_crowd_that_times_out_leaves_the_queue_clean() {
     let b = counted("b");
     let (port, aport) = (free_port(), free_port());
-    let toml = format!(
-        "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
-         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nqueue_timeout = \"3s\"\n\
-         backends = [{{ address = \"{}\", max_connections = 1 }}]\n",
+    let backends = format!(
+        "backends = [{{ address = \"{}\", max_connections = 1 }}]",
         b.backend.addr
+    );
+    let toml = config(
+        1,
+        aport,
+        port,
+        &format!("queue_timeout = \"3s\"\n{backends}"),
     );
     let sl = Sluice::start("limits-crowd", &toml);
     let mut holder = connect(addr(port));
     assert_eq!(read_line(&mut holder), "b");
     // 150 clients wait; a third of them give up (reset) first.
     let mut crowd: Vec<TcpStream> = (0..150).map(|_| connect(addr(port))).collect();
-    wait_metrics(aport, "150 waiting", |m| waiting(m, "r") == 150.0);
+    scrape_until(addr(aport), "150 waiting", |m| waiting(m, "r") == 150.0);
     for c in crowd.iter().step_by(3) {
         socket2::SockRef::from(c)
             .set_linger(Some(Duration::ZERO))
@@ -368,7 +371,7 @@ fn a_crowd_that_times_out_leaves_the_queue_clean() {
         k += 1;
         (k - 1) % 3 != 0
     });
-    let m = wait_metrics(aport, "everyone gone", |m| waiting(m, "r") == 0.0);
+    let m = scrape_until(addr(aport), "everyone gone", |m| waiting(m, "r") == 0.0);
     let ended = |m: &Metrics, why: &str| {
         m.get(
             "sluice_route_connections_ended_total",
@@ -407,7 +410,7 @@ fn a_crowd_that_times_out_leaves_the_queue_clean() {
     );
     // The slot frees: the next client goes straight through.
     drop(holder);
-    wait_metrics(aport, "b free", |m| {
+    scrape_until(addr(aport), "b free", |m| {
         bget(m, "r", "sluice_backend_connections_active", b.backend.addr) == 0.0
     });
     let mut c = connect(addr(port));
@@ -420,18 +423,17 @@ fn full_primaries_make_clients_wait_instead_of_spilling_to_a_backup() {
     let p = counted("primary");
     let backup = Backend::named("backup");
     let (port, aport) = (free_port(), free_port());
-    let toml = format!(
-        "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
-         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nqueue_timeout = \"20s\"\n\
-         backends = [{{ address = \"{}\", max_connections = 1 }}, \
-         {{ address = \"{}\", backup = true }}]\n",
+    let route = format!(
+        "queue_timeout = \"20s\"\nbackends = [{{ address = \"{}\", max_connections = 1 }}, \
+         {{ address = \"{}\", backup = true }}]",
         p.backend.addr, backup.addr
     );
+    let toml = config(1, aport, port, &route);
     let _sl = Sluice::start("limits-backup", &toml);
     let mut holder = connect(addr(port));
     assert_eq!(read_line(&mut holder), "primary");
     let mut next = connect(addr(port));
-    wait_metrics(aport, "1 waiting", |m| waiting(m, "r") == 1.0);
+    scrape_until(addr(aport), "1 waiting", |m| waiting(m, "r") == 1.0);
     assert_eq!(
         backup.accepted(),
         0,
@@ -447,11 +449,15 @@ fn clients_waiting_across_a_reload_keep_the_limit_they_came_under() {
     let b = counted("b");
     let (port, aport) = (free_port(), free_port());
     let cfg = |max: usize| {
-        format!(
-            "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
-             [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nqueue_timeout = \"20s\"\n\
-             backends = [{{ address = \"{}\", max_connections = {max} }}]\n",
+        let backends = format!(
+            "backends = [{{ address = \"{}\", max_connections = {max} }}]",
             b.backend.addr
+        );
+        config(
+            1,
+            aport,
+            port,
+            &format!("queue_timeout = \"20s\"\n{backends}"),
         )
     };
     let mut sl = Sluice::start("limits-reload", &cfg(2));
@@ -460,18 +466,18 @@ fn clients_waiting_across_a_reload_keep_the_limit_they_came_under() {
         assert_eq!(read_line(h), "b");
     }
     let old: Vec<TcpStream> = (0..2).map(|_| connect(addr(port))).collect();
-    wait_metrics(aport, "2 waiting", |m| waiting(m, "r") == 2.0);
+    scrape_until(addr(aport), "2 waiting", |m| waiting(m, "r") == 2.0);
     // The reload lowers the limit to 1 and keeps the backend (same
     // address: same connection count) and the waiting clients.
     std::fs::write(&sl.config, cfg(1)).unwrap();
     sl.signal("HUP");
     sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
     let new: Vec<TcpStream> = (0..2).map(|_| connect(addr(port))).collect();
-    wait_metrics(aport, "4 waiting", |m| waiting(m, "r") == 4.0);
+    scrape_until(addr(aport), "4 waiting", |m| waiting(m, "r") == 4.0);
     // One slot frees: 1 open. An old client (limit 2) may take it, a new
     // one (limit 1) may not.
     holders.pop();
-    let m = wait_metrics(aport, "3 waiting", |m| waiting(m, "r") == 3.0);
+    let m = scrape_until(addr(aport), "3 waiting", |m| waiting(m, "r") == 3.0);
     assert_eq!(
         bget(&m, "r", "sluice_backend_connections_active", b.backend.addr),
         2.0
@@ -517,7 +523,7 @@ fn clients_waiting_across_a_reload_keep_the_limit_they_came_under() {
     }
     assert_eq!(b.backend.accepted(), 6);
     assert!(b.most.load(Ordering::SeqCst) <= 2, "never above the limit");
-    let m = wait_metrics(aport, "nobody waiting", |m| waiting(m, "r") == 0.0);
+    let m = scrape_until(addr(aport), "nobody waiting", |m| waiting(m, "r") == 0.0);
     assert_eq!(
         m.get(
             "sluice_route_connections_ended_total",
@@ -563,12 +569,12 @@ fn without_checks_waiting_clients_retry_a_downed_backend_when_due() {
     let (port, aport) = (free_port(), free_port());
     // No [route.health]: passive marking only (3 failed connects make a
     // backend DOWN; one client may retry it each 2 s interval).
-    let toml = format!(
-        "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
-         [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nqueue_timeout = \"20s\"\n\
-         backends = [{{ address = \"{}\", max_connections = 1 }}, \"{late}\"]\n",
+    let route = format!(
+        "queue_timeout = \"20s\"\n\
+         backends = [{{ address = \"{}\", max_connections = 1 }}, \"{late}\"]",
         a.backend.addr
     );
+    let toml = config(1, aport, port, &route);
     let mut sl = Sluice::start("limits-passive", &toml);
     let mut holder = connect(addr(port));
     assert_eq!(read_line(&mut holder), "a");
@@ -576,7 +582,7 @@ fn without_checks_waiting_clients_retry_a_downed_backend_when_due() {
     // DOWN and they wait.
     let mut waiters: Vec<TcpStream> = (0..3).map(|_| connect(addr(port))).collect();
     sl.wait_log("is DOWN after 3 failed connects", Duration::from_secs(10));
-    wait_metrics(aport, "3 waiting", |m| waiting(m, "r") == 3.0);
+    scrape_until(addr(aport), "3 waiting", |m| waiting(m, "r") == 3.0);
     // It comes back. Nothing ends on `a` and no new client arrives: only a
     // waiting client's own retry can find out.
     let l = std::net::TcpListener::bind(late).expect("rebind the late backend's port");

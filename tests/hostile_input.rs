@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::admin::{self, Metrics, scrape};
+use common::admin::{self, Metrics, scrape, scrape_until};
 use common::*;
 
 const DEFAULT_SEED: u64 = 0x5EED_4057_11E5_0001;
@@ -1660,24 +1660,6 @@ fn alive(pid: u32) -> bool {
 
 fn route_sum(m: &Metrics, name: &str, route: &str) -> f64 {
     m.sum(name, &[("route", route)])
-}
-
-/// Scrape until `f` holds (counters of a closing connection land a moment
-/// after the client saw the close).
-fn scrape_until(a: SocketAddr, what: &str, f: impl Fn(&Metrics) -> bool) -> Metrics {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = scrape(a);
-        if f(&m) {
-            return m;
-        }
-        assert!(
-            Instant::now() < end,
-            "metrics never showed {what}:\n{}",
-            m.text
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// No connection open, and every one accepted has ended, on both routes.

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::admin::{Metrics, scrape};
+use common::admin::{Metrics, scrape, scrape_until};
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -79,20 +79,6 @@ fn wait_route(sl: &Sluice, route: &str, n: usize) -> Vec<HashMap<String, String>
     }
 }
 
-/// Scrape until `f` holds (counters of a closing connection land a moment
-/// after the client sees the close); returns that scrape.
-fn scrape_until(aport: u16, what: &str, f: impl Fn(&Metrics) -> bool) -> Metrics {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = scrape(addr(aport));
-        if f(&m) {
-            return m;
-        }
-        assert!(Instant::now() < end, "metrics never showed {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Connect to `a` and see sluice close the connection without a byte (a
 /// client refused at once may see its connect itself fail with a reset).
 fn assert_refused(a: SocketAddr, what: &str) {
@@ -142,7 +128,7 @@ fn refused_connections_are_counted_by_cause() {
     for i in 0..4 {
         assert_refused(addr(dp), &format!("denied {i}"));
     }
-    let m = scrape_until(aport, "4 denied", |m| {
+    let m = scrape_until(addr(aport), "4 denied", |m| {
         route_metric(m, "sluice_route_connections_denied_total", "deny") >= 4.0
     });
     let limited = |r| route_metric(&m, "sluice_route_connections_limited_total", r);
@@ -450,7 +436,7 @@ fn proxy_header_errors_and_http_classes() {
 
     wait_route(&sl, "h", 8);
     wait_route(&sl, "pp", 1);
-    let m = scrape_until(aport, "2 header errors", |m| {
+    let m = scrape_until(addr(aport), "2 header errors", |m| {
         route_metric(m, "sluice_route_proxy_header_errors_total", "pp") >= 2.0
     });
     assert_eq!(

@@ -79,6 +79,25 @@ pub fn scrape(addr: SocketAddr) -> Metrics {
     parse_metrics(&r.body)
 }
 
+/// Scrape until `f` holds (counters of a closing connection land a moment
+/// after the client sees the close), failing after 10 s with the last
+/// scrape; returns the scrape that held.
+pub fn scrape_until(addr: SocketAddr, what: &str, f: impl Fn(&Metrics) -> bool) -> Metrics {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(addr);
+        if f(&m) {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "metrics never showed {what}:\n{}",
+            m.text
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn valid_name(n: &str) -> bool {
     let mut ch = n.chars();
     matches!(ch.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
