@@ -259,6 +259,9 @@ pub struct ProxyConn {
     connect_began: Option<Instant>,
     connected_at: Option<Instant>,
     retries: u32,
+    /// When the current connect attempt started: its backend's
+    /// `connect_time` histogram.
+    attempt_began: Instant,
 }
 
 impl ProxyConn {
@@ -307,6 +310,7 @@ impl ProxyConn {
             wait_began: None,
             connect_began: None,
             connected_at: None,
+            attempt_began: acc.since,
             retries: 0,
             route,
         };
@@ -397,6 +401,7 @@ impl ProxyConn {
                     }
                     self.stop_waiting(ctx.now);
                     self.connect_began.get_or_insert(ctx.now);
+                    self.attempt_began = ctx.now;
                     if let Some(t) = self.route.cfg.tcp_keepalive {
                         let ka = socket2::TcpKeepalive::new().with_time(t);
                         if let Err(e) = socket2::SockRef::from(&s).set_tcp_keepalive(&ka) {
@@ -497,6 +502,14 @@ impl ProxyConn {
         (self.queued + current).as_millis()
     }
 
+    /// Count the whole wait for a slot into the route's histogram, once
+    /// the wait is over for good, if the client waited at all.
+    fn observe_queue(&self, c: &Counters) {
+        if self.wait_until.is_some() {
+            c.queued.observe(self.queued);
+        }
+    }
+
     /// Waiting for a backend slot.
     pub fn is_waiting(&self) -> bool {
         self.wait_began.is_some()
@@ -576,7 +589,10 @@ impl ProxyConn {
                         if crate::health::passive_success(&self.route, i) {
                             self.slot_news(ctx);
                         }
-                        self.route.backends[i].total.fetch_add(1, Ordering::Relaxed);
+                        let b = &self.route.backends[i];
+                        b.total.fetch_add(1, Ordering::Relaxed);
+                        b.connect_time
+                            .observe(ctx.now.saturating_duration_since(self.attempt_began));
                     }
                     self.deadline = ctx.now + self.route.cfg.idle_timeout;
                     self.preload(ctx);
@@ -963,7 +979,9 @@ impl ProxyConn {
             self.give_back(i, ctx);
         }
         self.stop_waiting(ctx.now);
-        Counters::inc(&self.route.shared.stats.slot(ctx.worker).no_backend);
+        let c = self.route.shared.stats.slot(ctx.worker);
+        Counters::inc(&c.no_backend);
+        self.observe_queue(c);
         if let Some(e) = &self.last_err {
             log::info!(
                 "route {}: no backend for {} (last error: {e}): sending the fallback file",
@@ -1009,7 +1027,11 @@ impl ProxyConn {
         if matches!(end, End::ConnectFailed | End::NoBackend | End::QueueTimeout) {
             Counters::inc(&c.no_backend);
         }
-        Counters::inc(&c.ends[end as usize]);
+        c.ended(
+            end as usize,
+            ctx.now.saturating_duration_since(self.started),
+        );
+        self.observe_queue(c);
         // The access line costs some formatting: only when it is wanted.
         if log::log_enabled!(target: "access", log::Level::Info) {
             let backend = match self.bidx {

@@ -120,6 +120,8 @@ pub struct FileConn {
     /// The client shut its write side.
     eof: bool,
     yielded: bool,
+    /// When the client was accepted (by the proxy, for a fallback file).
+    since: Instant,
     /// When the current timer (header, idle, linger) fires.
     pub deadline: Instant,
 }
@@ -137,6 +139,7 @@ impl FileConn {
             peer,
             ready,
             early,
+            since,
             ..
         } = acc;
         let shared = route.clone();
@@ -150,7 +153,7 @@ impl FileConn {
             pipe_size: f.pipe_size,
             buffer_size: f.buffer_size,
         };
-        let mut c = FileConn::new(route, sock, peer, proto, params, f.send_chunk, ctx);
+        let mut c = FileConn::new(route, sock, peer, proto, params, f.send_chunk, since);
         let deadline = match c.proto {
             Proto::Http => ctx.now + c.route.cfg.header_timeout,
             _ => ctx.now + c.route.cfg.idle_timeout,
@@ -200,7 +203,7 @@ impl FileConn {
             buffer_size: p.buffer_size,
         };
         let proto = Proto::Fallback(end, h.queue_ms);
-        let mut c = FileConn::new(route, sock, peer, proto, params, FALLBACK_CHUNK, ctx);
+        let mut c = FileConn::new(route, sock, peer, proto, params, FALLBACK_CHUNK, h.since);
         c.deadline = ctx.now + c.route.cfg.idle_timeout;
         if !watch_client(ctx, &shared, &mut c.sock, peer, key, true) {
             return (c, Some(End::ClientError));
@@ -230,7 +233,7 @@ impl FileConn {
         proto: Proto,
         params: BodyParams,
         send_chunk: usize,
-        ctx: &Ctx,
+        since: Instant,
     ) -> FileConn {
         // TCP_NODELAY came with the socket: the listener has it.
         FileConn {
@@ -249,7 +252,9 @@ impl FileConn {
             cut_short: false,
             eof: false,
             yielded: false,
-            deadline: ctx.now,
+            since,
+            // Each caller sets the first timer.
+            deadline: since,
         }
     }
 
@@ -653,7 +658,7 @@ impl FileConn {
             Proto::Fallback(why, _) => why,
             _ => end,
         };
-        Counters::inc(&c.ends[end as usize]);
+        c.ended(end as usize, ctx.now.saturating_duration_since(self.since));
     }
 
     /// One access-log line for a response, and its counters.

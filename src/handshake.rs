@@ -268,7 +268,7 @@ impl Handshake {
                 self.why.as_deref().unwrap_or("bad PROXY header")
             );
         }
-        Counters::inc(&c.ends[end as usize]);
+        c.ended(end as usize, ctx.now.saturating_duration_since(self.since));
         let why = match self.why.as_deref() {
             Some(w) if !w.is_empty() => format!(" error=\"{w}\""),
             _ => String::new(),

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 
 use crate::config::{self, Balance, RouteKind};
-use crate::stats::Stats;
+use crate::stats::{Histogram, Stats};
 
 /// Live state of one backend, shared by all workers.
 pub struct BackendRt {
@@ -43,6 +43,8 @@ pub struct BackendRt {
     /// Active health checks that passed and that failed, ever.
     pub checks_ok: AtomicU64,
     pub checks_failed: AtomicU64,
+    /// How long successful connects to it took (one attempt each).
+    pub connect_time: Histogram,
 }
 
 impl BackendRt {
@@ -60,6 +62,7 @@ impl BackendRt {
             down_at: AtomicU64::new(0),
             checks_ok: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
+            connect_time: Histogram::default(),
         }
     }
 

@@ -623,7 +623,7 @@ impl Worker {
             End::Denied => Counters::inc(&c.denied),
             _ => Counters::inc(&c.limited),
         }
-        Counters::inc(&c.ends[end as usize]);
+        c.ended(end as usize, now.saturating_duration_since(acc.since));
         let via = acc.via.map(|v| format!(" via={v}")).unwrap_or_default();
         log::info!(
             target: "access",

@@ -184,7 +184,7 @@ fn a_client_that_waits_past_queue_timeout_is_turned_away() {
         route(
             "fb",
             fb_port,
-            "queue_timeout = 0\nfallback_file = \"busy.http\""
+            "queue_timeout = \"200ms\"\nfallback_file = \"busy.http\""
         ),
     );
     let sl = Sluice::start_in(dir, &toml, &[]);
@@ -226,11 +226,9 @@ fn a_client_that_waits_past_queue_timeout_is_turned_away() {
         .iter()
         .find(|l| l.get("route").map(String::as_str) == Some("fb"))
         .unwrap();
-    assert_eq!(
-        (fb["reason"].as_str(), fb["queue_ms"].as_str()),
-        ("queue_timeout", "0"),
-        "{fb:?}"
-    );
+    assert_eq!(fb["reason"], "queue_timeout", "{fb:?}");
+    let fb_waited: u64 = fb["queue_ms"].parse().unwrap();
+    assert!(fb_waited >= 200, "{fb:?}");
     // The fallback session counts why no backend served once it ends.
     let m = scrape_until(addr(aport), "fb ended", |m| {
         m.get(
@@ -254,6 +252,31 @@ fn a_client_that_waits_past_queue_timeout_is_turned_away() {
         );
         assert_eq!(waiting(&m, r), 0.0);
     }
+    // The queue histogram: the clients that waited, each once, and not
+    // under their queue_timeout; "now" turned its client away unwaited.
+    let q = |r: &str, what: &str| {
+        m.get(
+            &format!("sluice_route_queue_seconds{what}"),
+            &[("route", r)],
+        )
+    };
+    let le = |r: &str, le: &str| {
+        m.get(
+            "sluice_route_queue_seconds_bucket",
+            &[("route", r), ("le", le)],
+        )
+    };
+    assert_eq!(
+        [q("wait", "_count"), q("now", "_count"), q("fb", "_count")],
+        [1.0, 0.0, 1.0]
+    );
+    assert_eq!([le("wait", "0.25"), le("wait", "2.5")], [0.0, 1.0]);
+    assert_eq!([le("fb", "0.1"), le("fb", "+Inf")], [0.0, 1.0]);
+    assert!(
+        q("wait", "_sum") >= 0.3 && q("fb", "_sum") >= 0.2,
+        "{}",
+        m.text
+    );
     assert_eq!(b.backend.accepted(), 3, "nobody got past a full backend");
     drop(holders);
 }

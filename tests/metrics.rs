@@ -489,3 +489,81 @@ fn server_errors_are_counted_as_5xx() {
     };
     assert_eq!([class("2xx"), class("4xx"), class("5xx")], [0.0, 0.0, 2.0]);
 }
+
+/// The latency histograms against what the test made happen: a client
+/// that waited at least 300 ms for the only slot of a backend, the
+/// lifetimes of three clients (two of which lived at least 300 ms), one
+/// timed connect per served client and none for a refused connect.
+#[test]
+fn connect_queue_and_lifetime_histograms() {
+    let echo = Backend::named("echo");
+    let dead = free_port(); // nothing listens: connects are refused
+    let (hp, fp, aport) = (free_port(), free_port(), free_port());
+    let routes = route(
+        "h",
+        hp,
+        &format!(
+            "backends = [{{ address = \"{}\", max_connections = 1 }}]\nqueue_timeout = \"10s\"",
+            echo.addr
+        ),
+    ) + &route("f", fp, &format!("backends = \"127.0.0.1:{dead}\""));
+    let sl = start("metrics-histograms", &config("", aport, &routes), |_| {});
+
+    // A holds the slot for 300 ms while B waits for it; C comes after.
+    let mut a = connect(addr(hp));
+    assert_eq!(read_line(&mut a), "echo");
+    let mut b = connect(addr(hp));
+    scrape_until(addr(aport), "B waiting", |m| {
+        m.get("sluice_route_connections_waiting", &[("route", "h")]) == 1.0
+    });
+    thread::sleep(Duration::from_millis(300));
+    drop(a);
+    assert_eq!(read_line(&mut b), "echo");
+    drop(b);
+    // C comes once B's slot is free, so it does not wait.
+    wait_route(&sl, "h", 2);
+    let mut c = connect(addr(hp));
+    assert_eq!(read_line(&mut c), "echo");
+    drop(c);
+    // D is refused by the dead backend.
+    let mut d = connect(addr(fp));
+    assert_closed(&mut d, "client of a dead backend");
+    wait_route(&sl, "h", 3);
+    wait_route(&sl, "f", 1);
+
+    let m = scrape(addr(aport));
+    let h = |name: &str, labels: &[(&str, &str)]| m.get(name, labels);
+    let le = |name: &str, route: &str, le: &str| {
+        h(&format!("{name}_bucket"), &[("route", route), ("le", le)])
+    };
+
+    // Lifetimes: A and B lived 300 ms or more, C did not have to.
+    let life = "sluice_route_connection_duration_seconds";
+    assert_eq!(h(&format!("{life}_count"), &[("route", "h")]), 3.0);
+    assert!(le(life, "h", "0.25") <= 1.0, "{}", m.text);
+    assert!(h(&format!("{life}_sum"), &[("route", "h")]) >= 0.6);
+    assert_eq!(h(&format!("{life}_count"), &[("route", "f")]), 1.0);
+
+    // Queue: only B waited, 300 ms or more.
+    let q = "sluice_route_queue_seconds";
+    assert_eq!(h(&format!("{q}_count"), &[("route", "h")]), 1.0);
+    assert_eq!(le(q, "h", "0.25"), 0.0);
+    assert_eq!(le(q, "h", "10"), 1.0);
+    let waited = h(&format!("{q}_sum"), &[("route", "h")]);
+    assert!((0.3..10.0).contains(&waited), "queue sum {waited}");
+    assert_eq!(h(&format!("{q}_count"), &[("route", "f")]), 0.0);
+
+    // Connects: three timed to the echo backend, none to the dead one,
+    // whose failure is counted where failures are.
+    let (ea, da) = (echo.addr.to_string(), format!("127.0.0.1:{dead}"));
+    fn backend<'a>(route: &'a str, a: &'a str) -> Vec<(&'a str, &'a str)> {
+        vec![("route", route), ("backend", a), ("address", a)]
+    }
+    let cs = "sluice_backend_connect_seconds";
+    assert_eq!(h(&format!("{cs}_count"), &backend("h", &ea)), 3.0);
+    assert_eq!(h(&format!("{cs}_count"), &backend("f", &da)), 0.0);
+    assert!(h("sluice_backend_connect_failures_total", &backend("f", &da)) >= 1.0);
+    let mut l = backend("h", &ea);
+    l.push(("le", "+Inf"));
+    assert_eq!(h(&format!("{cs}_bucket"), &l), 3.0);
+}

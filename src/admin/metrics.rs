@@ -14,7 +14,7 @@ use std::time::UNIX_EPOCH;
 use super::View;
 use crate::conn::End;
 use crate::route::{BackendRt, RouteRt};
-use crate::stats::Counters;
+use crate::stats::{BUCKET_LABELS, Counters, Snapshot};
 
 /// Builds the exposition text one family at a time.
 struct Out(String);
@@ -38,6 +38,23 @@ impl Out {
             self.0.push('}');
         }
         let _ = writeln!(self.0, " {value}");
+    }
+
+    /// The `_bucket` (cumulative, `le` in seconds), `_sum` and `_count`
+    /// samples of one histogram.
+    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &Snapshot) {
+        let bucket = format!("{name}_bucket");
+        let mut seen = 0;
+        let les = BUCKET_LABELS.iter().copied().chain(std::iter::once("+Inf"));
+        for (n, le) in h.counts.iter().zip(les) {
+            seen += n;
+            let mut l = labels.to_vec();
+            l.push(("le", le));
+            self.sample(&bucket, &l, seen);
+        }
+        let sum = h.sum_us as f64 / 1e6;
+        self.sample(&format!("{name}_sum"), labels, format!("{sum:.6}"));
+        self.sample(&format!("{name}_count"), labels, seen);
     }
 }
 
@@ -206,6 +223,26 @@ pub fn render(v: &View) -> String {
                 n,
             );
         }
+    }
+    let name = "sluice_route_connection_duration_seconds";
+    o.family(
+        name,
+        "histogram",
+        "How long client connections lived, from accept to close, whatever their end.",
+    );
+    for r in routes {
+        let h = r.shared.stats.histogram(|c| &c.lifetime);
+        o.histogram(name, &[("route", &r.cfg.name)], &h);
+    }
+    let name = "sluice_route_queue_seconds";
+    o.family(
+        name,
+        "histogram",
+        "How long clients that had to wait for a backend below its max_connections waited in all (clients that never waited are not counted).",
+    );
+    for r in routes.iter().filter(|r| r.proxy().is_some()) {
+        let h = r.shared.stats.histogram(|c| &c.queued);
+        o.histogram(name, &[("route", &r.cfg.name)], &h);
     }
     backends(&mut o, routes);
     o.0
@@ -388,6 +425,26 @@ fn backends(o: &mut Out, routes: &[std::sync::Arc<RouteRt>]) {
                 f(b, c),
             );
         }
+    }
+    let name = "sluice_backend_connect_seconds";
+    o.family(
+        name,
+        "histogram",
+        "How long successful connects to the backend took, one attempt each.",
+    );
+    for (r, b, _) in each() {
+        let addr = b.addr.to_string();
+        let mut h = Snapshot::default();
+        b.connect_time.add_to(&mut h);
+        o.histogram(
+            name,
+            &[
+                ("route", &r.cfg.name),
+                ("backend", &b.name),
+                ("address", &addr),
+            ],
+            &h,
+        );
     }
     let name = "sluice_backend_health_checks_total";
     o.family(

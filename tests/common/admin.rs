@@ -61,10 +61,13 @@ pub fn parse_response(buf: &[u8]) -> Response {
 }
 
 /// One scrape of `/metrics`, parsed and checked.
+/// A sample's name and labels.
+type Key = (String, BTreeMap<String, String>);
+
 #[derive(Debug)]
 pub struct Metrics {
     /// (name, labels) → value.
-    pub samples: HashMap<(String, BTreeMap<String, String>), f64>,
+    pub samples: HashMap<Key, f64>,
     pub types: HashMap<String, String>,
     pub text: String,
 }
@@ -164,23 +167,79 @@ pub fn parse_metrics(text: &str) -> Metrics {
         }
         assert!(!line.starts_with('#'), "line {no}: bad comment {line:?}");
         let (name, labels, value) = parse_sample(line, no);
+        // A histogram's samples are its name plus _bucket, _sum, _count.
+        let family = match current.as_deref() {
+            Some(f) if types.get(f).map(String::as_str) == Some("histogram") => {
+                let suffix = name.strip_prefix(f).unwrap_or("");
+                assert!(
+                    ["_bucket", "_sum", "_count"].contains(&suffix),
+                    "line {no}: {name} is not a sample of histogram {f}"
+                );
+                assert_eq!(
+                    suffix == "_bucket",
+                    labels.contains_key("le"),
+                    "line {no}: `le` belongs on buckets and only there"
+                );
+                f.to_string()
+            }
+            _ => name.clone(),
+        };
         assert_eq!(
             current.as_deref(),
-            Some(name.as_str()),
+            Some(family.as_str()),
             "line {no}: sample of {name} outside its family"
         );
-        assert!(types.contains_key(&name), "line {no}: {name} has no TYPE");
-        assert!(helps.contains(&name), "line {no}: {name} has no HELP");
+        assert!(types.contains_key(&family), "line {no}: {name} has no TYPE");
+        assert!(helps.contains(&family), "line {no}: {name} has no HELP");
         let prev = samples.insert((name.clone(), labels.clone()), value);
         assert!(
             prev.is_none(),
             "line {no}: duplicate sample {name}{labels:?}"
         );
     }
+    check_histograms(&samples, &types);
     Metrics {
         samples,
         types,
         text: text.to_string(),
+    }
+}
+
+/// Every histogram series: buckets cumulative in `le` order, ending at
+/// `+Inf`, which equals `_count`; `_sum` present and not negative.
+fn check_histograms(samples: &HashMap<Key, f64>, types: &HashMap<String, String>) {
+    for (family, _) in types.iter().filter(|(_, t)| *t == "histogram") {
+        let count = format!("{family}_count");
+        for ((n, labels), total) in samples.iter().filter(|((n, _), _)| *n == count) {
+            let mut buckets: Vec<(f64, f64)> = samples
+                .iter()
+                .filter(|((bn, bl), _)| {
+                    *bn == format!("{family}_bucket")
+                        && bl.len() == labels.len() + 1
+                        && labels.iter().all(|(k, v)| bl.get(k) == Some(v))
+                })
+                .map(|((_, bl), v)| {
+                    let le = match bl["le"].as_str() {
+                        "+Inf" => f64::INFINITY,
+                        le => le.parse().expect("numeric le"),
+                    };
+                    (le, *v)
+                })
+                .collect();
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            assert!(!buckets.is_empty(), "{n}{labels:?}: no buckets");
+            assert!(
+                buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+                "{family}{labels:?}: buckets not cumulative: {buckets:?}"
+            );
+            let last = buckets.last().unwrap();
+            assert!(last.0.is_infinite(), "{family}{labels:?}: no +Inf bucket");
+            assert_eq!(last.1, *total, "{family}{labels:?}: +Inf bucket != _count");
+            let sum = samples
+                .get(&(format!("{family}_sum"), labels.clone()))
+                .unwrap_or_else(|| panic!("{family}{labels:?}: no _sum"));
+            assert!(*sum >= 0.0, "{family}{labels:?}: negative _sum");
+        }
     }
 }
 
