@@ -72,6 +72,9 @@ pub enum End {
     /// Every backend that was up stayed at its `max_connections` for the
     /// route's whole `queue_timeout`.
     QueueTimeout = 13,
+    /// File routes: a response was cut short (the file shrank, its lease
+    /// was broken, a raw file could not be opened); the client is reset.
+    Truncated = 14,
 }
 
 impl End {
@@ -90,6 +93,7 @@ impl End {
         End::Denied,
         End::BadProxyHeader,
         End::QueueTimeout,
+        End::Truncated,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -108,6 +112,7 @@ impl End {
             End::Denied => "denied",
             End::BadProxyHeader => "bad_proxy_header",
             End::QueueTimeout => "queue_timeout",
+            End::Truncated => "truncated",
         }
     }
 }

@@ -170,10 +170,9 @@ impl FileConn {
             // Nothing was ever sent on it: its send buffer has room (a
             // send that finds otherwise waits for the next edge).
             c.ready.write = true;
-            if !early.is_empty() {
-                c.inbuf = early;
-                c.in_request = true;
-            }
+            c.inbuf = early;
+            c.skip_blank_lines();
+            c.in_request = !c.inbuf.is_empty();
             c.yielded = true;
         } else if !watch_client(ctx, &shared, &mut c.sock, peer, key, false) {
             return (c, Some(End::ClientError));
@@ -356,17 +355,19 @@ impl FileConn {
             self.route.cfg.name,
             self.peer
         );
-        self.cut("lease_break", ctx);
-        self.drive(ctx)
+        Some(self.cut("lease_break", ctx))
     }
 
-    /// End the current response early and close the connection.
-    fn cut(&mut self, why: &'static str, ctx: &mut Ctx) {
+    /// End the current response early: log it, and close the connection
+    /// at once with a reset. A FIN would make a short body look whole to
+    /// a client that has no length to check it against (a raw route, a
+    /// fallback file, an HTTP/1.0 client ignoring Content-Length).
+    fn cut(&mut self, why: &'static str, ctx: &mut Ctx) -> End {
         if let Some(r) = self.resp.take() {
             self.log_resp(r, why, ctx);
-            self.cut_short = true;
         }
-        self.start_linger(ctx);
+        self.cut_short = true;
+        End::Truncated
     }
 
     fn start_linger(&mut self, ctx: &mut Ctx) {
@@ -393,6 +394,7 @@ impl FileConn {
                         let keep = r.keep_alive;
                         self.log_resp(r, "ok", ctx);
                         responses += 1;
+                        self.skip_blank_lines();
                         if !keep || self.draining {
                             self.start_linger(ctx);
                         } else if self.inbuf.is_empty() {
@@ -409,10 +411,7 @@ impl FileConn {
                         self.yielded = true;
                         return None;
                     }
-                    Step::Cut(why) => {
-                        self.cut(why, ctx);
-                        continue;
-                    }
+                    Step::Cut(why) => return Some(self.cut(why, ctx)),
                     Step::Failed(end) => {
                         if let Some(r) = self.resp.take() {
                             self.log_resp(r, end.as_str(), ctx);
@@ -477,7 +476,8 @@ impl FileConn {
                 }
                 self.inbuf.extend_from_slice(&tmp[..n]);
                 Counters::add(&self.route.shared.stats.slot(ctx.worker).bytes_in, n as u64);
-                if !self.in_request {
+                self.skip_blank_lines();
+                if !self.in_request && !self.inbuf.is_empty() {
                     self.in_request = true;
                     self.deadline = ctx.now + self.route.cfg.header_timeout;
                 }
@@ -487,6 +487,18 @@ impl FileConn {
             Err(e) => return Err(client_end(&e)),
         }
         Ok(())
+    }
+
+    /// Drop empty lines before a request line: RFC 9112 §2.2 has servers
+    /// ignore them (some clients send a CRLF after a request's body). They
+    /// neither start a request's header_timeout nor refresh a timer.
+    fn skip_blank_lines(&mut self) {
+        let blank = self
+            .inbuf
+            .iter()
+            .take_while(|&&b| b == b'\r' || b == b'\n')
+            .count();
+        self.inbuf.drain(..blank);
     }
 
     /// Read and discard until the client's FIN.
@@ -645,12 +657,12 @@ impl FileConn {
         // in the socket's send buffer, not that the client has read it,
         // and a reset would discard what a slow reader has yet to get. The
         // FIN is queued behind those bytes already; the kernel finishes.
-        let busy = self.resp.is_some() || (self.in_request && !self.lingering) || self.cut_short;
+        let busy = self.resp.is_some() || (self.in_request && !self.lingering);
         if let Some(r) = self.resp.take() {
             self.log_resp(r, end.as_str(), ctx);
         }
         // Closing the socket's only descriptor takes it out of the poll.
-        if busy && (end == End::IdleTimeout || end == End::Shutdown) {
+        if self.cut_short || (busy && (end == End::IdleTimeout || end == End::Shutdown)) {
             let _ = socket2::SockRef::from(&self.sock).set_linger(Some(Duration::ZERO));
         }
         let c = self.route.shared.stats.slot(ctx.worker);

@@ -141,7 +141,7 @@ pub struct Counters {
 }
 
 /// Number of distinct `conn::End` reasons.
-pub const END_KINDS: usize = 14;
+pub const END_KINDS: usize = 15;
 
 impl Counters {
     pub fn add(c: &AtomicU64, n: u64) {

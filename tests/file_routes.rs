@@ -363,6 +363,39 @@ fn head_conditionals_and_keep_alive() {
     );
     assert_eq!(h.status, 200);
 
+    // 412 by If-Match (strong comparison) and If-Unmodified-Since; a
+    // matching If-Match serves, and decides alone over the date.
+    let pre = |hdr: String| {
+        http(
+            addr(p),
+            &format!(
+                "GET /a.txt HTTP/1.1\r\nHost: t\r\nRange: bytes=0-3\r\n{hdr}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+    };
+    let old_date = "Sun, 06 Nov 1994 08:49:37 GMT";
+    for hdr in [
+        "If-Match: \"nope\"".to_string(),
+        format!("If-Match: W/{etag}"),
+        format!("If-Unmodified-Since: {old_date}"),
+    ] {
+        let (h, body) = pre(hdr.clone());
+        assert_eq!(
+            (h.line.as_str(), body.len()),
+            ("HTTP/1.1 412 Precondition Failed", 0),
+            "{hdr}"
+        );
+    }
+    for hdr in [
+        format!("If-Match: \"x\", {etag}"),
+        "If-Match: *".to_string(),
+        format!("If-Unmodified-Since: {lm}"),
+        format!("If-Match: {etag}\r\nIf-Unmodified-Since: {old_date}"),
+    ] {
+        let (h, body) = pre(hdr.clone());
+        assert_eq!((h.status, body.as_slice()), (206, &b"hell"[..]), "{hdr}");
+    }
+
     // HTTP/1.0: closes unless asked; keep-alive when asked.
     let mut c = connect(addr(p));
     c.write_all(b"GET /a.txt HTTP/1.0\r\n\r\n").unwrap();
@@ -379,10 +412,18 @@ fn head_conditionals_and_keep_alive() {
     c.write_all(b"HEAD /a.txt HTTP/1.0\r\n\r\n").unwrap();
     assert_eq!(read_head(&mut r).unwrap().status, 200);
     assert!(read_to_close(&mut r).is_empty());
+    // `close` wins over `keep-alive`, in whatever order they come.
+    let mut c = connect(addr(p));
+    c.write_all(b"GET /a.txt HTTP/1.0\r\nConnection: close, keep-alive\r\n\r\n")
+        .unwrap();
+    let all = String::from_utf8_lossy(&read_to_close(&mut c)).into_owned();
+    assert!(all.starts_with("HTTP/1.0 200 OK\r\n"), "{all}");
+    assert!(!all.contains("keep-alive"), "{all}");
 
-    let a = sl.wait_access(12, Duration::from_secs(10));
+    let a = sl.wait_access(20, Duration::from_secs(10));
     let statuses: Vec<&str> = a.iter().map(|l| l["status"].as_str()).collect();
     assert_eq!(statuses.iter().filter(|s| **s == "304").count(), 2);
+    assert_eq!(statuses.iter().filter(|s| **s == "412").count(), 3);
     assert!(
         a.iter()
             .any(|l| l["method"] == "HEAD" && l["body_bytes"] == "0")
@@ -449,6 +490,28 @@ fn bad_requests_get_their_status() {
         "{out}"
     );
 
+    // A Content-Length whose value is not UTF-8 is a bad request: were
+    // it skipped, the body would be answered as a second request.
+    let out = exchange_raw(
+        a,
+        b"GET /a.txt HTTP/1.1\r\nHost: t\r\nContent-Length: 37\xff\r\n\r\nGET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1").count(), 1, "{out}");
+
+    // Empty lines around requests are ignored (RFC 9112 §2.2): no 408
+    // for a stray CRLF after a request, which idles like any other
+    // keep-alive connection until idle_timeout closes it with a FIN.
+    let mut c = connect(a);
+    c.write_all(b"\r\nGET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(c);
+    let h = read_head(&mut r).unwrap();
+    assert_eq!(h.status, 200);
+    assert_eq!(read_body(&mut r, h.content_length()), b"A");
+    let (rest, how) = read_to_end_how(&mut r);
+    assert_eq!((String::from_utf8_lossy(&rest), how), ("".into(), None));
+
     // Half a request head, then silence: 408 and close.
     let mut c = connect(a);
     c.write_all(b"GET /a.txt HTTP/1.1\r\nHost: t\r\n").unwrap();
@@ -471,7 +534,7 @@ fn bad_requests_get_their_status() {
     let mut c = connect(a);
     assert!(read_to_close(&mut c).is_empty());
 
-    let lines = sl.wait_access(8, Duration::from_secs(10));
+    let lines = sl.wait_access(10, Duration::from_secs(10));
     let st: Vec<&str> = lines.iter().map(|l| l["status"].as_str()).collect();
     for want in ["405", "200", "400", "414", "431", "408"] {
         assert!(st.contains(&want), "{want} not logged: {st:?}");
@@ -635,12 +698,18 @@ fn truncate_once(sl: &Sluice, p: u16, big: &Path) -> HashMap<String, String> {
             f.write_all(&new).unwrap();
         })
     };
-    let rest = read_to_close(&mut r);
+    let (rest, how) = read_to_end_how(&mut r);
     writer.join().unwrap();
     let got = 100_000 + rest.len() as u64;
     assert!(
         got < total,
         "the whole file arrived ({got} bytes) although it was truncated"
+    );
+    // Cut short: a reset, never a FIN that could pass for the end.
+    assert_eq!(
+        how,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "{got} bytes"
     );
     // What arrived is exactly the start of the original file: no byte of
     // the new content, no zeroes from a truncated page.
@@ -863,6 +932,74 @@ fn raw_route_ignores_input_and_curl_downloads() {
     } else {
         eprintln!("curl not installed: skipping the curl download");
     }
+}
+
+/// A raw route has no length to check a download against: a file that
+/// shrinks under a slow client must reach it as a reset, not an EOF that
+/// looks like the end of the file. So must a raw file that cannot be
+/// opened, which would otherwise look like an empty file.
+#[test]
+fn raw_route_cut_short_resets_the_client() {
+    let dir = temp_dir("files-raw-cut");
+    let big = dir.join("big.bin");
+    let total = 64 * MIB;
+    gen_file(&big, 5, total);
+    let (p, gone) = (free_port(), free_port());
+    let routes = route("raw", p, "file = \"big.bin\"\nprotocol = \"raw\"")
+        + &route("gone", gone, "file = \"gone.bin\"\nprotocol = \"raw\"");
+    std::fs::write(dir.join("gone.bin"), b"soon gone").unwrap();
+    let sl = start("files-raw-cut", dir.clone(), &routes);
+    std::fs::remove_file(dir.join("gone.bin")).unwrap();
+
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(64 * 1024).unwrap();
+    s.connect_timeout(&addr(p).into(), Duration::from_secs(5))
+        .unwrap();
+    let mut c: std::net::TcpStream = s.into();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut first = vec![0u8; 100_000];
+    c.read_exact(&mut first).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&big)
+        .unwrap();
+    let (rest, how) = read_to_end_how(&mut c);
+    let got = (first.len() + rest.len()) as u64;
+    assert!(
+        got < total,
+        "all {got} bytes arrived despite the truncation"
+    );
+    assert_eq!(
+        digest_of(&[first, rest].concat()),
+        send_data(&mut std::io::sink(), 5, got)
+    );
+    assert_eq!(
+        how,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "{got} bytes"
+    );
+    let a = wait_route(&sl, "raw", 1);
+    assert_eq!(a[0]["end"], "truncated", "{a:?}");
+
+    // The reset may come so soon that the connect itself reports it.
+    match std::net::TcpStream::connect_timeout(&addr(gone), Duration::from_secs(5)) {
+        Ok(mut c) => {
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let (got, how) = read_to_end_how(&mut c);
+            assert!(got.is_empty(), "{got:?}");
+            assert_eq!(how, Some(std::io::ErrorKind::ConnectionReset));
+        }
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ),
+            "{e}"
+        ),
+    }
+    let a = wait_route(&sl, "gone", 1);
+    assert_eq!(a[0]["end"], "open_failed", "{a:?}");
 }
 
 #[test]

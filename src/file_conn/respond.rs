@@ -62,6 +62,19 @@ impl FileConn {
             file, stat, ctype, ..
         } = opened;
         let v = Validators::new(stat.size, stat.modified());
+        if cond::precondition_failed(
+            &v,
+            req.if_match.as_deref(),
+            req.if_unmodified_since.as_deref(),
+        ) {
+            let head = Head::new(minor, 412)
+                .header("ETag", &v.etag)
+                .header("Last-Modified", v.last_modified())
+                .header("Content-Length", 0)
+                .finish(minor, keep);
+            self.resp = Some(resp(head, None, keep, 412, ctx.now).named(&req));
+            return;
+        }
         if cond::not_modified(
             &v,
             req.if_none_match.as_deref(),

@@ -35,6 +35,22 @@ impl Validators {
 /// 9999-12-31T23:59:59Z, the last instant an HTTP date can name.
 const LAST_HTTP_DATE: u64 = 253_402_300_799;
 
+/// Whether a precondition fails (answer 412): If-Match, or when it is
+/// absent If-Unmodified-Since (RFC 9110 §13.2.2). If-Match compares
+/// strongly: a weak tag never matches; `*` matches any file.
+pub fn precondition_failed(v: &Validators, im: Option<&str>, ius: Option<&str>) -> bool {
+    if let Some(list) = im {
+        return !list
+            .split(',')
+            .map(str::trim)
+            .any(|t| t == "*" || t == v.etag);
+    }
+    if let Some(since) = ius.and_then(|s| httpdate::parse_http_date(s).ok()) {
+        return v.mtime > since;
+    }
+    false
+}
+
 /// Whether the client's copy is current (answer 304). If-None-Match wins
 /// over If-Modified-Since when both are present.
 pub fn not_modified(v: &Validators, inm: Option<&str>, ims: Option<&str>) -> bool {
@@ -172,6 +188,25 @@ mod tests {
             span(Some("bytes=0-0"), Some(&lm), &v, 100),
             Span::Part(0, 1)
         );
+    }
+
+    #[test]
+    fn preconditions() {
+        let v = v();
+        let e = v.etag.clone();
+        let lm = v.last_modified();
+        let failed = |im: Option<&str>, ius: Option<&str>| precondition_failed(&v, im, ius);
+        assert!(!failed(None, None));
+        assert!(!failed(Some(&e), None));
+        assert!(!failed(Some("*"), None));
+        assert!(!failed(Some(&format!("\"a\", {e}")), None));
+        assert!(failed(Some("\"nope\""), None));
+        assert!(failed(Some(&format!("W/{e}")), None), "strong comparison");
+        assert!(!failed(None, Some(&lm)), "unmodified since its own date");
+        assert!(failed(None, Some("Sun, 06 Nov 1994 08:49:37 GMT")));
+        assert!(!failed(None, Some("garbage")), "an invalid date is ignored");
+        // If-Match decides alone when present.
+        assert!(!failed(Some(&e), Some("Sun, 06 Nov 1994 08:49:37 GMT")));
     }
 
     #[test]

@@ -26,9 +26,14 @@ pub struct Request {
     pub if_range: Option<String>,
     pub if_none_match: Option<String>,
     pub if_modified_since: Option<String>,
+    pub if_match: Option<String>,
+    pub if_unmodified_since: Option<String>,
 }
 
 /// What the bytes received so far hold.
+// Returned once per request and taken apart at once: boxing the request
+// would cost an allocation per request to save a move of 200 bytes.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
     /// A whole head of `len` bytes.
@@ -88,26 +93,41 @@ fn build(req: &httparse::Request, len: usize) -> Parsed {
         if_range: None,
         if_none_match: None,
         if_modified_since: None,
+        if_match: None,
+        if_unmodified_since: None,
     };
     let mut host = false;
     let mut has_body = false;
+    let mut length: Option<u64> = None;
+    let (mut close, mut keep) = (false, false);
     for h in req.headers.iter() {
-        let Ok(v) = std::str::from_utf8(h.value) else {
-            continue; // not a header we read; opaque bytes are allowed
-        };
-        let v = v.trim();
         let name = h.name;
+        // The fields that frame the message are judged by name first:
+        // one whose value cannot be read must not be skipped, or its
+        // body would be taken for the next request (smuggling).
+        let framing = name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("transfer-encoding");
         if name.eq_ignore_ascii_case("host") {
             if host {
                 return Parsed::Error(400); // RFC 9112 §3.2: exactly one Host
             }
             host = true;
+        }
+        let Ok(v) = std::str::from_utf8(h.value) else {
+            if framing {
+                return Parsed::Error(400);
+            }
+            continue; // not a header we read; opaque bytes are allowed
+        };
+        let v = v.trim();
+        if name.eq_ignore_ascii_case("host") {
+            // counted above
         } else if name.eq_ignore_ascii_case("connection") {
             for t in v.split(',').map(str::trim) {
                 if t.eq_ignore_ascii_case("close") {
-                    r.keep_alive = false;
-                } else if t.eq_ignore_ascii_case("keep-alive") && minor == 0 {
-                    r.keep_alive = true;
+                    close = true;
+                } else if t.eq_ignore_ascii_case("keep-alive") {
+                    keep = true;
                 }
             }
         } else if name.eq_ignore_ascii_case("range") {
@@ -122,18 +142,39 @@ fn build(req: &httparse::Request, len: usize) -> Parsed {
             });
         } else if name.eq_ignore_ascii_case("if-modified-since") {
             r.if_modified_since = Some(v.to_string());
+        } else if name.eq_ignore_ascii_case("if-match") {
+            r.if_match = Some(match r.if_match.take() {
+                Some(prev) => format!("{prev}, {v}"),
+                None => v.to_string(),
+            });
+        } else if name.eq_ignore_ascii_case("if-unmodified-since") {
+            r.if_unmodified_since = Some(v.to_string());
         } else if name.eq_ignore_ascii_case("content-length") {
-            match v.parse::<u64>() {
-                Ok(0) => {}
-                Ok(_) => has_body = true,
-                Err(_) => return Parsed::Error(400),
+            // RFC 9112 §6.3: 1*DIGIT, and every field the same value.
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Parsed::Error(400);
             }
+            let Ok(n) = v.parse::<u64>() else {
+                return Parsed::Error(400);
+            };
+            if length.is_some_and(|l| l != n) {
+                return Parsed::Error(400);
+            }
+            length = Some(n);
+            has_body |= n > 0;
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             has_body = true;
         }
     }
     if minor >= 1 && !host {
         return Parsed::Error(400);
+    }
+    // `close` wins over `keep-alive`, whatever their order; keep-alive
+    // only matters to HTTP/1.0, where it is not the default.
+    if close {
+        r.keep_alive = false;
+    } else if keep && minor == 0 {
+        r.keep_alive = true;
     }
     if has_body {
         // sluice does not read request bodies: answer, then close, so the
@@ -170,6 +211,46 @@ mod tests {
         assert!(!r.keep_alive);
         let (r, _) = ok("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n");
         assert!(!r.keep_alive, "a request with a body closes after");
+        let (r, _) = ok("GET / HTTP/1.0\r\nConnection: close, keep-alive\r\n\r\n");
+        assert!(!r.keep_alive, "close wins, whatever the order");
+        let (r, _) = ok("GET / HTTP/1.0\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n");
+        assert!(!r.keep_alive, "close wins across fields too");
+    }
+
+    #[test]
+    fn framing_fields_cannot_be_hidden() {
+        // A value httparse accepts but that is not UTF-8 must not make
+        // sluice skip the field and read the body as the next request.
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 44\xff\r\n\r\n"),
+            Parsed::Error(400)
+        );
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\xff\r\n\r\n"),
+            Parsed::Error(400)
+        );
+        for bad in ["+5", "-1", "5 5", "0x10", ""] {
+            let req = format!("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: {bad}\r\n\r\n");
+            assert_eq!(parse(req.as_bytes()), Parsed::Error(400), "{bad:?}");
+        }
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            Parsed::Error(400),
+            "two different lengths"
+        );
+        let (r, _) =
+            ok("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n");
+        assert!(r.keep_alive, "an empty body, stated twice, is still empty");
+        // A Host that is not UTF-8 still counts as the one Host.
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nHost: x\r\nHost: \xff\r\n\r\n"),
+            Parsed::Error(400)
+        );
+        // Opaque bytes elsewhere are fine.
+        match parse(b"GET / HTTP/1.1\r\nHost: x\r\nX-Note: caf\xe9\r\n\r\n") {
+            Parsed::Complete(r, _) => assert!(r.keep_alive),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -217,5 +298,10 @@ mod tests {
         assert_eq!(r.range.as_deref(), Some("bytes=0-1"));
         assert_eq!(r.if_none_match.as_deref(), Some("\"a\", \"b\""));
         assert!(r.if_modified_since.is_some());
+        let (r, _) = ok(
+            "GET / HTTP/1.1\r\nHost: x\r\nIf-Match: \"a\"\r\nIf-Match: \"b\"\r\nIf-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n",
+        );
+        assert_eq!(r.if_match.as_deref(), Some("\"a\", \"b\""));
+        assert!(r.if_unmodified_since.is_some());
     }
 }
