@@ -47,25 +47,43 @@ impl Pipe {
 /// The process-wide pipe budget, shared by every worker's pool.
 #[derive(Debug)]
 pub struct PipeBudget {
-    cap: usize,
+    /// Most pipes in existence at once (`max_pipes`); a reload may change
+    /// it. Lowered below `used`, it refuses new pipes until enough of the
+    /// existing ones are closed.
+    cap: AtomicUsize,
     /// Idle pipes one worker may keep.
-    idle_share: usize,
+    idle_share: AtomicUsize,
     used: AtomicUsize,
 }
 
 impl PipeBudget {
     /// A budget of `cap` pipes shared by `workers` workers.
     pub fn new(cap: usize, workers: usize) -> Arc<Self> {
-        Arc::new(PipeBudget {
-            cap,
-            idle_share: (cap / workers.max(1)).clamp(1, MAX_IDLE_PIPES),
+        let b = PipeBudget {
+            cap: AtomicUsize::new(0),
+            idle_share: AtomicUsize::new(0),
             used: AtomicUsize::new(0),
-        })
+        };
+        b.set_cap(cap, workers);
+        Arc::new(b)
     }
+
+    /// Set the cap (at start, and by a reload of `max_pipes`).
+    pub fn set_cap(&self, cap: usize, workers: usize) {
+        self.cap.store(cap, Ordering::Release);
+        let share = (cap / workers.max(1)).clamp(1, MAX_IDLE_PIPES);
+        self.idle_share.store(share, Ordering::Relaxed);
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap.load(Ordering::Acquire)
+    }
+
     fn take(&self) -> bool {
+        let cap = self.cap();
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.cap).then_some(n + 1)
+                (n < cap).then_some(n + 1)
             })
             .is_ok()
     }
@@ -136,7 +154,7 @@ impl PipePool {
     /// Give a pipe back. `empty` must be true only when every byte written
     /// into it was read out again; otherwise it is closed, never reused.
     pub fn put(&mut self, pipe: Pipe, empty: bool) {
-        if !empty || self.idle >= self.budget.idle_share {
+        if !empty || self.idle >= self.budget.idle_share.load(Ordering::Relaxed) {
             drop(pipe);
             self.budget.give();
             return;

@@ -343,6 +343,16 @@ impl Server {
                 if !self.env_log {
                     log::set_max_level(cfg.global.log_level);
                 }
+                let pipes = &self.shared.pipes;
+                if cfg.global.max_pipes != pipes.cap() {
+                    log::info!(
+                        "reload: pipe budget {} -> {} ({} pipes exist now)",
+                        pipes.cap(),
+                        cfg.global.max_pipes,
+                        pipes.used()
+                    );
+                    pipes.set_cap(cfg.global.max_pipes, self.workers.len());
+                }
                 let generation = Arc::new(generation);
                 self.send(|| Cmd::Load(generation.clone()));
                 // Sockets no route listens on any more: close ours; the
@@ -651,10 +661,18 @@ pub fn main(path: &Path) -> i32 {
     };
     let env_log = std::env::var_os("RUST_LOG").is_some();
     let mut b = env_logger::Builder::new();
-    b.filter_level(cfg.global.log_level);
-    b.parse_default_env();
+    if env_log {
+        b.parse_default_env();
+    } else {
+        // The logger passes everything; `log::set_max_level` filters, so
+        // a reload can raise `log_level` as well as lower it.
+        b.filter_level(log::LevelFilter::Trace);
+    }
     b.format_timestamp_millis();
     b.init();
+    if !env_log {
+        log::set_max_level(cfg.global.log_level);
+    }
     match Server::start(path.to_path_buf(), cfg, env_log) {
         Ok(s) => s.run(),
         Err(e) => {

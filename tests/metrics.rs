@@ -218,6 +218,27 @@ fn pipes_in_use_and_no_pipe_fallbacks() {
         ),
         300_000.0
     );
+
+    // A reload that raises max_pipes lets the next download splice,
+    // while the stalled one still holds its pipe.
+    std::fs::write(&sl.config, config("max_pipes = 4", aport, &routes)).unwrap();
+    sl.signal("HUP");
+    scrape_until(addr(aport), "the reload", |m| {
+        m.get("sluice_reloads_total", &[("result", "ok")]) == 1.0
+    });
+    let (h, body) = get(addr(p), "/small.bin");
+    assert_eq!(h.status, 200);
+    assert_eq!(Some(digest_of(&body)), small);
+    let a = wait_route(&sl, "spl", 2);
+    assert_eq!(
+        (a[1]["strategy"].as_str(), a[1]["fallback"].as_str()),
+        ("splice", "-"),
+        "{:?}",
+        a[1]
+    );
+    let m = scrape(addr(aport));
+    assert_eq!(fallbacks(&m, "spl", "no_pipe"), 1.0);
+    assert_eq!(m.get("sluice_pipes_in_use", &[]), 2.0, "stalled + pooled");
     drop(r);
 }
 

@@ -298,3 +298,45 @@ fn reload_changes_backends_and_routes_but_not_open_connections() {
     assert_eq!(held_line["bytes_in"], (2u64 << 20).to_string());
     assert_eq!(held_line["end"], "client_closed");
 }
+
+/// `log_level` raised by a reload takes effect (the logger itself must
+/// not keep the start level as a floor): access lines appear only after
+/// the reload to "info". Runs without RUST_LOG, which would win.
+#[test]
+fn a_reload_can_raise_the_log_level() {
+    let a = Backend::named("a");
+    let (port, aport) = (free_port(), free_port());
+    let toml = |level: &str| {
+        format!(
+            "[global]\nlog_level = \"{level}\"\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n{}",
+            route("r", port, a.addr)
+        )
+    };
+    let dir = temp_dir("reload-log-level");
+    let config = dir.join("sluice.toml");
+    std::fs::write(&config, toml("warn")).unwrap();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env_remove("RUST_LOG");
+    let mut sl = Sluice::launch(dir, config, cmd);
+    sl.wait_listening(aport);
+    let served = |sl: &Sluice, n: f64| {
+        let mut c = connect(addr(port));
+        assert_eq!(read_line(&mut c), "a");
+        drop(c);
+        common::admin::scrape_until(addr(aport), "the client's end counted", |m| {
+            m.sum("sluice_route_connections_ended_total", &[("route", "r")]) >= n
+        });
+        sl.access().len()
+    };
+    assert_eq!(served(&sl, 1.0), 0, "no access line at warn");
+    std::fs::write(&sl.config, toml("info")).unwrap();
+    sl.signal("HUP");
+    common::admin::scrape_until(addr(aport), "the reload", |m| {
+        m.get("sluice_reloads_total", &[("result", "ok")]) == 1.0
+    });
+    assert_eq!(served(&sl, 2.0), 1, "one access line at info");
+    sl.wait_log("reload ok", Duration::from_secs(5));
+}

@@ -161,6 +161,18 @@ impl Sluice {
         self.pid = tail[..tail.find(')').unwrap()].parse().unwrap();
     }
 
+    /// For a sluice launched without a wrapper and too quiet to say it
+    /// started: its process id is the child's. Waits for `port` to accept.
+    pub fn wait_listening(&mut self, port: u16) {
+        self.pid = self.child.id();
+        let end = Instant::now() + Duration::from_secs(10);
+        let a = SocketAddr::from(([127, 0, 0, 1], port));
+        while TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_err() {
+            assert!(Instant::now() < end, "sluice never listened on {a}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The sluice process id (not the wrapper's, when there is one).
     pub fn pid(&self) -> u32 {
         self.pid
