@@ -579,8 +579,12 @@ impl ProxyConn {
                 to.pending() == 0 && !to.shut && !self.connecting;
         }
 
-        if self.is_waiting() && ev.is_error() {
-            // Reset while waiting for a backend: its place goes to others.
+        if side == Side::Client && (self.is_waiting() || self.connecting) && ev.is_error() {
+            // Reset while waiting for a backend, or while one is being
+            // connected to: end now. Its place, or the slot and the
+            // connect, go to others; the edge will not come again, so a
+            // client left in place would hold them until its timers ran
+            // out, or be connected for nothing.
             return Some(End::ClientReset);
         }
         if side == Side::Backend && self.connecting {

@@ -127,7 +127,9 @@ struct Entry {
     sess: Session,
     /// On the ready list already (so it is listed once).
     queued: bool,
-    /// On the list of clients waiting for a backend slot already.
+    /// Holds a live place on its route's list of clients waiting for a
+    /// backend slot (cleared as soon as it stops waiting, however it
+    /// stopped; the place it leaves behind is stale).
     waits: bool,
 }
 
@@ -904,9 +906,25 @@ impl Worker {
                     entry.queued = true;
                     self.ready.push((key, entry.id));
                 }
-                if entry.waits_for_backend() && !entry.waits {
-                    entry.waits = true;
-                    self.wait_list(entry.route().id).push_back((key, entry.id));
+                if entry.waits_for_backend() {
+                    if !entry.waits {
+                        entry.waits = true;
+                        self.wait_list(entry.route().id).push_back((key, entry.id));
+                    }
+                } else if entry.waits {
+                    // It stopped waiting by itself (its own timer found a
+                    // backend to try): the place it left is stale, and a
+                    // later wait (that connect failing over to a full
+                    // backend) must queue it again, or no freed slot would
+                    // ever reach it.
+                    entry.waits = false;
+                    if let Some(q) = self
+                        .waiting
+                        .iter_mut()
+                        .find(|q| q.route == entry.route().id)
+                    {
+                        q.stale += 1;
+                    }
                 }
                 let k = self.slab.insert(entry);
                 debug_assert_eq!(k, key);

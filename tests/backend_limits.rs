@@ -619,3 +619,67 @@ fn without_checks_waiting_clients_retry_a_downed_backend_when_due() {
     assert_eq!(waiting(&m, "r"), 0.0);
     drop(holder);
 }
+
+/// Clients that reset while sluice connects to a backend for them end at
+/// once (the edge will not come again); and a waiting client whose own
+/// timer tries a downed backend (passive health), and whose connect then
+/// fails back onto a full one, waits in the queue again: the slot freed
+/// next is its own, not left idle until its queue_timeout.
+#[test]
+fn a_client_that_fails_back_into_the_wait_is_queued_again() {
+    let a = counted("a");
+    let (hole, _fill, _l) = blackhole();
+    let (port, aport) = (free_port(), free_port());
+    let route = format!(
+        "connect_timeout = \"1s\"\nqueue_timeout = \"4s\"\n\
+         backends = [{{ address = \"{}\", max_connections = 1 }}, \"{hole}\"]",
+        a.backend.addr
+    );
+    let mut sl = Sluice::start("limits-rewait", &config(1, aport, port, &route));
+    let mut holder = connect(addr(port));
+    assert_eq!(read_line(&mut holder), "a");
+    // Three clients time out on the hole: it is marked DOWN. They reset
+    // (some are connecting to the hole again, some waiting): all three end
+    // now, none lingers to a queue_timeout.
+    let doomed: Vec<TcpStream> = (0..3).map(|_| connect(addr(port))).collect();
+    sl.wait_log("is DOWN after 3 failed connects", Duration::from_secs(10));
+    for c in doomed {
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+    sl.wait_ends("client_reset", 3, Duration::from_secs(10));
+    assert_eq!(sl.ends("queue_timeout"), 0);
+    assert_eq!(waiting(&scrape(addr(aport)), "r"), 0.0);
+    let (timeouts, tries) = (
+        sl.count_log("connect_timeout expired"),
+        sl.count_log("is given another try"),
+    );
+    // W waits, and Y behind it; after the health interval W's own timer
+    // tries the hole.
+    let mut w = connect(addr(port));
+    w.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    scrape_until(addr(aport), "W waiting", |m| waiting(m, "r") == 1.0);
+    let mut y = connect(addr(port));
+    scrape_until(addr(aport), "Y waiting", |m| waiting(m, "r") == 2.0);
+    let until = |what: &str, n: usize| {
+        let end = Instant::now() + Duration::from_secs(10);
+        while sl.count_log(what) <= n {
+            assert!(Instant::now() < end, "no new {what:?}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    until("is given another try", tries);
+    // Meanwhile the slot frees: W is connecting, not waiting, so the
+    // queue passes over W's place and Y takes the slot.
+    drop(holder);
+    assert_eq!(read_line(&mut y), "a");
+    // W's try times out; it fails over to the full backend and waits
+    // again. Then Y leaves: its slot is W's.
+    until("connect_timeout expired", timeouts);
+    scrape_until(addr(aport), "W waiting again", |m| waiting(m, "r") == 1.0);
+    drop(y);
+    assert_eq!(read_line(&mut w), "a", "W was not served by the freed slot");
+    let m = scrape(addr(aport));
+    assert_eq!(waiting(&m, "r"), 0.0);
+}

@@ -225,23 +225,6 @@ fn fails_over_to_the_second_backend_when_the_first_refuses() {
     );
 }
 
-/// A listener whose accept queue is full: further SYNs are dropped, so a
-/// connect to it hangs until the proxy's connect_timeout.
-fn blackhole() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    s.listen(0).unwrap();
-    let a = s.local_addr().unwrap().as_socket().unwrap();
-    let mut fill = Vec::new();
-    for _ in 0..4 {
-        if let Ok(c) = TcpStream::connect_timeout(&a, Duration::from_millis(200)) {
-            fill.push(c);
-        }
-    }
-    (a, fill, s)
-}
-
 #[test]
 fn connect_timeout_moves_on_to_the_next_backend() {
     let (hole, _fill, _l) = blackhole();

@@ -621,6 +621,24 @@ impl Strace {
     }
 }
 
+/// A listener whose accept queue is full: further SYNs are dropped, so a
+/// connect to it hangs until the proxy's connect_timeout. Keep all three
+/// parts alive as long as the hole is needed.
+pub fn blackhole() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    s.listen(0).unwrap();
+    let a = s.local_addr().unwrap().as_socket().unwrap();
+    let mut fill = Vec::new();
+    for _ in 0..4 {
+        if let Ok(c) = TcpStream::connect_timeout(&a, Duration::from_millis(200)) {
+            fill.push(c);
+        }
+    }
+    (a, fill, s)
+}
+
 /// Connect with a timeout and read/write timeouts so a broken proxy
 /// fails the test instead of hanging it.
 pub fn connect(addr: SocketAddr) -> TcpStream {
