@@ -537,7 +537,7 @@ impl ProxyConn {
         log::warn!(
             "route {}: backend {} ({}) connect failed for client {}: {e}",
             self.route.cfg.name,
-            b.name,
+            self.route.backend_name(i),
             b.addr,
             self.peer
         );

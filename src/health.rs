@@ -67,7 +67,7 @@ pub fn passive_failure(route: &RouteRt, i: usize) {
         log::warn!(
             "route {}: backend {} ({}) is DOWN after {fails} failed connects in a row",
             route.cfg.name,
-            b.name,
+            route.backend_name(i),
             b.addr
         );
     }
@@ -85,7 +85,7 @@ pub fn passive_success(route: &RouteRt, i: usize) -> bool {
         log::info!(
             "route {}: backend {} ({}) is UP again: a connect succeeded",
             route.cfg.name,
-            b.name,
+            route.backend_name(i),
             b.addr
         );
         return true;
@@ -99,7 +99,8 @@ pub fn passive_success(route: &RouteRt, i: usize) -> bool {
 /// restarts the interval; the backend stays down, out of balancing, until
 /// that connect succeeds (`passive_success`). So a backend that is still
 /// dead costs one client a failover per interval, not a herd of them.
-pub fn claim_retry(b: &BackendRt, interval: Duration) -> bool {
+pub fn claim_retry(route: &RouteRt, i: usize, interval: Duration) -> bool {
+    let b = &route.backends[i];
     // Runs for every primary on every new connection: up costs one load.
     if b.is_up() {
         return false;
@@ -116,8 +117,9 @@ pub fn claim_retry(b: &BackendRt, interval: Duration) -> bool {
         return false; // another connection took this try
     }
     log::info!(
-        "backend {} ({}) is given another try after {:?} down",
-        b.name,
+        "route {}: backend {} ({}) is given another try after {:?} down",
+        route.cfg.name,
+        route.backend_name(i),
         b.addr,
         interval
     );
@@ -172,6 +174,9 @@ fn http_step(p: &mut Probe, registry: &Registry, token: Token) -> Option<Result<
 /// One backend the checker probes.
 struct Target {
     route: String,
+    /// The backend's name in the current configuration (its `Host:` for
+    /// HTTP checks).
+    name: String,
     backend: Arc<BackendRt>,
     health: Health,
     /// When the next probe starts.
@@ -279,6 +284,7 @@ impl Checker {
                 let first = now + p.health.interval / n.max(1) * i as u32;
                 targets.push(Target {
                     route: r.cfg.name.clone(),
+                    name: r.backend_name(i).to_string(),
                     backend: b.clone(),
                     health: p.health.clone(),
                     due: old
@@ -355,7 +361,7 @@ impl Checker {
                 .health
                 .http_path
                 .as_deref()
-                .map(|path| (check_request(path, &t.backend.name), 0));
+                .map(|path| (check_request(path, &t.name), 0));
             let started = TcpStream::connect(addr).and_then(|mut stream| {
                 let entry = self.probes.vacant_entry();
                 registry.register(
@@ -452,7 +458,7 @@ impl Checker {
                     log::warn!(
                         "route {}: backend {} ({}) is UP ({rises} good checks in a row)",
                         t.route,
-                        b.name,
+                        t.name,
                         b.addr
                     );
                 }
@@ -465,14 +471,14 @@ impl Checker {
                 log::debug!(
                     "route {}: backend {} ({}) check failed: {why}",
                     t.route,
-                    b.name,
+                    t.name,
                     b.addr
                 );
                 if fails >= t.health.fall && b.mark_down() {
                     log::warn!(
                         "route {}: backend {} ({}) is DOWN ({fails} failed checks in a row: {why})",
                         t.route,
-                        b.name,
+                        t.name,
                         b.addr
                     );
                 }

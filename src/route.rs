@@ -21,7 +21,6 @@ use crate::stats::{Histogram, Stats};
 
 /// Live state of one backend, shared by all workers.
 pub struct BackendRt {
-    pub name: String,
     pub addr: SocketAddr,
     /// Connections open to it now.
     pub active: AtomicUsize,
@@ -50,7 +49,6 @@ pub struct BackendRt {
 impl BackendRt {
     fn new(b: &config::Backend) -> Self {
         BackendRt {
-            name: b.name.clone(),
             addr: b.addr,
             active: AtomicUsize::new(0),
             up: AtomicBool::new(true),
@@ -282,6 +280,13 @@ impl RouteRt {
         }
     }
 
+    /// The name of backend `i` as this generation's configuration gives
+    /// it (shared state is kept by address, so a rename must come from
+    /// here).
+    pub fn backend_name(&self, i: usize) -> &str {
+        self.proxy().map_or("", |p| p.backends[i].name.as_str())
+    }
+
     pub fn proxy(&self) -> Option<&config::ProxyRoute> {
         match &self.cfg.kind {
             RouteKind::Proxy(p) => Some(p),
@@ -408,7 +413,7 @@ impl RouteRt {
             let due = if primaries_up { 1 } else { 2 };
             for t in &self.tiers[..due] {
                 for &i in &t.members {
-                    if crate::health::claim_retry(&self.backends[i], p.health.interval) {
+                    if crate::health::claim_retry(self, i, p.health.interval) {
                         return (i, true);
                     }
                 }

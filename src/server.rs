@@ -5,7 +5,7 @@
 //! sockets (keyed by address, so a reload keeps every socket whose address
 //! did not change), builds a `Generation` per configuration, and tells the
 //! workers about it over a channel. SIGHUP reloads, SIGTERM/SIGINT drain
-//! (a second one exits at once).
+//! (a second one closes what is left at once, with resets, and exits).
 //!
 //! Its poll also serves the admin listener (`admin`) and runs the active
 //! health checks (`health::Checker`), both non-blocking and bounded, so
@@ -244,8 +244,8 @@ impl Server {
                                 stopping = Some(self.drain());
                             }
                             SIGTERM | SIGINT => {
-                                log::warn!("second stop signal: exiting now");
-                                return 0;
+                                log::warn!("second stop signal: closing every connection now");
+                                return self.stop_now();
                             }
                             _ => {}
                         }
@@ -276,6 +276,29 @@ impl Server {
                 return 0;
             }
         }
+    }
+
+    /// A second stop signal: have every worker close its connections now
+    /// as a stop that ran out of time does (peers reset, so no cut stream
+    /// looks complete; access lines and counters written), wait a moment
+    /// for them, and exit.
+    fn stop_now(&mut self) -> i32 {
+        self.send(|| Cmd::Drain(Instant::now()));
+        let end = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < end
+            && !self
+                .workers
+                .iter()
+                .all(|w| w.thread.as_ref().is_none_or(|t| t.is_finished()))
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take_if(|t| t.is_finished()) {
+                let _ = t.join();
+            }
+        }
+        0
     }
 
     fn send(&self, make: impl Fn() -> Cmd) {

@@ -425,3 +425,49 @@ fn a_client_that_half_closes_after_its_request_is_answered() {
     s.read_to_end(&mut buf).unwrap();
     assert!(buf.is_empty(), "{:?}", String::from_utf8_lossy(&buf));
 }
+
+/// A client that sends a byte after its request (a body, a pipelined
+/// request) still gets the whole answer: sluice drains it and closes at
+/// the client's FIN, instead of a close with unread bytes, which resets
+/// the connection and discards the answer's unsent tail.
+#[test]
+fn bytes_after_the_request_do_not_cut_the_answer() {
+    let aport = free_port();
+    // 600 backends make /metrics about a megabyte.
+    let backends: Vec<String> = (1..=600)
+        .map(|i| format!("\"127.0.{}.{}:80\"", i / 250, i % 250 + 1))
+        .collect();
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{}\"\nbackends = [{}]\n",
+        free_port(),
+        backends.join(", ")
+    );
+    let _sl = Sluice::start("admin-extra-bytes", &toml);
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(8 * 1024).unwrap();
+    s.connect_timeout(&addr(aport).into(), Duration::from_secs(5))
+        .unwrap();
+    let mut s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 1024];
+    s.read_exact(&mut first).unwrap();
+    // The answer is on its way; one more byte arrives after the request.
+    s.write_all(b"x").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .expect("the whole answer, then a FIN");
+    let all = [&first[..], &rest].concat();
+    let r = parse_response(&all);
+    assert_eq!(r.status, 200);
+    assert!(r.body.len() > 500_000, "{} bytes", r.body.len());
+    assert!(r.body.ends_with('\n'));
+    let m = common::admin::parse_metrics(&r.body);
+    assert_eq!(
+        m.sum("sluice_backend_up", &[("route", "r")]),
+        600.0,
+        "every backend's sample arrived"
+    );
+}

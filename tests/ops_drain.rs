@@ -152,6 +152,17 @@ fn a_second_signal_exits_at_once() {
         .expect("exits at once");
     assert_eq!(st.code(), Some(0));
     assert_eq!(sl.count_log("second stop signal"), 1);
+    // The connection cut by the exit is reset, never closed with a FIN
+    // that would make a cut stream look complete, and it is logged.
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (rest, how) = read_to_end_how(&mut c);
+    assert_eq!(
+        (rest.len(), how),
+        (0, Some(std::io::ErrorKind::ConnectionReset))
+    );
+    let a = sl.access();
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert_eq!(a[0]["end"], "shutdown");
 }
 
 /// A thread that panics (a debug-build failpoint) aborts the process,

@@ -352,3 +352,65 @@ fn an_http_check_answer_split_over_several_segments_passes() {
     }
     assert_eq!(count("failed"), 0.0, "no split answer was judged early");
 }
+
+/// A backend renamed by a reload (the same address written another way)
+/// keeps its health and counters, but takes its new name everywhere: the
+/// metrics' `backend` label and the `Host:` of its HTTP checks.
+#[test]
+fn a_reload_that_renames_a_backend_renames_it_everywhere() {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    let hosts = Arc::new(Mutex::new(Vec::<String>::new()));
+    let h2 = hosts.clone();
+    let b = Backend::spawn(move |mut s| {
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.ends_with(b"\r\n\r\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return String::new(),
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+        let req = String::from_utf8_lossy(&req).to_string();
+        if let Some(h) = req.lines().find_map(|l| l.strip_prefix("Host: ")) {
+            h2.lock().unwrap().push(h.to_string());
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        String::new()
+    });
+    let (port, aport) = (free_port(), free_port());
+    let toml = |name: &str| {
+        format!(
+            "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+             [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nbackends = [\"{name}\"]\n\
+             [route.health]\ninterval = \"100ms\"\nhttp_path = \"/\"\n"
+        )
+    };
+    let old = format!("localhost:{}", b.addr.port());
+    let new = b.addr.to_string();
+    let sl = Sluice::start("health-rename", &toml(&old));
+    let label = |m: &Metrics, name: &str| {
+        m.sum(
+            "sluice_backend_up",
+            &[("route", "r"), ("backend", name), ("address", &new)],
+        )
+    };
+    let m = common::admin::scrape_until(addr(aport), "checked", |m| {
+        m.sum("sluice_backend_health_checks_total", &[("result", "ok")]) >= 1.0
+    });
+    assert_eq!(label(&m, &old), 1.0);
+    assert!(hosts.lock().unwrap().iter().all(|h| *h == old));
+    std::fs::write(&sl.config, toml(&new)).unwrap();
+    sl.signal("HUP");
+    let m = common::admin::scrape_until(addr(aport), "the reload", |m| {
+        m.get("sluice_reloads_total", &[("result", "ok")]) == 1.0
+    });
+    assert_eq!((label(&m, &new), label(&m, &old)), (1.0, 0.0), "{}", m.text);
+    let seen = hosts.lock().unwrap().len();
+    let end = Instant::now() + Duration::from_secs(10);
+    while hosts.lock().unwrap().len() < seen + 2 {
+        assert!(Instant::now() < end, "no checks after the reload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(hosts.lock().unwrap().last().unwrap(), &new);
+}

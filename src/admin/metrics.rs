@@ -419,7 +419,7 @@ fn backends(o: &mut Out, routes: &[std::sync::Arc<RouteRt>]) {
                 name,
                 &[
                     ("route", &r.cfg.name),
-                    ("backend", &b.name),
+                    ("backend", &c.name),
                     ("address", &addr),
                 ],
                 f(b, c),
@@ -432,7 +432,7 @@ fn backends(o: &mut Out, routes: &[std::sync::Arc<RouteRt>]) {
         "histogram",
         "How long successful connects to the backend took, one attempt each.",
     );
-    for (r, b, _) in each() {
+    for (r, b, c) in each() {
         let addr = b.addr.to_string();
         let mut h = Snapshot::default();
         b.connect_time.add_to(&mut h);
@@ -440,7 +440,7 @@ fn backends(o: &mut Out, routes: &[std::sync::Arc<RouteRt>]) {
             name,
             &[
                 ("route", &r.cfg.name),
-                ("backend", &b.name),
+                ("backend", &c.name),
                 ("address", &addr),
             ],
             &h,
@@ -452,14 +452,14 @@ fn backends(o: &mut Out, routes: &[std::sync::Arc<RouteRt>]) {
         "counter",
         "Active health checks of the backend, by result.",
     );
-    for (r, b, _) in each() {
+    for (r, b, c) in each() {
         let addr = b.addr.to_string();
         for (result, n) in [("ok", &b.checks_ok), ("failed", &b.checks_failed)] {
             o.sample(
                 name,
                 &[
                     ("route", &r.cfg.name),
-                    ("backend", &b.name),
+                    ("backend", &c.name),
                     ("address", &addr),
                     ("result", result),
                 ],

@@ -10,7 +10,10 @@
 //! malicious client costs one slab entry and a small buffer until its
 //! timer fires; it can never stall the main thread or the workers.
 //! Requests are parsed with httparse; the response is built in full,
-//! then written as the socket takes it, and the connection is closed.
+//! then written as the socket takes it; the connection closes at the
+//! client's FIN (or `LINGER` after the answer), so bytes a client sent
+//! after its request cannot turn the close into a reset that loses the
+//! answer's tail.
 
 mod metrics;
 mod page;
@@ -35,6 +38,8 @@ const MAX_CONNS: usize = 64;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time for a whole exchange, answer included.
 const TOTAL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Time a client has, once answered, to close its side.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// What the pages show: the live state, borrowed for one request.
 pub struct View<'a> {
@@ -56,6 +61,10 @@ struct Conn {
     deadline: Instant,
     /// Order of acceptance: the lowest is the oldest.
     seq: u64,
+    /// The answer is written and our side shut: reading (and dropping)
+    /// until the client's FIN, since closing with unread bytes would
+    /// reset the connection and discard what the client has yet to read.
+    lingering: bool,
 }
 
 /// The admin endpoint: its listening socket and its open connections.
@@ -148,7 +157,7 @@ impl Admin {
                 let oldest = self
                     .conns
                     .iter()
-                    .filter(|(_, c)| c.out.is_none())
+                    .filter(|(_, c)| c.out.is_none() || c.lingering)
                     .min_by_key(|(_, c)| c.seq)
                     .map(|(k, _)| k);
                 let Some(k) = oldest else {
@@ -181,6 +190,7 @@ impl Admin {
                 sent: 0,
                 deadline: now + HEADER_TIMEOUT,
                 seq: self.accepted,
+                lingering: false,
             });
         }
     }
@@ -261,8 +271,21 @@ fn step(c: &mut Conn, view: &View, now: Instant) -> bool {
             Err(_) => return true,
         }
     }
-    let _ = c.stream.shutdown(std::net::Shutdown::Write);
-    true
+    if !c.lingering {
+        let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        c.lingering = true;
+        c.deadline = c.deadline.min(now + LINGER);
+    }
+    let mut sink = [0u8; 2048];
+    loop {
+        match c.stream.read(&mut sink) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
 }
 
 /// The response to one request, head and body.

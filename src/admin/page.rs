@@ -156,7 +156,7 @@ fn route(h: &mut String, r: &RouteRt) {
             h,
             "<tr><td class=\"l\">{}</td><td class=\"l\">{}</td><td class=\"{}\">{}</td>\
              <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td></tr>",
-            esc(&b.name),
+            esc(r.backend_name(i)),
             esc(&b.addr.to_string()),
             if up { "up" } else { "down" },
             if up { "UP" } else { "DOWN" },

@@ -577,6 +577,22 @@ fn listen_conflicts() {
         &text,
         "t.toml:3:24: listen address [::1]:7000 of route \"a\" conflicts with [::]:7000 of the same route",
     );
+    // Port 0 and IPv4-mapped IPv6 addresses cannot be listened on as meant.
+    rejects(
+        &dir,
+        &route("a", "\"127.0.0.1:0\""),
+        "t.toml:3:10: listen address 127.0.0.1:0 of route \"a\" has port 0: expected a port from 1 to 65535",
+    );
+    rejects(
+        &dir,
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+        "t.toml:2:10: listen address 127.0.0.1:0 of the admin listener has port 0",
+    );
+    rejects(
+        &dir,
+        &route("a", "\"[::ffff:127.0.0.1]:7000\""),
+        "t.toml:3:10: listen address [::ffff:127.0.0.1]:7000 of route \"a\" is an IPv4-mapped IPv6 address, which cannot be listened on: write it as 127.0.0.1:7000",
+    );
     // A route on the admin listener's address.
     let text = format!(
         "[admin]\nlisten = \"127.0.0.1:9900\"\n{}",
@@ -587,11 +603,11 @@ fn listen_conflicts() {
         &text,
         "t.toml:5:10: listen address 127.0.0.1:9900 of route \"a\" is already used by the admin listener (at line 2, column 10)",
     );
-    // These do not conflict: other port, other IP, other family, port 0.
+    // These do not conflict: other port, other IP, other family.
     let text = format!(
         "{}{}{}{}",
-        route("a", "[\"127.0.0.1:7000\", \"0.0.0.0:0\"]"),
-        route("b", "[\"127.0.0.1:7001\", \"0.0.0.0:0\"]"),
+        route("a", "\"127.0.0.1:7000\""),
+        route("b", "\"127.0.0.1:7001\""),
         route("c", "\"127.0.0.2:7000\""),
         route("d", "\"[::]:7000\"")
     );

@@ -6,7 +6,7 @@
 //! Errors are reported in file order as far as possible, and only the first
 //! one: later ones are often consequences of it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -248,6 +248,28 @@ fn bind(
     owner: &str,
     span: Range<usize>,
 ) -> Result<(), ConfigError> {
+    if addr.port() == 0 {
+        return Err(src.error(
+            &span,
+            format!(
+                "listen address {addr} of {owner} has port 0: expected a port from 1 to 65535 \
+                 (a port the kernel picks would differ from worker to worker, and no client \
+                 could know it)"
+            ),
+        ));
+    }
+    if let IpAddr::V6(v6) = addr.ip()
+        && let Some(v4) = v6.to_ipv4_mapped()
+    {
+        return Err(src.error(
+            &span,
+            format!(
+                "listen address {addr} of {owner} is an IPv4-mapped IPv6 address, which \
+                 cannot be listened on: write it as {v4}:{}",
+                addr.port()
+            ),
+        ));
+    }
     if let Some(b) = bound.iter().find(|b| net::overlaps(addr, b.addr)) {
         let at = src.position(&b.span);
         let message = if addr == b.addr && b.owner == owner {
