@@ -433,6 +433,10 @@ impl FileConn {
                 Parsed::Complete(req, len) => {
                     self.inbuf.drain(..len);
                     self.in_request = false;
+                    // The request is whole: from here its answer waits on
+                    // the client (idle_timeout), even if not a byte of it
+                    // can be sent yet.
+                    self.deadline = ctx.now + self.route.cfg.idle_timeout;
                     self.respond(req, ctx);
                     continue;
                 }

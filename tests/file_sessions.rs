@@ -377,3 +377,68 @@ fn splice_from_a_blocked_file_falls_back_to_sendfile() {
         (1 << 20) as f64
     );
 }
+
+/// A client that pipelines many requests and reads nothing for longer
+/// than header_timeout: sluice stops on the full socket (backpressure)
+/// and goes on when the client reads, every answer delivered. A response
+/// waits under idle_timeout from the moment its request is whole, not
+/// under the header_timeout that ran while the request was read.
+#[test]
+fn a_blocked_pipelined_response_waits_for_idle_timeout() {
+    use std::io::{Read, Write};
+    let dir = temp_dir("sessions-blocked-head");
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    // Empty: every response is a head alone, so sluice blocks on heads.
+    std::fs::write(dir.join("www/tiny"), b"").unwrap();
+    let p = free_port();
+    let toml = format!(
+        "[global]\nworkers = 1\n\n[[route]]\nname = \"t\"\nlisten = \"127.0.0.1:{p}\"\n\
+         root = \"www\"\nheader_timeout = \"300ms\"\nidle_timeout = \"20s\"\n"
+    );
+    let _sl = Sluice::start_in(dir, &toml, &[]);
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], p)).into(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let mut c: std::net::TcpStream = s.into();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // More answers than the socket buffers hold (a few MiB at most).
+    const N: usize = 40_000;
+    let mut w = c.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let one = b"GET /tiny HTTP/1.1\r\nHost: t\r\n\r\n";
+        let all: Vec<u8> = one.iter().copied().cycle().take(one.len() * N).collect();
+        w.write_all(&all).unwrap();
+    });
+    // Longer than header_timeout: sluice is blocked on a full socket.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    let (mut answers, mut scanned) = (0usize, 0usize);
+    while answers < N {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                let from = scanned.saturating_sub(11);
+                answers += got[from..]
+                    .windows(12)
+                    .filter(|w| *w == b"HTTP/1.1 200")
+                    .count();
+                scanned = got.len();
+                // Keep only a tail: the count is what matters.
+                if got.len() > 1 << 20 {
+                    got.drain(..got.len() - 64);
+                    scanned = got.len();
+                }
+            }
+            Err(e) => panic!("after {answers} answers: {e}"),
+        }
+    }
+    writer.join().unwrap();
+    assert_eq!(answers, N);
+    assert!(got.ends_with(b"Content-Length: 0\r\n\r\n") || got.ends_with(b"\r\n\r\n"));
+}
