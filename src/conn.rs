@@ -264,9 +264,6 @@ pub struct ProxyConn {
     connect_began: Option<Instant>,
     connected_at: Option<Instant>,
     retries: u32,
-    /// When the current connect attempt started: its backend's
-    /// `connect_time` histogram.
-    attempt_began: Instant,
 }
 
 impl ProxyConn {
@@ -315,7 +312,6 @@ impl ProxyConn {
             wait_began: None,
             connect_began: None,
             connected_at: None,
-            attempt_began: acc.since,
             retries: 0,
             route,
         };
@@ -406,7 +402,6 @@ impl ProxyConn {
                     }
                     self.stop_waiting(ctx.now);
                     self.connect_began.get_or_insert(ctx.now);
-                    self.attempt_began = ctx.now;
                     if let Some(t) = self.route.cfg.tcp_keepalive {
                         let ka = socket2::TcpKeepalive::new().with_time(t);
                         if let Err(e) = socket2::SockRef::from(&s).set_tcp_keepalive(&ka) {
@@ -600,8 +595,15 @@ impl ProxyConn {
                         }
                         let b = &self.route.backends[i];
                         b.total.fetch_add(1, Ordering::Relaxed);
-                        b.connect_time
-                            .observe(ctx.now.saturating_duration_since(self.attempt_began));
+                        // The attempt started connect_timeout before the
+                        // deadline it set (no field spent on it: this
+                        // struct is most of an idle connection's memory).
+                        let p = self.route.proxy().expect("proxy route");
+                        let began = self.deadline.checked_sub(p.connect_timeout);
+                        let took = began.map_or(std::time::Duration::ZERO, |b| {
+                            ctx.now.saturating_duration_since(b)
+                        });
+                        b.connect_time.observe(took);
                     }
                     self.deadline = ctx.now + self.route.cfg.idle_timeout;
                     self.preload(ctx);

@@ -151,6 +151,23 @@ impl PipePool {
         Ok(Pipe { rd, wr, cap, want })
     }
 
+    /// Close idle pipes beyond this worker's share, and any idle pipe
+    /// while more pipes exist than the cap allows (after a reload lowered
+    /// `max_pipes`), so no worker is kept under the new cap by pipes
+    /// nobody uses.
+    pub fn trim(&mut self) {
+        let share = self.budget.idle_share.load(Ordering::Relaxed);
+        while self.idle > share || (self.idle > 0 && self.budget.used() > self.budget.cap()) {
+            let Some((_, list)) = self.free.iter_mut().find(|(_, l)| !l.is_empty()) else {
+                break;
+            };
+            drop(list.pop());
+            self.idle -= 1;
+            self.budget.give();
+        }
+        self.free.retain(|(_, l)| !l.is_empty());
+    }
+
     /// Give a pipe back. `empty` must be true only when every byte written
     /// into it was read out again; otherwise it is closed, never reused.
     pub fn put(&mut self, pipe: Pipe, empty: bool) {

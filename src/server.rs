@@ -685,6 +685,9 @@ pub fn main(path: &Path) -> i32 {
     let env_log = std::env::var_os("RUST_LOG").is_some();
     let mut b = env_logger::Builder::new();
     if env_log {
+        // RUST_LOG's directives, over `log_level` for every target they
+        // do not name.
+        b.filter_level(cfg.global.log_level);
         b.parse_default_env();
     } else {
         // The logger passes everything; `log::set_max_level` filters, so

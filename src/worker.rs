@@ -392,6 +392,8 @@ impl Worker {
                     if let Err(e) = self.load(generation) {
                         log::error!("worker {}: cannot take the new listeners: {e}", self.id);
                     }
+                    // The reload may have lowered max_pipes.
+                    self.pipes.trim();
                 }
                 Cmd::Drain(deadline) => {
                     self.unlisten();

@@ -631,10 +631,16 @@ fn a_client_that_fails_back_into_the_wait_is_queued_again() {
     let (hole, _fill, _l) = blackhole();
     let (port, aport) = (free_port(), free_port());
     let route = format!(
-        "connect_timeout = \"1s\"\nqueue_timeout = \"4s\"\n\
+        "connect_timeout = \"1500ms\"\nqueue_timeout = \"5300ms\"\n\
          backends = [{{ address = \"{}\", max_connections = 1 }}, \"{hole}\"]",
         a.backend.addr
     );
+    // Timing: W waits at t; at t+2s (the passive health interval) its
+    // timer tries the hole, which times out at t+3.5s, too soon for
+    // another try (one per interval), so W waits again. Its queue_timeout
+    // ends the wait at t+5.3s, before its own next look at t+5.5s: only a
+    // freed slot reaching it through the queue serves it. The test acts
+    // within 1.5 s (the hole's connect) and 1.8 s (the rest of the wait).
     let mut sl = Sluice::start("limits-rewait", &config(1, aport, port, &route));
     let mut holder = connect(addr(port));
     assert_eq!(read_line(&mut holder), "a");

@@ -239,6 +239,14 @@ fn pipes_in_use_and_no_pipe_fallbacks() {
     let m = scrape(addr(aport));
     assert_eq!(fallbacks(&m, "spl", "no_pipe"), 1.0);
     assert_eq!(m.get("sluice_pipes_in_use", &[]), 2.0, "stalled + pooled");
+    // Lowered to 1 again: the pooled pipe is closed at once; the stalled
+    // transfer keeps its own.
+    std::fs::write(&sl.config, config("max_pipes = 1", aport, &routes)).unwrap();
+    sl.signal("HUP");
+    scrape_until(addr(aport), "the pooled pipe closed", |m| {
+        m.get("sluice_reloads_total", &[("result", "ok")]) == 2.0
+            && m.get("sluice_pipes_in_use", &[]) == 1.0
+    });
     drop(r);
 }
 

@@ -337,6 +337,8 @@ fn a_reload_can_raise_the_log_level() {
     common::admin::scrape_until(addr(aport), "the reload", |m| {
         m.get("sluice_reloads_total", &[("result", "ok")]) == 1.0
     });
-    assert_eq!(served(&sl, 2.0), 1, "one access line at info");
+    served(&sl, 2.0);
+    let a = sl.wait_access(1, Duration::from_secs(10));
+    assert_eq!(a.len(), 1, "one access line at info: {a:?}");
     sl.wait_log("reload ok", Duration::from_secs(5));
 }

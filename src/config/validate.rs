@@ -253,8 +253,8 @@ fn bind(
             &span,
             format!(
                 "listen address {addr} of {owner} has port 0: expected a port from 1 to 65535 \
-                 (a port the kernel picks would differ from worker to worker, and no client \
-                 could know it)"
+                 (no client could know a port the kernel picks, and each worker would get \
+                 its own)"
             ),
         ));
     }

@@ -197,6 +197,10 @@ mod tests {
         let lm = v.last_modified();
         let failed = |im: Option<&str>, ius: Option<&str>| precondition_failed(&v, im, ius);
         assert!(!failed(None, None));
+        assert!(
+            failed(Some(""), None),
+            "an If-Match that lists nothing readable"
+        );
         assert!(!failed(Some(&e), None));
         assert!(!failed(Some("*"), None));
         assert!(!failed(Some(&format!("\"a\", {e}")), None));
