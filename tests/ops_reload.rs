@@ -342,3 +342,30 @@ fn a_reload_can_raise_the_log_level() {
     assert_eq!(a.len(), 1, "one access line at info: {a:?}");
     sl.wait_log("reload ok", Duration::from_secs(5));
 }
+
+/// RUST_LOG that names only some targets leaves the others at
+/// `log_level`: `RUST_LOG=sluice=debug` adds debug lines and keeps the
+/// access log (target `access`) at the configured "info".
+#[test]
+fn rust_log_for_some_targets_keeps_log_level_for_the_rest() {
+    let a = Backend::named("a");
+    let port = free_port();
+    let toml = format!(
+        "[global]\nlog_level = \"info\"\n\n{}",
+        route("r", port, a.addr)
+    );
+    let sl = Sluice::start_in(
+        temp_dir("rust-log-targets"),
+        &toml,
+        &[("RUST_LOG", "sluice=debug")],
+    );
+    let mut c = connect(addr(port));
+    assert_eq!(read_line(&mut c), "a");
+    drop(c);
+    let lines = sl.wait_access(1, Duration::from_secs(10));
+    assert_eq!(lines[0]["route"], "r");
+    assert!(
+        sl.logs().iter().any(|l| l.contains(" DEBUG ")),
+        "RUST_LOG's own directive applies too"
+    );
+}
