@@ -71,7 +71,9 @@ impl PipeBudget {
     /// Set the cap (at start, and by a reload of `max_pipes`).
     pub fn set_cap(&self, cap: usize, workers: usize) {
         self.cap.store(cap, Ordering::Release);
-        let share = (cap / workers.max(1)).clamp(1, MAX_IDLE_PIPES);
+        // Fewer pipes than workers: none is kept idle, or one worker's
+        // idle pipe could shut another out of the budget for good.
+        let share = (cap / workers.max(1)).min(MAX_IDLE_PIPES);
         self.idle_share.store(share, Ordering::Relaxed);
     }
 
@@ -239,6 +241,39 @@ mod tests {
         pool.put(c, true);
         drop(pool);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn fewer_pipes_than_workers_are_never_kept_idle() {
+        // One pipe for two workers: a pipe given back is closed, so the
+        // other worker can make one.
+        let budget = PipeBudget::new(1, 2);
+        let mut a = PipePool::new(budget.clone());
+        let p = a.get(65536).expect("pipe");
+        a.put(p, true);
+        assert_eq!(budget.used(), 0);
+        let mut b = PipePool::new(budget.clone());
+        let q = b.get(65536).expect("worker b gets the budget's pipe");
+        b.put(q, true);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn trim_closes_idle_pipes_over_a_lowered_cap() {
+        let budget = PipeBudget::new(4, 1);
+        let mut a = PipePool::new(budget.clone());
+        let p: Vec<Pipe> = (0..3).map(|_| a.get(65536).expect("pipe")).collect();
+        for pipe in p {
+            a.put(pipe, true);
+        }
+        assert_eq!(budget.used(), 3, "three idle");
+        budget.set_cap(1, 1);
+        a.trim();
+        assert_eq!(budget.used(), 1, "down to the new share");
+        budget.set_cap(0, 1);
+        a.trim();
+        assert_eq!(budget.used(), 0);
+        assert!(a.get(65536).is_none(), "a cap of 0 makes none");
     }
 
     #[test]

@@ -71,7 +71,8 @@ pub struct Server {
     activated: Activated,
     workers: Vec<WorkerHandle>,
     pub stats: Arc<ProcessStats>,
-    /// RUST_LOG set: it wins over `log_level` on reloads too.
+    /// RUST_LOG set: logging stays as it started (RUST_LOG over the start
+    /// `log_level`); a reload that changes `log_level` only warns.
     env_log: bool,
     /// The main thread's poll: signals, admin, health checks.
     poll: Poll,
@@ -365,6 +366,11 @@ impl Server {
                 }
                 if !self.env_log {
                     log::set_max_level(cfg.global.log_level);
+                } else if cfg.global.log_level != self.cfg.global.log_level {
+                    log::warn!(
+                        "reload: `log_level` changed, but RUST_LOG is set: logging stays as it \
+                         started (unset RUST_LOG to let `log_level` rule, and restart)"
+                    );
                 }
                 let pipes = &self.shared.pipes;
                 if cfg.global.max_pipes != pipes.cap() {

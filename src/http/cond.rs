@@ -183,6 +183,7 @@ mod tests {
         let e = v.etag.clone();
         assert_eq!(span(Some("bytes=0-0"), Some(&e), &v, 100), Span::Part(0, 1));
         assert_eq!(span(Some("bytes=0-0"), Some("\"x\""), &v, 100), Span::Full);
+        assert_eq!(span(Some("bytes=0-0"), Some(""), &v, 100), Span::Full);
         let lm = v.last_modified();
         assert_eq!(
             span(Some("bytes=0-0"), Some(&lm), &v, 100),
@@ -237,5 +238,8 @@ mod tests {
         ));
         assert!(!not_modified(&v, None, Some("garbage")));
         assert!(!not_modified(&v, None, None));
+        // An If-None-Match that lists nothing readable matches nothing,
+        // and still takes precedence over If-Modified-Since.
+        assert!(!not_modified(&v, Some(""), Some(&v.last_modified())));
     }
 }

@@ -117,10 +117,16 @@ fn build(req: &httparse::Request, len: usize) -> Parsed {
             if framing {
                 return Parsed::Error(400);
             }
+            // Validators sluice cannot read match none of its own
+            // (ASCII) ETags or dates: the condition is there and matches
+            // nothing, never ignored (If-Match fails, If-None-Match and
+            // If-Range do not match, so the whole current file is sent).
             if name.eq_ignore_ascii_case("if-match") {
-                // Tags sluice cannot read match none of its own (ASCII)
-                // ETags: the precondition is there, and it fails.
                 r.if_match.get_or_insert_with(String::new);
+            } else if name.eq_ignore_ascii_case("if-none-match") {
+                r.if_none_match.get_or_insert_with(String::new);
+            } else if name.eq_ignore_ascii_case("if-range") {
+                r.if_range = Some(String::new());
             }
             continue; // not a header we read; opaque bytes are allowed
         };
@@ -310,8 +316,12 @@ mod tests {
         assert!(r.if_unmodified_since.is_some());
         // An If-Match that is not UTF-8 is still a precondition (that
         // matches nothing), never ignored.
-        match parse(b"GET / HTTP/1.1\r\nHost: x\r\nIf-Match: \"\xe9\"\r\n\r\n") {
-            Parsed::Complete(r, _) => assert_eq!(r.if_match.as_deref(), Some("")),
+        match parse(b"GET / HTTP/1.1\r\nHost: x\r\nIf-Match: \"\xe9\"\r\nIf-None-Match: \"\xe9\"\r\nIf-Range: \"\xe9\"\r\n\r\n") {
+            Parsed::Complete(r, _) => {
+                assert_eq!(r.if_match.as_deref(), Some(""));
+                assert_eq!(r.if_none_match.as_deref(), Some(""));
+                assert_eq!(r.if_range.as_deref(), Some(""));
+            }
             other => panic!("{other:?}"),
         }
     }
