@@ -262,17 +262,8 @@ impl Server {
                     let _ = w.waker.wake();
                 }
             }
-            if stopping.is_some()
-                && self
-                    .workers
-                    .iter()
-                    .all(|w| w.thread.as_ref().is_none_or(|t| t.is_finished()))
-            {
-                for w in &mut self.workers {
-                    if let Some(t) = w.thread.take() {
-                        let _ = t.join();
-                    }
-                }
+            if stopping.is_some() && self.workers_finished() {
+                self.join_finished();
                 log::info!("all connections finished; exiting");
                 return 0;
             }
@@ -286,20 +277,27 @@ impl Server {
     fn stop_now(&mut self) -> i32 {
         self.send(|| Cmd::Drain(Instant::now()));
         let end = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < end
-            && !self
-                .workers
-                .iter()
-                .all(|w| w.thread.as_ref().is_none_or(|t| t.is_finished()))
-        {
+        while Instant::now() < end && !self.workers_finished() {
             std::thread::sleep(Duration::from_millis(5));
         }
+        self.join_finished();
+        0
+    }
+
+    /// Every worker thread has returned.
+    fn workers_finished(&self) -> bool {
+        self.workers
+            .iter()
+            .all(|w| w.thread.as_ref().is_none_or(|t| t.is_finished()))
+    }
+
+    /// Join the worker threads that have returned.
+    fn join_finished(&mut self) {
         for w in &mut self.workers {
             if let Some(t) = w.thread.take_if(|t| t.is_finished()) {
                 let _ = t.join();
             }
         }
-        0
     }
 
     fn send(&self, make: impl Fn() -> Cmd) {

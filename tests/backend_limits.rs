@@ -36,6 +36,11 @@ fn config(workers: usize, aport: u16, port: u16, route: &str) -> String {
     )
 }
 
+/// A backend entry that holds one connection at most.
+fn one_slot(b: SocketAddr) -> String {
+    format!("{{ address = \"{b}\", max_connections = 1 }}")
+}
+
 fn waiting(m: &Metrics, route: &str) -> f64 {
     m.get("sluice_route_connections_waiting", &[("route", route)])
 }
@@ -70,10 +75,7 @@ fn clients_wait_for_a_full_backend_and_are_served_in_turn() {
     // Two workers: a slot freed on one must reach clients waiting on the
     // other (a missed wake-up would leave them to the 20 s queue_timeout,
     // and they would be turned away without an answer).
-    let backends = format!(
-        "backends = [{{ address = \"{}\", max_connections = 1 }}]",
-        b.backend.addr
-    );
+    let backends = format!("backends = [{}]", one_slot(b.backend.addr));
     let toml = config(
         2,
         aport,
@@ -173,8 +175,8 @@ fn a_client_that_waits_past_queue_timeout_is_turned_away() {
     let route = |name: &str, port: u16, extra: &str| {
         format!(
             "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\n{extra}\n\
-             backends = [{{ address = \"{}\", max_connections = 1 }}]\n\n",
-            b.backend.addr
+             backends = [{}]\n\n",
+            one_slot(b.backend.addr)
         )
     };
     let toml = format!(
@@ -331,9 +333,9 @@ fn a_backend_that_comes_up_takes_the_waiting_clients() {
     let (port, aport) = (free_port(), free_port());
     let route = format!(
         "queue_timeout = \"20s\"\n\
-         backends = [{{ address = \"{}\", max_connections = 1 }}, \"{late}\"]\n\
+         backends = [{}, \"{late}\"]\n\
          [route.health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 1",
-        a.backend.addr
+        one_slot(a.backend.addr)
     );
     let toml = config(2, aport, port, &route);
     let mut sl = Sluice::start("limits-rise", &toml);
@@ -368,10 +370,7 @@ fn a_backend_that_comes_up_takes_the_waiting_clients() {
 fn a_crowd_that_times_out_leaves_the_queue_clean() {
     let b = counted("b");
     let (port, aport) = (free_port(), free_port());
-    let backends = format!(
-        "backends = [{{ address = \"{}\", max_connections = 1 }}]",
-        b.backend.addr
-    );
+    let backends = format!("backends = [{}]", one_slot(b.backend.addr));
     let toml = config(
         1,
         aport,
@@ -447,9 +446,9 @@ fn full_primaries_make_clients_wait_instead_of_spilling_to_a_backup() {
     let backup = Backend::named("backup");
     let (port, aport) = (free_port(), free_port());
     let route = format!(
-        "queue_timeout = \"20s\"\nbackends = [{{ address = \"{}\", max_connections = 1 }}, \
-         {{ address = \"{}\", backup = true }}]",
-        p.backend.addr, backup.addr
+        "queue_timeout = \"20s\"\nbackends = [{}, {{ address = \"{}\", backup = true }}]",
+        one_slot(p.backend.addr),
+        backup.addr
     );
     let toml = config(1, aport, port, &route);
     let _sl = Sluice::start("limits-backup", &toml);
@@ -594,8 +593,8 @@ fn without_checks_waiting_clients_retry_a_downed_backend_when_due() {
     // backend DOWN; one client may retry it each 2 s interval).
     let route = format!(
         "queue_timeout = \"20s\"\n\
-         backends = [{{ address = \"{}\", max_connections = 1 }}, \"{late}\"]",
-        a.backend.addr
+         backends = [{}, \"{late}\"]",
+        one_slot(a.backend.addr)
     );
     let toml = config(1, aport, port, &route);
     let mut sl = Sluice::start("limits-passive", &toml);
@@ -632,8 +631,8 @@ fn a_client_that_fails_back_into_the_wait_is_queued_again() {
     let (port, aport) = (free_port(), free_port());
     let route = format!(
         "connect_timeout = \"1500ms\"\nqueue_timeout = \"5300ms\"\n\
-         backends = [{{ address = \"{}\", max_connections = 1 }}, \"{hole}\"]",
-        a.backend.addr
+         backends = [{}, \"{hole}\"]",
+        one_slot(a.backend.addr)
     );
     // Timing: W waits at t; at t+2s (the passive health interval) its
     // timer tries the hole, which times out at t+3.5s, too soon for

@@ -670,12 +670,7 @@ fn truncate_once(sl: &Sluice, p: u16, big: &Path) -> HashMap<String, String> {
     let total = 64 * MIB;
     gen_file(big, 3, total);
     let before = access_for(sl, "t").len();
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.set_recv_buffer_size(64 * 1024).unwrap();
-    s.connect_timeout(&addr(p).into(), Duration::from_secs(5))
-        .unwrap();
-    let mut c: std::net::TcpStream = s.into();
-    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut c = small_buffer_client(addr(p), 64 * 1024);
     c.write_all(b"GET /t.bin HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
     let mut r = BufReader::new(c);
@@ -951,12 +946,7 @@ fn raw_route_cut_short_resets_the_client() {
     let sl = start("files-raw-cut", dir.clone(), &routes);
     std::fs::remove_file(dir.join("gone.bin")).unwrap();
 
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.set_recv_buffer_size(64 * 1024).unwrap();
-    s.connect_timeout(&addr(p).into(), Duration::from_secs(5))
-        .unwrap();
-    let mut c: std::net::TcpStream = s.into();
-    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut c = small_buffer_client(addr(p), 64 * 1024);
     let mut first = vec![0u8; 100_000];
     c.read_exact(&mut first).unwrap();
     std::fs::OpenOptions::new()

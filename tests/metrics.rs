@@ -174,14 +174,7 @@ fn pipes_in_use_and_no_pipe_fallbacks() {
 
     // A client that reads the head and a little, then stops reading: the
     // transfer blocks on a full socket while holding the pipe.
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.set_recv_buffer_size(64 * 1024).unwrap();
-    s.connect_timeout(&addr(p).into(), Duration::from_secs(5))
-        .unwrap();
-    let mut stalled: TcpStream = s.into();
-    stalled
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    let mut stalled = small_buffer_client(addr(p), 64 * 1024);
     stalled
         .write_all(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
@@ -292,12 +285,7 @@ fn truncated_download(sl: &Sluice, p: u16, route: &str, file: &Path) -> HashMap<
     let total = 64 * MIB;
     gen_file(file, 3, total);
     let before = access_for(sl, route).len();
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.set_recv_buffer_size(64 * 1024).unwrap();
-    s.connect_timeout(&addr(p).into(), Duration::from_secs(5))
-        .unwrap();
-    let mut c: TcpStream = s.into();
-    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut c = small_buffer_client(addr(p), 64 * 1024);
     let name = file.file_name().unwrap().to_str().unwrap();
     c.write_all(format!("GET /{name} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
         .unwrap();

@@ -443,12 +443,7 @@ fn bytes_after_the_request_do_not_cut_the_answer() {
         backends.join(", ")
     );
     let _sl = Sluice::start("admin-extra-bytes", &toml);
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.set_recv_buffer_size(8 * 1024).unwrap();
-    s.connect_timeout(&addr(aport).into(), Duration::from_secs(5))
-        .unwrap();
-    let mut s: TcpStream = s.into();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = small_buffer_client(addr(aport), 8 * 1024);
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     let mut first = [0u8; 1024];

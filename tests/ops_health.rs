@@ -35,6 +35,20 @@ fn up(m: &Metrics, b: SocketAddr) -> f64 {
     bget(m, "sluice_backend_up", b)
 }
 
+/// A request head as text, or `None` if the peer went away first.
+fn read_request(s: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::Read;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.ends_with(b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&req).into_owned())
+}
+
 /// Names the backends answered with for `n` new connections.
 fn names(port: u16, n: usize) -> Vec<String> {
     (0..n)
@@ -231,7 +245,7 @@ fn without_checks_a_downed_primary_gets_its_traffic_back_from_the_backup() {
 
 #[test]
 fn http_checks_judge_the_status_not_just_the_connect() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     use std::sync::atomic::{AtomicU16, Ordering};
     use std::sync::{Arc, Mutex};
     // A backend that accepts every connect but answers the check with the
@@ -240,15 +254,9 @@ fn http_checks_judge_the_status_not_just_the_connect() {
     let seen = Arc::new(Mutex::new(Vec::<String>::new()));
     let (st, sn) = (status.clone(), seen.clone());
     let b = Backend::spawn(move |mut s| {
-        let mut req = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !req.ends_with(b"\r\n\r\n") {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => return String::new(),
-                Ok(n) => req.extend_from_slice(&buf[..n]),
-            }
-        }
-        let req = String::from_utf8_lossy(&req).to_string();
+        let Some(req) = read_request(&mut s) else {
+            return String::new();
+        };
         let code = st.load(Ordering::SeqCst);
         if req.starts_with("GET /health") {
             sn.lock().unwrap().push(req);
@@ -358,20 +366,14 @@ fn an_http_check_answer_split_over_several_segments_passes() {
 /// metrics' `backend` label and the `Host:` of its HTTP checks.
 #[test]
 fn a_reload_that_renames_a_backend_renames_it_everywhere() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     use std::sync::{Arc, Mutex};
     let hosts = Arc::new(Mutex::new(Vec::<String>::new()));
     let h2 = hosts.clone();
     let b = Backend::spawn(move |mut s| {
-        let mut req = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !req.ends_with(b"\r\n\r\n") {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => return String::new(),
-                Ok(n) => req.extend_from_slice(&buf[..n]),
-            }
-        }
-        let req = String::from_utf8_lossy(&req).to_string();
+        let Some(req) = read_request(&mut s) else {
+            return String::new();
+        };
         if let Some(h) = req.lines().find_map(|l| l.strip_prefix("Host: ")) {
             h2.lock().unwrap().push(h.to_string());
         }

@@ -14,7 +14,7 @@ use std::time::UNIX_EPOCH;
 use super::View;
 use crate::conn::End;
 use crate::route::{BackendRt, RouteRt};
-use crate::stats::{BUCKET_LABELS, Counters, Snapshot};
+use crate::stats::{BUCKETS_US, Counters, Snapshot, le_label};
 
 /// Builds the exposition text one family at a time.
 struct Out(String);
@@ -45,11 +45,13 @@ impl Out {
     fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &Snapshot) {
         let bucket = format!("{name}_bucket");
         let mut seen = 0;
-        let les = BUCKET_LABELS.iter().copied().chain(std::iter::once("+Inf"));
-        for (n, le) in h.counts.iter().zip(les) {
+        for (i, n) in h.counts.iter().enumerate() {
             seen += n;
+            let le = BUCKETS_US
+                .get(i)
+                .map_or("+Inf".to_string(), |&us| le_label(us));
             let mut l = labels.to_vec();
-            l.push(("le", le));
+            l.push(("le", &le));
             self.sample(&bucket, &l, seen);
         }
         let sum = h.sum_us as f64 / 1e6;

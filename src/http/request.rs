@@ -112,6 +112,7 @@ fn build(req: &httparse::Request, len: usize) -> Parsed {
                 return Parsed::Error(400); // RFC 9112 §3.2: exactly one Host
             }
             host = true;
+            continue; // counted, whatever its bytes; its value is not used
         }
         let Ok(v) = std::str::from_utf8(h.value) else {
             if framing {
@@ -131,9 +132,7 @@ fn build(req: &httparse::Request, len: usize) -> Parsed {
             continue; // not a header we read; opaque bytes are allowed
         };
         let v = v.trim();
-        if name.eq_ignore_ascii_case("host") {
-            // counted above
-        } else if name.eq_ignore_ascii_case("connection") {
+        if name.eq_ignore_ascii_case("connection") {
             for t in v.split(',').map(str::trim) {
                 if t.eq_ignore_ascii_case("close") {
                     close = true;

@@ -639,6 +639,19 @@ pub fn blackhole() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {
     (a, fill, s)
 }
 
+/// A client with a receive buffer of `rcvbuf` bytes, so what a server
+/// sends piles up on the server's side as soon as the client stops
+/// reading. Reads time out after 60 s.
+pub fn small_buffer_client(addr: SocketAddr, rcvbuf: usize) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(rcvbuf).unwrap();
+    s.connect_timeout(&addr.into(), Duration::from_secs(5))
+        .unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s
+}
+
 /// Connect with a timeout and read/write timeouts so a broken proxy
 /// fails the test instead of hanging it.
 pub fn connect(addr: SocketAddr) -> TcpStream {
