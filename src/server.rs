@@ -429,6 +429,7 @@ impl Server {
             max_connections: g.max_connections,
             open_file_cache: g.open_file_cache,
             open_file_cache_inactive: g.open_file_cache_inactive,
+            busy_poll: g.busy_poll,
         });
         self.send(|| Cmd::Load(closed.clone()));
         self.generation = closed;
@@ -539,6 +540,7 @@ fn build_generation(
         max_connections: cfg.global.max_connections,
         open_file_cache: open_file_cache(cfg, workers),
         open_file_cache_inactive: cfg.global.open_file_cache_inactive,
+        busy_poll: cfg.global.busy_poll,
     })
 }
 

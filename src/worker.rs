@@ -15,6 +15,13 @@
 //! Commands from the main thread (new generation, drain, stop) arrive on
 //! a channel with a mio `Waker`.
 //!
+//! With `busy_poll` set, a poll that found events starts a window during
+//! which the worker polls with a zero timeout instead of sleeping: events
+//! that come in quick succession then find it awake, and whoever sends
+//! them is spared waking it (an inter-processor interrupt, dear in a
+//! virtual machine). The window ends `busy_poll` after the last event,
+//! so an idle worker sleeps as before.
+//!
 //! A session that stopped only because its turn's budget ran out (a file
 //! session that sent `send_chunk`) says `wants_turn`; the worker keeps it
 //! on a small ready list and runs it again on the next loop turn with a
@@ -77,6 +84,9 @@ pub struct Generation {
     /// Size of each worker's open-file cache (`file_conn::OpenFiles`).
     pub open_file_cache: usize,
     pub open_file_cache_inactive: Duration,
+    /// `busy_poll`: how long the worker keeps polling without sleeping
+    /// after a poll that found events.
+    pub busy_poll: Duration,
 }
 
 /// State shared by every worker for the life of the process.
@@ -321,13 +331,15 @@ impl Worker {
             crate::pump::file::lease_watched();
         }
         let mut events = Events::with_capacity(1024);
+        // Until when an empty poll does not sleep (`busy_poll`).
+        let mut spin_until = Instant::now();
         loop {
             let now = Instant::now();
             let idle = self.backlog.is_empty()
                 && self.ready.is_empty()
                 && !self.freed_here
                 && !self.slot_freed;
-            let timeout = if idle {
+            let timeout = if idle && now >= spin_until {
                 self.next_wakeup().map(|t| t.saturating_duration_since(now))
             } else {
                 Some(Duration::ZERO)
@@ -342,6 +354,10 @@ impl Worker {
                 std::process::abort();
             }
             let now = Instant::now();
+            if !events.is_empty() {
+                // Zero when busy_poll is off: then it never delays a sleep.
+                spin_until = now + self.generation.busy_poll;
+            }
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => {

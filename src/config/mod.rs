@@ -131,6 +131,9 @@ pub struct Global {
     pub open_file_cache: usize,
     /// A cached file unused for this long is closed.
     pub open_file_cache_inactive: Duration,
+    /// After a poll that found events, a worker polls without sleeping
+    /// for this long before it blocks; zero = never (the default).
+    pub busy_poll: Duration,
 }
 
 #[derive(Debug, Clone)]

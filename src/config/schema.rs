@@ -40,6 +40,7 @@ pub struct RawGlobal {
     pub workers: Option<Spanned<u64>>,
     pub open_file_cache: Option<Spanned<u64>>,
     pub open_file_cache_inactive: Option<Spanned<Dur>>,
+    pub busy_poll: Option<Spanned<Dur>>,
 }
 
 /// `[admin]`

@@ -96,6 +96,7 @@ fn defaults() {
     assert_eq!(cfg.global.workers, 1);
     assert_eq!(cfg.global.open_file_cache, 1000);
     assert_eq!(cfg.global.open_file_cache_inactive, Duration::from_secs(20));
+    assert_eq!(cfg.global.busy_poll, Duration::ZERO);
     assert!(cfg.admin.is_none());
 
     let p = &cfg.routes[0];
@@ -149,6 +150,7 @@ log_level = "debug"
 workers = 0
 open_file_cache = 0
 open_file_cache_inactive = "3s"
+busy_poll = "50us"
 
 [admin]
 listen = "127.0.0.1:9900"
@@ -197,6 +199,7 @@ dotfiles = true
     assert!(cfg.global.workers >= 1);
     assert_eq!(cfg.global.open_file_cache, 0);
     assert_eq!(cfg.global.open_file_cache_inactive, Duration::from_secs(3));
+    assert_eq!(cfg.global.busy_poll, Duration::from_micros(50));
     assert_eq!(
         cfg.admin.as_ref().unwrap().listen,
         "127.0.0.1:9900".parse().unwrap()
@@ -976,6 +979,18 @@ fn paths_must_exist_with_the_right_type() {
 #[test]
 fn zero_and_out_of_range_values() {
     let dir = Dir::new();
+    rejects(
+        &dir,
+        &format!("[global]\nbusy_poll = \"11ms\"\n{PROXY}"),
+        "t.toml:2:13: busy_poll of 11ms is too long: expected at most 10ms",
+    );
+    assert_eq!(
+        dir.parse(&format!("[global]\nbusy_poll = \"10ms\"\n{PROXY}"))
+            .unwrap()
+            .global
+            .busy_poll,
+        Duration::from_millis(10)
+    );
     rejects(
         &dir,
         &format!("{PROXY}pipe_size = 0\n"),

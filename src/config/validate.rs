@@ -16,7 +16,7 @@ use toml::Spanned;
 use super::error::{ConfigError, Source};
 use super::net;
 use super::route;
-use super::schema::{RawAdmin, RawConfig, RawGlobal, RawRoute};
+use super::schema::{Dur, RawAdmin, RawConfig, RawGlobal, RawRoute};
 use super::values;
 use super::{Admin, Config, Global};
 
@@ -141,7 +141,26 @@ fn global(src: &Source, raw: Option<&Spanned<RawGlobal>>) -> Result<Global, Conf
             g.and_then(|g| g.open_file_cache_inactive.as_ref()),
             Duration::from_secs(20),
         )?,
+        busy_poll: busy_poll(src, g.and_then(|g| g.busy_poll.as_ref()))?,
     })
+}
+
+/// Longest busy-poll window: past a few milliseconds a worker that is
+/// meant to sleep between bursts is a spinning core.
+const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
+
+fn busy_poll(src: &Source, value: Option<&Spanned<Dur>>) -> Result<Duration, ConfigError> {
+    match value {
+        Some(v) if v.get_ref().0 > MAX_BUSY_POLL => Err(src.error(
+            &v.span(),
+            format!(
+                "busy_poll of {:?} is too long: expected at most 10ms (\"0\" turns it off; \
+                 20us to 200us covers the gaps between events of a busy worker)",
+                v.get_ref().0
+            ),
+        )),
+        _ => values::duration(src, "busy_poll", value, Duration::ZERO),
+    }
 }
 
 fn admin(

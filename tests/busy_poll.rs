@@ -1,0 +1,110 @@
+//! `busy_poll` through the real binary: with it set (here by a reload),
+//! the worker stays awake through short gaps between events instead of
+//! sleeping in each, and once traffic stops it sleeps again rather than
+//! spin. Seen from outside: the worker thread's voluntary context
+//! switches (/proc/PID/task/TID/status), which grow only when it blocks,
+//! and the process's CPU time while idle. Every exchange checks the
+//! bytes echoed back.
+//!
+//! A file of its own: the test binary then runs alone, so the gaps it
+//! leaves are the gaps sluice sees.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+const EXCHANGES: usize = 40;
+const GAP: Duration = Duration::from_millis(2);
+
+fn config(port: u16, backend: SocketAddr, busy_poll: &str) -> String {
+    format!(
+        "[global]\nbusy_poll = \"{busy_poll}\"\n\n[[route]]\nname = \"r\"\n\
+         listen = \"127.0.0.1:{port}\"\nbackends = [\"{backend}\"]\n"
+    )
+}
+
+/// Voluntary context switches of worker 0 so far.
+fn worker_sleeps(sl: &Sluice) -> u64 {
+    let tasks = format!("/proc/{}/task", sl.pid());
+    for t in std::fs::read_dir(&tasks).unwrap() {
+        let dir = t.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != "sluice-w0" {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+            .unwrap();
+        return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    }
+    panic!("no sluice-w0 thread under {tasks}");
+}
+
+/// One connection through the proxy: `EXCHANGES` small echoes, `GAP`
+/// apart; returns how often worker 0 slept meanwhile.
+fn spaced_exchanges(sl: &Sluice, port: u16) -> u64 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_nodelay(true).unwrap();
+    assert_eq!(read_line(&mut s), "b");
+    let before = worker_sleeps(sl);
+    for i in 0..EXCHANGES {
+        let msg = format!("exchange {i:04}\n");
+        s.write_all(msg.as_bytes()).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg.as_bytes(), "echo {i}");
+        thread::sleep(GAP);
+    }
+    worker_sleeps(sl) - before
+}
+
+#[test]
+fn busy_poll_keeps_the_worker_awake_through_short_gaps_then_sleeps() {
+    let b = Backend::named("b");
+    let port = free_port();
+    let mut sl = Sluice::start("busy-poll", &config(port, b.addr, "0"));
+
+    // Off: every gap, and every wait for the backend's echo, is a sleep.
+    let off = spaced_exchanges(&sl, port);
+    assert!(
+        off >= EXCHANGES as u64,
+        "with busy_poll off the worker slept only {off} times in {EXCHANGES} spaced exchanges"
+    );
+
+    std::fs::write(&sl.config, config(port, b.addr, "10ms")).unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
+
+    // On, with a window five times the gap: the worker stays awake. A
+    // few sleeps are allowed for a gap stretched by the scheduler.
+    let on = spaced_exchanges(&sl, port);
+    assert!(
+        on <= EXCHANGES as u64 / 4,
+        "with busy_poll = 10ms the worker slept {on} times in {EXCHANGES} exchanges {GAP:?} apart \
+         (off: {off})"
+    );
+
+    // Idle again: the window ends 10 ms after the last event, so half a
+    // second later the process must be asleep, not spinning.
+    thread::sleep(Duration::from_millis(200));
+    let (cpu, sleeps) = (sl.cpu_time(), worker_sleeps(&sl));
+    thread::sleep(Duration::from_millis(500));
+    let used = sl.cpu_time() - cpu;
+    assert!(
+        used < Duration::from_millis(150),
+        "idle for 500 ms with busy_poll = 10ms, sluice used {used:?} of CPU"
+    );
+    assert!(
+        worker_sleeps(&sl) - sleeps <= 1,
+        "an idle worker woke up {} times",
+        worker_sleeps(&sl) - sleeps
+    );
+}
