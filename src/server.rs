@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -430,6 +430,7 @@ impl Server {
             open_file_cache: g.open_file_cache,
             open_file_cache_inactive: g.open_file_cache_inactive,
             busy_poll: g.busy_poll,
+            handoff: Mutex::new((0..self.workers.len()).map(|_| Vec::new()).collect()),
         });
         self.send(|| Cmd::Load(closed.clone()));
         self.generation = closed;
@@ -516,6 +517,29 @@ fn build_generation(
             });
         }
     }
+    // Every worker's own descriptors, made here so that running out of
+    // them fails the whole reload instead of leaving a worker behind on
+    // the old listeners while the log says the reload went well.
+    let handoff = match duplicate_listeners(&listeners, workers) {
+        Ok(h) => h,
+        Err(e) => {
+            for a in &fresh {
+                sockets.remove(a);
+            }
+            let hint = if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                " (out of file descriptors: raise the limit, LimitNOFILE= under systemd, or \
+                 lower open_file_cache)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "{}: cannot give {workers} worker(s) their own descriptors of {} listening \
+                 socket(s): {e}{hint}",
+                cfg.path.display(),
+                listeners.len()
+            ));
+        }
+    };
     // Only now that the generation stands: a reload that fails must not
     // change the sockets the running one listens on. A socket sluice never
     // turned keepalive on for keeps what it came with (a socket unit's
@@ -541,7 +565,25 @@ fn build_generation(
         open_file_cache: open_file_cache(cfg, workers),
         open_file_cache_inactive: cfg.global.open_file_cache_inactive,
         busy_poll: cfg.global.busy_poll,
+        handoff: Mutex::new(handoff),
     })
+}
+
+/// One duplicate of each listener's socket for each worker (its own
+/// socket of the group with SO_REUSEPORT, else the one shared socket), in
+/// listener order; all or nothing.
+fn duplicate_listeners(
+    listeners: &[SharedListener],
+    workers: usize,
+) -> io::Result<Vec<Vec<std::net::TcpListener>>> {
+    (0..workers)
+        .map(|w| {
+            listeners
+                .iter()
+                .map(|l| l.socks[w % l.socks.len()].try_clone())
+                .collect()
+        })
+        .collect()
 }
 
 /// Turn TCP keepalive on (probes after `idle` without traffic) or off on

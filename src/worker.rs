@@ -39,7 +39,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
@@ -87,6 +87,11 @@ pub struct Generation {
     /// `busy_poll`: how long the worker keeps polling without sleeping
     /// after a poll that found events.
     pub busy_poll: Duration,
+    /// Each worker's own descriptors of `listeners`, in their order, made
+    /// by the main thread before the generation was announced (so a
+    /// reload that cannot make them fails whole, see
+    /// `server::duplicate_listeners`); a worker takes its set as it loads.
+    pub handoff: Mutex<Vec<Vec<std::net::TcpListener>>>,
 }
 
 /// State shared by every worker for the life of the process.
@@ -247,21 +252,29 @@ impl Worker {
     }
 
     /// Swap in a generation's listeners. Sockets are shared, so nothing is
-    /// closed or re-bound: only this worker's registrations change.
+    /// closed or re-bound: only this worker's registrations change, using
+    /// the duplicates the main thread made for it.
     fn load(&mut self, generation: Arc<Generation>) -> io::Result<()> {
-        // First, and whatever happens next: emptying the open-file cache
-        // gives back descriptors the duplicates below may need.
         self.files.configure(
             generation.open_file_cache,
             generation.open_file_cache_inactive,
         );
-        // Duplicate every socket first: if that fails (out of descriptors)
-        // this worker keeps listening on the old set, not on half of each.
-        let socks = generation
-            .listeners
-            .iter()
-            .map(|l| l.socks[self.id % l.socks.len()].try_clone())
-            .collect::<io::Result<Vec<_>>>()?;
+        let socks = {
+            let mut h = generation
+                .handoff
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            h.get_mut(self.id).map(std::mem::take).unwrap_or_default()
+        };
+        if socks.len() != generation.listeners.len() {
+            // Cannot happen: each worker loads a generation once.
+            return Err(io::Error::other(format!(
+                "generation {} holds {} listening sockets for this worker, not {}",
+                generation.id,
+                socks.len(),
+                generation.listeners.len()
+            )));
+        }
         self.unlisten();
         for (l, sock) in generation.listeners.iter().zip(socks) {
             let mut sock = TcpListener::from_std(sock);

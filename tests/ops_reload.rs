@@ -1,8 +1,9 @@
 //! Live reload (SIGHUP) and the systemd notifications around it, through
 //! the real binary: READY/RELOADING/STOPPING on a NOTIFY_SOCKET the test
 //! binds, 20 reloads under a client loop with zero failures, a bad config
-//! that leaves the old one serving, and a reload that changes backends
-//! and routes while a connection stays open on the old ones.
+//! that leaves the old one serving, a reload short of file descriptors
+//! that fails whole, and a reload that changes backends and routes while
+//! a connection stays open on the old ones.
 
 mod common;
 
@@ -369,4 +370,95 @@ fn rust_log_for_some_targets_keeps_log_level_for_the_rest() {
         sl.logs().iter().any(|l| l.contains(" DEBUG ")),
         "RUST_LOG's own directive applies too"
     );
+}
+
+/// Soft and hard RLIMIT_NOFILE of a process, from /proc/PID/limits.
+fn fd_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    (f[3].to_string(), f[4].to_string())
+}
+
+fn set_fd_limits(pid: u32, soft: &str, hard: &str) {
+    let st = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft}:{hard}"))
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(st.success(), "prlimit --pid={pid} --nofile={soft}:{hard}");
+}
+
+/// Each worker needs its own descriptor of every listening socket. When
+/// the process cannot make them, the reload fails as a whole, with a
+/// message that says why and what to do, and every worker keeps the
+/// previous configuration. (Each worker used to make its own and, on
+/// failure, stay behind on the old listeners while the log said "reload
+/// ok": two workers could serve two configurations.)
+#[test]
+fn a_reload_short_of_descriptors_fails_whole() {
+    let (a, b) = (Backend::named("a"), Backend::named("b"));
+    let (p1, p2, aport) = (free_port(), free_port(), free_port());
+    let head = format!("[global]\nworkers = 2\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n");
+    let mut sl = Sluice::start(
+        "reload-fds",
+        &format!(
+            "{head}{}{}",
+            route("r1", p1, a.addr),
+            route("r2", p2, a.addr)
+        ),
+    );
+    std::fs::write(
+        &sl.config,
+        format!(
+            "{head}{}{}",
+            route("r1", p1, b.addr),
+            route("r2", p2, a.addr)
+        ),
+    )
+    .unwrap();
+
+    // Room for reading the file, not for the four duplicates (2 workers
+    // x 2 listeners) the new generation needs.
+    let pid = sl.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let (soft, hard) = fd_limits(pid);
+    // The soft limit only: raising a hard limit again needs
+    // CAP_SYS_RESOURCE, which a container may not have.
+    let tight = (open + 2).to_string();
+    set_fd_limits(pid, &tight, &hard);
+    sl.signal("HUP");
+    let line = sl.wait_log("reload failed", Duration::from_secs(10));
+    set_fd_limits(pid, &soft, &hard);
+    assert!(
+        line.contains("cannot give 2 worker(s) their own descriptors of 2 listening socket(s)")
+            && line.contains("out of file descriptors")
+            && line.contains("still serving the previous configuration"),
+        "{line}"
+    );
+    assert_eq!(sl.count_log("reload ok"), 0);
+
+    // Both workers still serve generation 1: every client of r1 meets a.
+    for i in 0..16 {
+        let mut c = connect(addr(p1));
+        assert_eq!(read_line(&mut c), "a", "client {i} after the failed reload");
+    }
+    let m = scrape(addr(aport));
+    assert_eq!(m.get("sluice_reloads_total", &[("result", "failed")]), 1.0);
+    assert_eq!(m.get("sluice_config_generation", &[]), 1.0);
+
+    // With descriptors to spare, the same file loads.
+    sl.signal("HUP");
+    sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
+    for i in 0..16 {
+        let mut c = connect(addr(p1));
+        assert_eq!(read_line(&mut c), "b", "client {i} after the good reload");
+    }
+    let mut c = connect(addr(p2));
+    assert_eq!(read_line(&mut c), "a");
 }
