@@ -338,11 +338,16 @@ impl Server {
                 };
                 // The worker count is fixed for the life of the process:
                 // size socket groups and counters for the running workers.
+                let workers = &self.workers;
+                let running = Running {
+                    generation: &self.generation,
+                    empty_file_caches: &|| empty_file_caches(workers),
+                };
                 let generation = build_generation(
                     &cfg,
-                    self.workers.len(),
+                    workers.len(),
                     self.generation.id + 1,
-                    Some(&self.generation),
+                    Some(running),
                     &mut self.sockets,
                     &mut self.keepalive,
                     &self.activated,
@@ -459,17 +464,26 @@ fn open_file_cache(cfg: &Config, workers: usize) -> usize {
     want
 }
 
+/// What a reload builds on: the generation being replaced, and a way to
+/// have its workers close the files they cache (descriptors a reload may
+/// need, see `duplicate_listeners`).
+struct Running<'a> {
+    generation: &'a Generation,
+    empty_file_caches: &'a dyn Fn() -> usize,
+}
+
 /// Build a generation from a config, reusing sockets bound to the same
 /// address and route state of routes with the same name.
 fn build_generation(
     cfg: &Config,
     workers: usize,
     id: u64,
-    prev: Option<&Generation>,
+    running: Option<Running<'_>>,
     sockets: &mut HashMap<SocketAddr, Group>,
     keepalive: &mut HashSet<SocketAddr>,
     activated: &Activated,
 ) -> Result<Generation, String> {
+    let prev = running.as_ref().map(|r| r.generation);
     let mut routes = Vec::new();
     let mut listeners = Vec::new();
     let mut fresh: Vec<SocketAddr> = Vec::new();
@@ -520,17 +534,36 @@ fn build_generation(
     // Every worker's own descriptors, made here so that running out of
     // them fails the whole reload instead of leaving a worker behind on
     // the old listeners while the log says the reload went well.
+    // Files the workers keep open for file routes come back first (a
+    // reload empties those caches anyway).
     let handoff = match duplicate_listeners(&listeners, workers) {
+        Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
+            match running.as_ref().map_or(0, |r| (r.empty_file_caches)()) {
+                0 => Err(e),
+                n => {
+                    log::info!(
+                        "out of file descriptors for the listeners: closed the {n} files the \
+                     workers had cached, trying again"
+                    );
+                    duplicate_listeners(&listeners, workers)
+                }
+            }
+        }
+        r => r,
+    };
+    let handoff = match handoff {
         Ok(h) => h,
         Err(e) => {
             for a in &fresh {
                 sockets.remove(a);
             }
-            let hint = if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
-                " (out of file descriptors: raise the limit, LimitNOFILE= under systemd, or \
-                 lower open_file_cache)"
-            } else {
-                ""
+            let hint = match e.raw_os_error() {
+                Some(libc::EMFILE) => {
+                    " (this process is out of file descriptors: raise its limit, \
+                     LimitNOFILE= under systemd)"
+                }
+                Some(libc::ENFILE) => " (the system's file table is full: see fs.file-max)",
+                _ => "",
             };
             return Err(format!(
                 "{}: cannot give {workers} worker(s) their own descriptors of {} listening \
@@ -567,6 +600,25 @@ fn build_generation(
         busy_poll: cfg.global.busy_poll,
         handoff: Mutex::new(handoff),
     })
+}
+
+/// Have every worker close the files its open-file cache holds (each
+/// does at its next loop turn); how many they closed, counting those that
+/// answered within 2 s.
+fn empty_file_caches(workers: &[WorkerHandle]) -> usize {
+    let (tx, rx) = mpsc::channel();
+    for w in workers {
+        if w.tx.send(Cmd::EmptyFileCache(tx.clone())).is_ok() {
+            let _ = w.waker.wake();
+        }
+    }
+    drop(tx);
+    let end = Instant::now() + Duration::from_secs(2);
+    let mut closed = 0;
+    while let Ok(n) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        closed += n;
+    }
+    closed
 }
 
 /// One duplicate of each listener's socket for each worker (its own

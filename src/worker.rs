@@ -112,6 +112,9 @@ pub enum Cmd {
     Load(Arc<Generation>),
     /// Stop accepting; finish open connections until the deadline.
     Drain(Instant),
+    /// Close every file of the open-file cache and say how many: a reload
+    /// short of descriptors for its listeners asks before it tries again.
+    EmptyFileCache(std::sync::mpsc::Sender<usize>),
 }
 
 struct Listener {
@@ -423,6 +426,9 @@ impl Worker {
                     }
                     // The reload may have lowered max_pipes.
                     self.pipes.trim();
+                }
+                Cmd::EmptyFileCache(done) => {
+                    let _ = done.send(self.files.clear());
                 }
                 Cmd::Drain(deadline) => {
                     self.unlisten();

@@ -432,6 +432,10 @@ fn a_reload_short_of_descriptors_fails_whole() {
     // CAP_SYS_RESOURCE, which a container may not have.
     let tight = (open + 2).to_string();
     set_fd_limits(pid, &tight, &hard);
+    let now = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    assert_eq!(now, open, "sluice opened a descriptor meanwhile");
     sl.signal("HUP");
     let line = sl.wait_log("reload failed", Duration::from_secs(10));
     set_fd_limits(pid, &soft, &hard);
@@ -461,4 +465,80 @@ fn a_reload_short_of_descriptors_fails_whole() {
     }
     let mut c = connect(addr(p2));
     assert_eq!(read_line(&mut c), "a");
+}
+
+/// Descriptors held by the open-file cache come back before a reload
+/// gives up for want of them: every worker empties its cache (a reload
+/// empties it anyway) and the reload tries once more.
+#[test]
+fn a_reload_short_of_descriptors_first_empties_the_file_caches() {
+    use common::admin::request;
+    let dir = temp_dir("reload-fds-cache");
+    let www = dir.join("www");
+    std::fs::create_dir(&www).unwrap();
+    for i in 0..24 {
+        std::fs::write(www.join(format!("f{i:02}.txt")), format!("file {i:02}\n")).unwrap();
+    }
+    let (a, b) = (Backend::named("a"), Backend::named("b"));
+    let (files, p) = (free_port(), free_port());
+    let cfg = |backend: SocketAddr| {
+        format!(
+            "[global]\nopen_file_cache = 100\n\n[[route]]\nname = \"files\"\n\
+             listen = \"127.0.0.1:{files}\"\nroot = \"www\"\n\n{}",
+            route("r", p, backend)
+        )
+    };
+    let mut sl = Sluice::start_in(dir, &cfg(a.addr), &[]);
+    let pid = sl.pid();
+    let now = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    // Once sluice has closed what the last client left behind.
+    let count = || loop {
+        let n = now();
+        thread::sleep(Duration::from_millis(50));
+        if now() == n {
+            return n;
+        }
+    };
+    let fetch = |i: usize| {
+        let r = request(
+            addr(files),
+            format!("GET /f{i:02}.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, format!("file {i:02}\n").as_str())
+        );
+    };
+    let before = count();
+    for i in 0..24 {
+        fetch(i);
+    }
+    let cached = count() - before;
+    assert!(
+        cached >= 20,
+        "the cache holds {cached} more descriptors after 24 files"
+    );
+
+    std::fs::write(&sl.config, cfg(b.addr)).unwrap();
+    let open = count();
+    let (soft, hard) = fd_limits(pid);
+    set_fd_limits(pid, &(open + 1).to_string(), &hard);
+    assert_eq!(now(), open, "sluice opened a descriptor meanwhile");
+    sl.signal("HUP");
+    sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
+    set_fd_limits(pid, &soft, &hard);
+    assert_eq!(
+        sl.count_log("files the workers had cached, trying again"),
+        1
+    );
+    assert_eq!(sl.count_log("reload failed"), 0);
+    let mut c = connect(addr(p));
+    assert_eq!(read_line(&mut c), "b");
+    for i in [0, 23] {
+        fetch(i);
+    }
 }

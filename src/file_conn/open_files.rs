@@ -101,6 +101,15 @@ impl OpenFiles {
         self.lru.is_some()
     }
 
+    /// Close every cached file; how many there were.
+    pub fn clear(&mut self) -> usize {
+        self.lru.as_mut().map_or(0, |lru| {
+            let n = lru.len();
+            lru.clear();
+            n
+        })
+    }
+
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.lru.as_ref().map_or(0, LruCache::len)
