@@ -49,6 +49,22 @@ pub struct ProcessStats {
     pub reloads_failed: AtomicU64,
 }
 
+/// A reload reads its file on a thread of its own: resolving a backend's
+/// host name can take seconds, and the main thread meanwhile answers the
+/// admin endpoint, runs health checks and hears stop signals. It looks
+/// for the result every `LOADER_TICK` (no waker: a reload is rare, and
+/// the main poll's registrations stay as they were).
+#[derive(Default)]
+struct Loader {
+    /// The reload under way, if any: its result arrives here.
+    pending: Option<mpsc::Receiver<Result<Config, String>>>,
+    /// Another SIGHUP came meanwhile: reload again once this one is done
+    /// (the file may have changed after it was read).
+    again: bool,
+}
+
+const LOADER_TICK: Duration = Duration::from_millis(10);
+
 struct WorkerHandle {
     tx: Sender<Cmd>,
     waker: Arc<Waker>,
@@ -79,6 +95,7 @@ pub struct Server {
     signals: Signals,
     admin: Admin,
     checker: Checker,
+    loader: Loader,
     started: SystemTime,
 }
 
@@ -192,6 +209,7 @@ impl Server {
             signals,
             admin,
             checker,
+            loader: Loader::default(),
             started: SystemTime::now(),
         })
     }
@@ -208,11 +226,14 @@ impl Server {
                 .flatten()
                 .min()
                 .map(|t| t.saturating_duration_since(now));
-            let timeout = match stopping {
-                Some(_) => Some(wake.map_or(Duration::from_millis(50), |w| {
-                    w.min(Duration::from_millis(50))
-                })),
-                None => wake,
+            let tick = match (stopping, &self.loader.pending) {
+                (Some(_), _) => Some(Duration::from_millis(50)),
+                (None, Some(_)) => Some(LOADER_TICK),
+                (None, None) => None,
+            };
+            let timeout = match (wake, tick) {
+                (Some(w), Some(t)) => Some(w.min(t)),
+                (w, t) => w.or(t),
             };
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
@@ -242,6 +263,9 @@ impl Server {
                         match sig {
                             SIGHUP if stopping.is_none() => self.reload(),
                             SIGTERM | SIGINT if stopping.is_none() => {
+                                // A reload still reading its file is dropped.
+                                self.loader.pending = None;
+                                self.loader.again = false;
                                 stopping = Some(self.drain());
                             }
                             SIGTERM | SIGINT => {
@@ -253,6 +277,7 @@ impl Server {
                     }
                 }
             }
+            self.loaded();
             let now = Instant::now();
             self.admin.expire(self.poll.registry(), now);
             self.checker.run(self.poll.registry(), now);
@@ -308,8 +333,17 @@ impl Server {
         }
     }
 
-    /// SIGHUP: re-read the file; keep serving the old config if it is bad.
+    /// SIGHUP: start reading the file on a thread of its own (`loaded`
+    /// goes on when it is read); one SIGHUP during a reload makes another
+    /// follow it.
     fn reload(&mut self) {
+        if self.loader.pending.is_some() {
+            if !self.loader.again {
+                log::info!("reload requested during a reload: reloading again after it");
+            }
+            self.loader.again = true;
+            return;
+        }
         let usec = sd_notify::NotifyState::monotonic_usec_now();
         let mut msg = vec![sd_notify::NotifyState::Reloading];
         if let Ok(u) = usec {
@@ -317,43 +351,78 @@ impl Server {
         }
         notify(&msg);
         log::info!("reloading {}", self.path.display());
-        let result = config::load(&self.path)
-            .map_err(|e| e.to_string())
-            .and_then(|cfg| {
-                // A new admin address is bound before anything changes, so
-                // a failure leaves the old configuration whole.
-                let want = cfg.admin.as_ref().map(|a| a.listen);
-                let admin = match want {
-                    Some(a) if Some(a) != self.admin.addr() => match bind(a) {
-                        Ok(s) => Some(Some((a, s))),
-                        Err(e) => {
-                            return Err(format!(
-                                "{}: admin: cannot listen on {a}: {e}",
-                                cfg.path.display()
-                            ));
-                        }
-                    },
-                    None if self.admin.addr().is_some() => Some(None),
-                    _ => None,
-                };
-                // The worker count is fixed for the life of the process:
-                // size socket groups and counters for the running workers.
-                let workers = &self.workers;
-                let running = Running {
-                    generation: &self.generation,
-                    empty_file_caches: &|| empty_file_caches(workers),
-                };
-                let generation = build_generation(
-                    &cfg,
-                    workers.len(),
-                    self.generation.id + 1,
-                    Some(running),
-                    &mut self.sockets,
-                    &mut self.keepalive,
-                    &self.activated,
-                )?;
-                Ok((cfg, generation, admin))
+        let (tx, rx) = mpsc::channel();
+        let path = self.path.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sluice-reload".into())
+            .spawn(move || {
+                #[cfg(debug_assertions)]
+                slow_reload_failpoint();
+                let _ = tx.send(config::load(&path).map_err(|e| e.to_string()));
             });
+        match spawned {
+            Ok(_) => self.loader.pending = Some(rx),
+            Err(e) => self.apply(Err(format!("cannot start a thread to read the file: {e}"))),
+        }
+    }
+
+    /// Apply the reload's result if its file has been read.
+    fn loaded(&mut self) {
+        let Some(rx) = &self.loader.pending else {
+            return;
+        };
+        let result = match rx.try_recv() {
+            Ok(r) => r,
+            Err(mpsc::TryRecvError::Empty) => return,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                Err("the thread reading the file ended without an answer".to_string())
+            }
+        };
+        self.loader.pending = None;
+        self.apply(result);
+        if std::mem::take(&mut self.loader.again) {
+            self.reload();
+        }
+    }
+
+    /// Apply a reload's freshly read file; keep serving the old
+    /// configuration if it is bad or cannot be put in place.
+    fn apply(&mut self, loaded: Result<Config, String>) {
+        let result = loaded.and_then(|cfg| {
+            // A new admin address is bound before anything changes, so
+            // a failure leaves the old configuration whole.
+            let want = cfg.admin.as_ref().map(|a| a.listen);
+            let admin = match want {
+                Some(a) if Some(a) != self.admin.addr() => match bind(a) {
+                    Ok(s) => Some(Some((a, s))),
+                    Err(e) => {
+                        return Err(format!(
+                            "{}: admin: cannot listen on {a}: {e}",
+                            cfg.path.display()
+                        ));
+                    }
+                },
+                None if self.admin.addr().is_some() => Some(None),
+                _ => None,
+            };
+            // The worker count is fixed for the life of the process:
+            // size socket groups and counters for the running workers.
+            let workers = &self.workers;
+            let running = Running {
+                generation: &self.generation,
+                empty_file_caches: &|| empty_file_caches(workers),
+            };
+            let generation = build_generation(
+                &cfg,
+                workers.len(),
+                self.generation.id + 1,
+                Some(running),
+                &mut self.sockets,
+                &mut self.keepalive,
+                &self.activated,
+            )?;
+            Ok((cfg, generation, admin))
+        });
         match result {
             Ok((cfg, generation, admin)) => {
                 if let Some(new) = admin {
@@ -600,6 +669,15 @@ fn build_generation(
         busy_poll: cfg.global.busy_poll,
         handoff: Mutex::new(handoff),
     })
+}
+
+/// Debug builds only, for the tests: `SLUICE_FAILPOINT=slow_reload` makes
+/// a reload take 2 s to read its file, as a slow name lookup would.
+#[cfg(debug_assertions)]
+fn slow_reload_failpoint() {
+    if std::env::var_os("SLUICE_FAILPOINT").is_some_and(|v| v == "slow_reload") {
+        std::thread::sleep(Duration::from_secs(2));
+    }
 }
 
 /// Have every worker close the files its open-file cache holds (each

@@ -542,3 +542,71 @@ fn a_reload_short_of_descriptors_first_empties_the_file_caches() {
         fetch(i);
     }
 }
+
+/// A reload reads its file (and resolves its host names) off the main
+/// thread: the admin endpoint answers while a reload is still reading
+/// (a debug-build failpoint makes reading take 2 s), and a SIGHUP that
+/// comes meanwhile makes one more reload follow, for a file changed again.
+#[test]
+fn the_admin_endpoint_answers_while_a_reload_reads_its_file() {
+    let (a, b, c) = (
+        Backend::named("a"),
+        Backend::named("b"),
+        Backend::named("c"),
+    );
+    let (port, aport) = (free_port(), free_port());
+    let admin = format!("[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n");
+    let dir = temp_dir("reload-slow");
+    let mut sl = Sluice::start_in(
+        dir,
+        &format!("{admin}{}", route("r", port, a.addr)),
+        &[("SLUICE_FAILPOINT", "slow_reload")],
+    );
+    std::fs::write(&sl.config, format!("{admin}{}", route("r", port, b.addr))).unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reloading", Duration::from_secs(10));
+    let h = common::admin::get(addr(aport), "/healthz");
+    assert_eq!(h.status, 200);
+    assert_eq!(
+        sl.count_log("reload ok"),
+        0,
+        "/healthz was answered only after the reload"
+    );
+    // Clients are served meanwhile, on the running configuration.
+    let mut cl = connect(addr(port));
+    assert_eq!(read_line(&mut cl), "a");
+
+    // Changed again during the reload: a second SIGHUP queues one more.
+    std::fs::write(&sl.config, format!("{admin}{}", route("r", port, c.addr))).unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reloading again after it", Duration::from_secs(10));
+    sl.wait_log("reload ok: generation 3", Duration::from_secs(20));
+    assert_eq!(sl.count_log("reload ok"), 2);
+    let mut cl = connect(addr(port));
+    assert_eq!(read_line(&mut cl), "c");
+    let m = scrape(addr(aport));
+    assert_eq!(m.get("sluice_reloads_total", &[("result", "ok")]), 2.0);
+    assert_eq!(m.get("sluice_config_generation", &[]), 3.0);
+}
+
+/// A stop signal during a reload that is still reading its file stops at
+/// once, and the file read is not applied.
+#[test]
+fn a_stop_during_a_reload_drops_the_reload() {
+    let a = Backend::named("a");
+    let port = free_port();
+    let mut sl = Sluice::start_in(
+        temp_dir("reload-stop"),
+        &route("r", port, a.addr),
+        &[("SLUICE_FAILPOINT", "slow_reload")],
+    );
+    sl.signal("HUP");
+    sl.wait_log("reloading", Duration::from_secs(10));
+    sl.signal("TERM");
+    let st = sl
+        .wait_exit(Duration::from_secs(10))
+        .expect("sluice stops during a reload");
+    assert!(st.success(), "{st}");
+    assert_eq!(sl.count_log("reload ok"), 0);
+    assert_eq!(sl.count_log("reload failed"), 0);
+}
