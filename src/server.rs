@@ -4,7 +4,8 @@
 //! The main thread never touches a client byte. It owns the listening
 //! sockets (keyed by address, so a reload keeps every socket whose address
 //! did not change), builds a `Generation` per configuration, and tells the
-//! workers about it over a channel. SIGHUP reloads, SIGTERM/SIGINT drain
+//! workers about it over a channel. SIGHUP reloads (the file is read on a
+//! thread of its own, `Loader`, then applied here), SIGTERM/SIGINT drain
 //! (a second one closes what is left at once, with resets, and exits).
 //!
 //! Its poll also serves the admin listener (`admin`) and runs the active
