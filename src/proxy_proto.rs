@@ -5,8 +5,11 @@
 //! Both directions go through the `ppp` crate; this module only adds what
 //! a proxy needs around it: a bound on how many bytes a header may take
 //! before the connection is refused, the choice of which addresses count
-//! (a `LOCAL` or `UNKNOWN` header means "use the real socket"), and
-//! address pairs of one family for the header sluice sends.
+//! (a `LOCAL` or `UNKNOWN` header, or a v2 one for another transport,
+//! means "use the real socket"), a v1 line judged once its LF is in (a
+//! finished line the parser still calls incomplete is refused at once),
+//! the v1 `UNKNOWN` line `ppp` refuses when five or more words follow it,
+//! and address pairs of one family for the header sluice sends.
 //!
 //! Size bounds. v1: at most 107 bytes including CRLF, as the spec says
 //! (`ppp` refuses longer lines). v2: 16 fixed bytes plus the length field;
@@ -40,8 +43,9 @@ pub struct Received {
     /// `v1` or `v2`, for the log.
     pub version: ProxyVersion,
     /// Source and destination the header carries; `None` for v2 `LOCAL`,
-    /// v1 `UNKNOWN` and address families other than TCP over IPv4/IPv6:
-    /// then the real socket addresses apply.
+    /// v1 `UNKNOWN` and anything but TCP over IPv4/IPv6 (another family,
+    /// or a v2 transport other than STREAM): then the real socket
+    /// addresses apply.
     pub addrs: Option<(SocketAddr, SocketAddr)>,
 }
 
@@ -71,12 +75,48 @@ impl fmt::Display for HeaderError {
 pub fn parse(buf: &[u8]) -> Result<Option<Received>, HeaderError> {
     // A v1 line is judged once its LF is in: `ppp` takes a line cut just
     // after a space ("... 4242 ") for a bad port rather than a partial one.
-    if buf.starts_with(b"PROXY") && !buf.contains(&b'\n') {
-        return match buf.len() >= V1_MAX {
-            true => Err(HeaderError::TooLong(V1_MAX)),
-            false => Ok(None),
-        };
+    let v1_line = buf.starts_with(b"PROXY");
+    let Some(lf) = buf.iter().position(|&b| b == b'\n').filter(|_| v1_line) else {
+        if v1_line {
+            return match buf.len() >= V1_MAX {
+                true => Err(HeaderError::TooLong(V1_MAX)),
+                false => Ok(None),
+            };
+        }
+        return parse_ppp(buf, false);
+    };
+    if lf >= V1_MAX {
+        return Err(HeaderError::TooLong(V1_MAX));
     }
+    if let Some(r) = unknown_v1(&buf[..=lf]) {
+        return r;
+    }
+    parse_ppp(buf, true)
+}
+
+/// `PROXY UNKNOWN`, then anything up to the CRLF, which the receiver
+/// ignores (spec 2.1). Taken here because `ppp` splits a v1 line into at
+/// most seven words and so refuses one with five or more after UNKNOWN.
+fn unknown_v1(line: &[u8]) -> Option<Result<Option<Received>, HeaderError>> {
+    let rest = line.strip_prefix(b"PROXY UNKNOWN")?;
+    if !(rest.starts_with(b"\r\n") || rest.starts_with(b" ")) {
+        return None; // "PROXY UNKNOWNX": let the parser say what is wrong
+    }
+    Some(match rest.ends_with(b"\r\n") {
+        true => Ok(Some(Received {
+            len: line.len(),
+            version: ProxyVersion::V1,
+            addrs: None,
+        })),
+        false => Err(HeaderError::Malformed(
+            "the v1 line does not end with CRLF".into(),
+        )),
+    })
+}
+
+/// The header through `ppp`. `line_done`: a v1 line's LF is in, so what
+/// the parser calls incomplete is a line that ended too soon.
+fn parse_ppp(buf: &[u8], line_done: bool) -> Result<Option<Received>, HeaderError> {
     let v2_sig = v2::PROTOCOL_PREFIX;
     let res = if buf.starts_with(v2_sig) || v2_sig.starts_with(buf) {
         HeaderResult::V2(v2::Header::try_from(buf))
@@ -88,6 +128,11 @@ pub fn parse(buf: &[u8]) -> Result<Option<Received>, HeaderError> {
         ));
     };
     if res.is_incomplete() {
+        if line_done && let HeaderResult::V1(Err(e)) = &res {
+            return Err(HeaderError::Malformed(format!(
+                "the v1 line ended early: {e}"
+            )));
+        }
         // A v2 header announces its length up front: refuse a long one at
         // once rather than waiting for bytes that would not fit.
         if let HeaderResult::V2(Err(v2::ParseError::Partial(_, len))) = &res
@@ -119,6 +164,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<Received>, HeaderError> {
         HeaderResult::V2(Ok(h)) => {
             let addrs = match (h.command, h.addresses) {
                 (v2::Command::Local, _) => None,
+                // Addresses of another transport (UDP) are not this TCP
+                // connection's, as HAProxy also judges.
+                (v2::Command::Proxy, _) if h.protocol != v2::Protocol::Stream => None,
                 (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Some((
                     SocketAddr::from((a.source_address, a.source_port)),
                     SocketAddr::from((a.destination_address, a.destination_port)),
@@ -250,6 +298,52 @@ mod tests {
         .unwrap();
         let r = parse(&local).unwrap().unwrap();
         assert_eq!((r.len, r.addrs), (16, None));
+    }
+
+    #[test]
+    fn unknown_ignores_the_rest_of_its_line() {
+        for line in [
+            &b"PROXY UNKNOWN a b c d e f\r\n"[..],
+            b"PROXY UNKNOWN ffff:f::1 ffff:f::2 1 2 and more\r\n",
+        ] {
+            let mut buf = line.to_vec();
+            buf.extend_from_slice(b"GET / HTTP/1.1\r\n");
+            let r = parse(&buf).unwrap().unwrap();
+            assert_eq!((r.len, r.addrs), (line.len(), None));
+        }
+        assert!(matches!(
+            parse(b"PROXY UNKNOWN a\n"),
+            Err(HeaderError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_finished_v1_line_with_fields_missing_is_refused_at_once() {
+        for line in [
+            &b"PROXY TCP4 1.2.3.4\r\nGET / HTTP/1.1\r\n"[..],
+            b"PROXY TCP4\r\n",
+            b"PROXY TCP6 ::1 ::1 1\r\n",
+        ] {
+            assert!(
+                matches!(parse(line), Err(HeaderError::Malformed(_))),
+                "{:?}: {:?}",
+                String::from_utf8_lossy(line),
+                parse(line)
+            );
+        }
+    }
+
+    #[test]
+    fn v2_addresses_of_another_transport_are_not_used() {
+        let udp = v2::Builder::with_addresses(
+            v2::Version::Two | v2::Command::Proxy,
+            v2::Protocol::Datagram,
+            (sa("203.0.113.7:1"), sa("127.0.0.1:2")),
+        )
+        .build()
+        .unwrap();
+        let r = parse(&udp).unwrap().unwrap();
+        assert_eq!((r.len, r.addrs), (udp.len(), None));
     }
 
     #[test]

@@ -262,7 +262,22 @@ fn local_and_unknown_headers_use_the_socket_address() {
     )
     .build()
     .unwrap();
-    for (i, h) in [local, b"PROXY UNKNOWN\r\n".to_vec()].iter().enumerate() {
+    // Addresses of another transport (UDP) are not this connection's.
+    let udp = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Datagram,
+        (sa(FAKE_SRC), sa(FAKE_DST)),
+    )
+    .build()
+    .unwrap();
+    let headers = [
+        local,
+        b"PROXY UNKNOWN\r\n".to_vec(),
+        // Anything after UNKNOWN is ignored, however many words.
+        b"PROXY UNKNOWN a b c d e f\r\n".to_vec(),
+        udp,
+    ];
+    for (i, h) in headers.iter().enumerate() {
         let mut c = connect(v4(port));
         let me = c.local_addr().unwrap();
         c.write_all(h).unwrap();
@@ -426,6 +441,17 @@ fn malformed_and_oversized_headers_are_refused() {
             "invalid IP address",
         ),
         ("v2 version 3", bad_version, "version"),
+        // Its line is over: refused at once, not at header_timeout.
+        (
+            "v1 line cut short",
+            b"PROXY TCP4 203.0.113.7\r\n".to_vec(),
+            "the v1 line ended early",
+        ),
+        (
+            "v1 UNKNOWN without CR",
+            b"PROXY UNKNOWN 203.0.113.7\n".to_vec(),
+            "does not end with CRLF",
+        ),
         ("v2 too long", huge_v2, "longer than"),
         ("v1 too long", long_v1, "longer than"),
     ];
