@@ -763,12 +763,18 @@ impl ProxyConn {
                 // The backend stopped reading (it answered and closed, say
                 // a 413 during an upload). Its answer may still be on the
                 // way: keep relaying it, and drop what the client sends.
+                // The reset ended its stream (this write took the error,
+                // so its reads will say end-of-stream): unless its FIN was
+                // read first, the client gets a reset after the answer, as
+                // from a read that met it, never a FIN that would make a
+                // cut answer look whole.
                 log::debug!(
                     "route {}: client {}: backend stopped reading ({e}); finishing its answer",
                     self.route.cfg.name,
                     self.peer
                 );
                 self.up.abort(&mut pools);
+                self.down.source_reset_pending();
                 0
             }
             Err(FlowError::Write(e)) => return Some(self.fail(Side::Backend, &e)),
@@ -804,6 +810,10 @@ impl ProxyConn {
             }
             Err(FlowError::Write(e)) => return Some(self.fail(Side::Client, &e)),
         };
+        if self.reset.is_none() && self.down.ended_by_reset() {
+            let e = io::Error::from(io::ErrorKind::ConnectionReset);
+            self.reset = Some((e, ctx.now + LINGER));
+        }
         if up + down > 0 {
             self.deadline = ctx.now + self.route.cfg.idle_timeout;
             self.report(ctx.worker);

@@ -593,6 +593,79 @@ fn an_answer_survives_a_backend_that_resets_after_it() {
     }
 }
 
+/// The backend sends part of an answer and closes without a FIN, with
+/// the client's upload unread: its kernel resets, dropping what it had not
+/// sent yet, so the stream is cut. sluice's next write to it meets the
+/// reset first (the upload goes on); the client must still end on a reset,
+/// never on a FIN that makes the cut answer look complete. (The write used
+/// to take the reset for "the backend stopped reading", and the read after
+/// it, which then says end-of-stream, passed a FIN on.)
+#[test]
+fn a_backend_reset_met_by_a_write_still_resets_the_client() {
+    let b = Backend::spawn(move |mut s| {
+        let mut first = [0u8; 1024];
+        s.read_exact(&mut first).unwrap();
+        send_data(&mut s, 22, 256 * 1024);
+        drop(s); // the upload unread: a reset, no FIN
+        String::new()
+    });
+    for strategy in ["splice", "copy"] {
+        for round in 0..5 {
+            let port = free_port();
+            let sl = Sluice::start(
+                "backend-reset-on-write",
+                &proxy_config(
+                    port,
+                    &[b.addr.to_string()],
+                    &format!("strategy = \"{strategy}\""),
+                ),
+            );
+            let c = connect(addr(port));
+            let mut w = c.try_clone().unwrap();
+            let uploader = thread::spawn(move || {
+                let chunk = vec![7u8; 16 * 1024];
+                for _ in 0..4096 {
+                    if w.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut r = c;
+            let me = r.local_addr().unwrap().port();
+            let (got, how) = read_until_end(&mut r);
+            let mut want = vec![0u8; got.len()];
+            DataGen::new(22).fill(&mut want);
+            assert!(got == want, "{strategy} round {round}: bytes differ");
+            // The uploader's write may take the reset first, and the read
+            // then says end-of-stream: the kernel's state of the socket
+            // tells. A FIN leaves it in CLOSE_WAIT; a reset closes it.
+            let state = tcp4_state(me, port);
+            assert!(
+                how == "ConnectionReset" || (how == "eof" && state.is_none()),
+                "{strategy} round {round}: the cut answer ({} bytes) ended by {how}, \
+                 socket state {state:?} (08 = CLOSE_WAIT: a FIN came)",
+                got.len()
+            );
+            drop(r);
+            uploader.join().unwrap();
+            let a = sl.wait_access(1, Duration::from_secs(10));
+            assert_eq!(a[0]["end"], "backend_reset", "{strategy} round {round}");
+        }
+    }
+}
+
+/// The state (hex, as /proc/net/tcp writes it) of the IPv4 socket from
+/// local port `local` to remote port `remote`, if the kernel still lists
+/// it.
+fn tcp4_state(local: u16, remote: u16) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |s: &str| u16::from_str_radix(s.split(':').nth(1)?, 16).ok();
+    text.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (port(f.get(1)?)? == local && port(f.get(2)?)? == remote).then(|| f[3].to_string())
+    })
+}
+
 /// `workers` takes effect at start only: a reload that raises it must
 /// still listen with the running workers, so every new connection on a
 /// route the reload added is served (none left in a socket nobody

@@ -150,6 +150,9 @@ pub struct Flow {
     discarding: bool,
     /// The source was reset: finish without forwarding a FIN.
     no_fin: bool,
+    /// The source was reset but what it sent before is still to be read:
+    /// the end-of-stream a read meets then is that reset, not a FIN.
+    eof_is_reset: bool,
     /// The other direction is over, so the connection closes as soon as
     /// this one ends and close(2) sends the FIN: no shutdown(2) needed.
     /// Set by the connection before each `run` (see `closes_after`).
@@ -177,6 +180,7 @@ impl Flow {
             fallback: None,
             discarding: false,
             no_fin: false,
+            eof_is_reset: false,
             fin_by_close: false,
             more: false,
             uncounted: 0,
@@ -345,6 +349,9 @@ impl Flow {
             "flow stopped holding {} bytes for a writable destination",
             self.pending()
         );
+        if self.eof && self.eof_is_reset {
+            self.no_fin = true;
+        }
         if self.eof && self.pending() == 0 && !self.shut {
             self.release(pools);
             // The peer may already be gone (ENOTCONN); the flow is over
@@ -371,6 +378,19 @@ impl Flow {
     pub fn source_reset(&mut self) {
         self.eof = true;
         self.no_fin = true;
+    }
+
+    /// The source's socket was found reset by a write to it, with what it
+    /// sent before still queued: read that, then end without a FIN (the
+    /// end-of-stream the reads meet is the reset). No effect once the
+    /// source's end was read: a FIN came first, so its stream is whole.
+    pub fn source_reset_pending(&mut self) {
+        self.eof_is_reset = !self.eof;
+    }
+
+    /// The source's end was a reset (`source_reset`, or one a write met).
+    pub fn ended_by_reset(&self) -> bool {
+        self.eof && self.no_fin
     }
 
     /// Whether the flow is dropping its source's bytes (see `abort`).
