@@ -647,6 +647,10 @@ impl FileConn {
             self.in_request = false;
             self.error(1, 408, false, None, ctx);
             self.ready.write = true;
+            // The answer gets idle_timeout to go out, as any other: with
+            // the deadline left behind, a client not reading at this
+            // moment would see the timer fire again at once and cut it.
+            self.deadline = ctx.now + self.route.cfg.idle_timeout;
             return self.drive(ctx);
         }
         // Idle between requests (or before the first): close silently.
