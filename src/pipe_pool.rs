@@ -170,6 +170,22 @@ impl PipePool {
         self.free.retain(|(_, l)| !l.is_empty());
     }
 
+    /// Out of file descriptors: close half of the idle pipes (two
+    /// descriptors each); whether there were any.
+    pub fn shed(&mut self) -> bool {
+        let n = self.idle.div_ceil(2);
+        for _ in 0..n {
+            let Some((_, list)) = self.free.iter_mut().find(|(_, l)| !l.is_empty()) else {
+                break;
+            };
+            drop(list.pop());
+            self.idle -= 1;
+            self.budget.give();
+        }
+        self.free.retain(|(_, l)| !l.is_empty());
+        n > 0
+    }
+
     /// Give a pipe back. `empty` must be true only when every byte written
     /// into it was read out again; otherwise it is closed, never reused.
     pub fn put(&mut self, pipe: Pipe, empty: bool) {
@@ -256,6 +272,22 @@ mod tests {
         let q = b.get(65536).expect("worker b gets the budget's pipe");
         b.put(q, true);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn shed_closes_half_of_the_idle_pipes() {
+        let budget = PipeBudget::new(16, 1);
+        let mut a = PipePool::new(budget.clone());
+        let p: Vec<Pipe> = (0..5).map(|_| a.get(65536).expect("pipe")).collect();
+        for pipe in p {
+            a.put(pipe, true);
+        }
+        assert!(a.shed());
+        assert_eq!(budget.used(), 2, "3 of 5 closed");
+        assert!(a.shed());
+        assert!(a.shed());
+        assert_eq!(budget.used(), 0);
+        assert!(!a.shed(), "nothing left to shed");
     }
 
     #[test]

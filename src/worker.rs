@@ -489,11 +489,14 @@ impl Worker {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => match e.raw_os_error() {
-                    // Clients come before cached files: give those back
-                    // and try again, once.
-                    Some(libc::EMFILE | libc::ENFILE) if !shed && self.files.shed() => {
+                    // Clients come before cached files and idle pipes:
+                    // give half of those back and try again, once.
+                    Some(libc::EMFILE | libc::ENFILE)
+                        if !shed && (self.files.shed() | self.pipes.shed()) =>
+                    {
                         log::warn!(
-                            "route {}: accept failed: {e}; closed half of the open-file cache",
+                            "route {}: accept failed: {e}; closed half of the open-file cache \
+                             and of the idle pipes",
                             self.listeners[i].route.cfg.name
                         );
                         shed = true;
@@ -1031,8 +1034,9 @@ impl Worker {
                 "worker {}: out of file descriptors; pausing accepts for {ACCEPT_PAUSE:?}",
                 self.id
             );
-            // Connections come before cached files.
+            // Connections come before cached files and idle pipes.
             self.files.shed();
+            self.pipes.shed();
         }
         for (i, l) in self.listeners.iter_mut().enumerate() {
             if starved {

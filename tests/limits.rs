@@ -484,3 +484,109 @@ fn longest_accepted_settings_run() {
     assert!(st.success(), "{st}");
     assert_eq!(sl.count_log("panicked"), 0, "{}", sl.logs().join("\n"));
 }
+
+/// Pipe descriptors of process `pid` (splice pipes, and a few of its own).
+fn pipe_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
+/// Pipes pooled after a burst of spliced connections hold descriptors: when
+/// the process runs out, sluice gives half of the idle ones back (as it
+/// does with cached files) and goes on serving, instead of resting the
+/// listener again and again with nothing to free.
+#[test]
+fn idle_pipes_give_descriptors_back_when_they_run_out() {
+    // Echoes after a pause, with a small receive buffer, so every flow of
+    // the burst holds a pipe with bytes at the same time.
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.set_recv_buffer_size(4096).unwrap();
+    l.bind(&v4(0).into()).unwrap();
+    l.listen(64).unwrap();
+    let b = Backend::spawn_on(l.into(), |mut s| {
+        thread::sleep(Duration::from_millis(300));
+        echo(&mut s);
+        String::new()
+    });
+    let port = free_port();
+    let sl = Sluice::start(
+        "emfile-pipes",
+        &config(
+            "",
+            &[route(
+                "r",
+                port,
+                &[b.addr],
+                "strategy = \"splice\"\npipe_size = \"64KiB\"",
+            )],
+        ),
+    );
+    let pid = sl.pid();
+    let before = pipe_fds(pid);
+    let burst: Vec<_> = (0..24u64)
+        .map(|i| thread::spawn(move || assert_echo(connect(v4(port)), 100 + i, 1 << 20)))
+        .collect();
+    for t in burst {
+        t.join().unwrap();
+    }
+    sl.wait_access(24, Duration::from_secs(20));
+    let pooled = pipe_fds(pid) - before;
+    assert!(
+        pooled >= 16,
+        "{pooled} pipe descriptors pooled after the burst"
+    );
+
+    // Room for what is open now and nothing more (the soft limit only:
+    // raising a hard limit again needs CAP_SYS_RESOURCE), then idle clients
+    // until the process runs out: accept, or a backend socket, fails.
+    let top = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<usize>().ok())
+        .max()
+        .unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let f: Vec<String> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let prlimit = |soft: &str| {
+        let st = std::process::Command::new("prlimit")
+            .arg(format!("--pid={pid}"))
+            .arg(format!("--nofile={soft}:{}", f[4]))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    prlimit(&(top + 1).to_string());
+    let out = |sl: &Sluice| sl.count_log("accept failed") + sl.count_log("out of file descriptors");
+    let mut idle = Vec::new();
+    while out(&sl) == 0 {
+        assert!(idle.len() < 400, "never ran out of descriptors");
+        idle.push(connect(v4(port)));
+        thread::sleep(Duration::from_millis(5));
+    }
+    // Out of descriptors, all those clients still open: a new one is
+    // served with what the idle pipes gave back.
+    let c = connect(v4(port));
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_echo(c, 7, 64 * 1024);
+    prlimit(&f[3]);
+    let logs = sl.logs().join("\n");
+    assert!(
+        logs.contains("closed half of the open-file cache and of the idle pipes")
+            || logs.contains("out of file descriptors; pausing accepts"),
+        "{logs}"
+    );
+    assert!(
+        pipe_fds(pid) < before + pooled,
+        "no idle pipe was closed: {} pipe descriptors, {pooled} pooled",
+        pipe_fds(pid) - before
+    );
+    drop(idle);
+}
