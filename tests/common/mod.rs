@@ -969,3 +969,37 @@ pub fn gen_file(path: &Path, seed: u64, len: u64) -> Digest256 {
     f.flush().unwrap();
     d
 }
+
+/// A backend listener whose connections use 1 KiB segments: sluice's
+/// socket buffers toward it stay small, and each write arrives on its own.
+pub fn small_mss_listener() -> std::net::TcpListener {
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.set_tcp_mss(1024).unwrap();
+    l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    l.listen(16).unwrap();
+    l.into()
+}
+
+/// A client with 1 KiB segments and a 16 KiB receive window, so what
+/// sluice holds for it fills soon when it does not read.
+pub fn small_window_client(port: u16) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(16 * 1024).unwrap();
+    s.set_tcp_mss(1024).unwrap();
+    s.connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)).into(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s
+}
+
+/// Read `c` until the stream ends: the bytes, and how it ended ("eof" or
+/// the error kind, e.g. "ConnectionReset").
+pub fn read_until_end(c: &mut TcpStream) -> (Vec<u8>, String) {
+    let (got, how) = read_to_end_how(c);
+    (got, how.map_or("eof".to_string(), |k| format!("{k:?}")))
+}
