@@ -763,18 +763,22 @@ impl ProxyConn {
                 // The backend stopped reading (it answered and closed, say
                 // a 413 during an upload). Its answer may still be on the
                 // way: keep relaying it, and drop what the client sends.
-                // The reset ended its stream (this write took the error,
-                // so its reads will say end-of-stream): unless its FIN was
-                // read first, the client gets a reset after the answer, as
-                // from a read that met it, never a FIN that would make a
-                // cut answer look whole.
+                // ECONNRESET: the reset came before any FIN and ended its
+                // stream (this write took the error, so its reads will say
+                // end-of-stream): the client gets a reset after what is
+                // queued, as from a read that met it, never a FIN that
+                // would make a cut answer look whole. EPIPE: the reset
+                // came after its FIN (Linux reports a reset in CLOSE_WAIT
+                // so), the stream is whole and its FIN passes on.
                 log::debug!(
                     "route {}: client {}: backend stopped reading ({e}); finishing its answer",
                     self.route.cfg.name,
                     self.peer
                 );
                 self.up.abort(&mut pools);
-                self.down.source_reset_pending();
+                if e.kind() == io::ErrorKind::ConnectionReset {
+                    self.down.source_reset_pending();
+                }
                 0
             }
             Err(FlowError::Write(e)) => return Some(self.fail(Side::Backend, &e)),

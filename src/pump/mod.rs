@@ -294,7 +294,8 @@ impl Flow {
             let deferred = can_write && to_fin && self.held_room() > 0;
             if can_write && !deferred {
                 let want = self.pending();
-                let last = self.eof && !self.no_fin;
+                // No FIN follows a reset: then no flush is the last.
+                let last = self.eof && !self.no_fin && !self.eof_is_reset;
                 let res = match &mut self.held {
                     Held::Splice(p) => p.flush(dst, last),
                     Held::Copy(p) => p.flush(dst, last),
