@@ -654,6 +654,70 @@ fn a_backend_reset_met_by_a_write_still_resets_the_client() {
     }
 }
 
+/// The other order: the backend sends its whole answer and its FIN, waits,
+/// and closes with the upload unread, while the client has not read yet.
+/// sluice's next write meets the reset as EPIPE (Linux's error for a reset
+/// after a FIN), with the FIN still unread behind the answer: the answer is
+/// whole and must end with a FIN. (The first fix for the case above reset
+/// it; a reviewer found this shape. Where buffers let sluice read the FIN
+/// before the reset, the test passes either way.)
+#[test]
+fn a_reset_after_the_backends_fin_still_ends_with_a_fin() {
+    let answer: u64 = 3_014_656;
+    let b = Backend::spawn(move |mut s| {
+        let mut first = [0u8; 1024];
+        s.read_exact(&mut first).unwrap();
+        send_data(&mut s, 23, answer);
+        s.shutdown(Shutdown::Write).unwrap();
+        thread::sleep(Duration::from_millis(500));
+        drop(s); // the upload unread: a reset, after the FIN
+        String::new()
+    });
+    for strategy in ["splice", "copy"] {
+        let port = free_port();
+        let sl = Sluice::start(
+            "backend-fin-then-reset",
+            &proxy_config(
+                port,
+                &[b.addr.to_string()],
+                &format!(
+                    "strategy = \"{strategy}\"\npipe_size = \"16KiB\"\nbuffer_size = \"16KiB\""
+                ),
+            ),
+        );
+        let c = small_buffer_client(addr(port), 4096);
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut w = c.try_clone().unwrap();
+        let uploader = thread::spawn(move || {
+            let chunk = vec![7u8; 16 * 1024];
+            for _ in 0..4096 {
+                if w.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        thread::sleep(Duration::from_millis(1500));
+        let mut r = c;
+        let me = r.local_addr().unwrap().port();
+        let (got, how) = read_until_end(&mut r);
+        let state = tcp4_state(me, port);
+        drop(r);
+        uploader.join().unwrap();
+        let mut want = vec![0u8; answer as usize];
+        DataGen::new(23).fill(&mut want);
+        assert_eq!(got.len(), want.len(), "{strategy}: ended by {how}");
+        assert!(got == want, "{strategy}: bytes differ");
+        // A FIN leaves the socket in CLOSE_WAIT (08); a reset closes it.
+        assert_eq!(
+            (how.as_str(), state.as_deref()),
+            ("eof", Some("08")),
+            "{strategy}: a whole answer must end with a FIN"
+        );
+        let a = sl.wait_access(1, Duration::from_secs(10));
+        assert_eq!(a[0]["end"], "backend_closed", "{strategy}");
+    }
+}
+
 /// The state (hex, as /proc/net/tcp writes it) of the IPv4 socket from
 /// local port `local` to remote port `remote`, if the kernel still lists
 /// it.
