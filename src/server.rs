@@ -357,9 +357,10 @@ impl Server {
         let spawned = std::thread::Builder::new()
             .name("sluice-reload".into())
             .spawn(move || {
+                let loaded = config::load(&path).map_err(|e| e.to_string());
                 #[cfg(debug_assertions)]
                 slow_reload_failpoint();
-                let _ = tx.send(config::load(&path).map_err(|e| e.to_string()));
+                let _ = tx.send(loaded);
             });
         match spawned {
             Ok(_) => self.loader.pending = Some(rx),
@@ -673,7 +674,8 @@ fn build_generation(
 }
 
 /// Debug builds only, for the tests: `SLUICE_FAILPOINT=slow_reload` makes
-/// a reload take 2 s to read its file, as a slow name lookup would.
+/// a reload's read of its file take 2 s longer, as a slow name lookup
+/// would (after reading it, so a test can tell which content was read).
 #[cfg(debug_assertions)]
 fn slow_reload_failpoint() {
     if std::env::var_os("SLUICE_FAILPOINT").is_some_and(|v| v == "slow_reload") {

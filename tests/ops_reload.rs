@@ -576,10 +576,18 @@ fn the_admin_endpoint_answers_while_a_reload_reads_its_file() {
     let mut cl = connect(addr(port));
     assert_eq!(read_line(&mut cl), "a");
 
-    // Changed again during the reload: a second SIGHUP queues one more.
+    // Changed again during the reload: a second SIGHUP queues one more,
+    // which reads the file again (the first read it before the change).
     std::fs::write(&sl.config, format!("{admin}{}", route("r", port, c.addr))).unwrap();
     sl.signal("HUP");
     sl.wait_log("reloading again after it", Duration::from_secs(10));
+    sl.wait_log("reload ok: generation 2", Duration::from_secs(20));
+    let mut cl = connect(addr(port));
+    assert_eq!(
+        read_line(&mut cl),
+        "b",
+        "generation 2 is the file as first read"
+    );
     sl.wait_log("reload ok: generation 3", Duration::from_secs(20));
     assert_eq!(sl.count_log("reload ok"), 2);
     let mut cl = connect(addr(port));
@@ -589,24 +597,48 @@ fn the_admin_endpoint_answers_while_a_reload_reads_its_file() {
     assert_eq!(m.get("sluice_config_generation", &[]), 3.0);
 }
 
-/// A stop signal during a reload that is still reading its file stops at
-/// once, and the file read is not applied.
+/// A stop signal during a reload that is still reading its file drops the
+/// reload: with a connection keeping the drain going past the read, the
+/// new file (one more route) is not applied and its port never listens.
 #[test]
 fn a_stop_during_a_reload_drops_the_reload() {
-    let a = Backend::named("a");
-    let port = free_port();
+    let (a, b) = (Backend::named("a"), Backend::named("b"));
+    let (port, port2) = (free_port(), free_port());
+    let head = "[global]\nshutdown_timeout = \"6s\"\n\n";
     let mut sl = Sluice::start_in(
         temp_dir("reload-stop"),
-        &route("r", port, a.addr),
+        &format!("{head}{}", route("r", port, a.addr)),
         &[("SLUICE_FAILPOINT", "slow_reload")],
     );
+    let mut held = connect(addr(port));
+    assert_eq!(read_line(&mut held), "a");
+    std::fs::write(
+        &sl.config,
+        format!(
+            "{head}{}{}",
+            route("r", port, a.addr),
+            route("r2", port2, b.addr)
+        ),
+    )
+    .unwrap();
     sl.signal("HUP");
     sl.wait_log("reloading", Duration::from_secs(10));
     sl.signal("TERM");
+    // Past the 2 s the read takes, the drain still going.
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        sl.count_log("reload ok"),
+        0,
+        "a reload was applied during the drain"
+    );
+    assert_eq!(sl.count_log("reload failed"), 0);
+    assert!(
+        TcpStream::connect(addr(port2)).is_err(),
+        "the new route listened during the drain"
+    );
+    drop(held);
     let st = sl
         .wait_exit(Duration::from_secs(10))
-        .expect("sluice stops during a reload");
+        .expect("sluice stops once the held connection is gone");
     assert!(st.success(), "{st}");
-    assert_eq!(sl.count_log("reload ok"), 0);
-    assert_eq!(sl.count_log("reload failed"), 0);
 }
