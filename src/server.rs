@@ -679,6 +679,7 @@ fn build_generation(
 #[cfg(debug_assertions)]
 fn slow_reload_failpoint() {
     if std::env::var_os("SLUICE_FAILPOINT").is_some_and(|v| v == "slow_reload") {
+        log::info!("failpoint slow_reload: file read, sleeping 2 s");
         std::thread::sleep(Duration::from_secs(2));
     }
 }

@@ -564,7 +564,7 @@ fn the_admin_endpoint_answers_while_a_reload_reads_its_file() {
     );
     std::fs::write(&sl.config, format!("{admin}{}", route("r", port, b.addr))).unwrap();
     sl.signal("HUP");
-    sl.wait_log("reloading", Duration::from_secs(10));
+    sl.wait_log("failpoint slow_reload: file read", Duration::from_secs(10));
     let h = common::admin::get(addr(aport), "/healthz");
     assert_eq!(h.status, 200);
     assert_eq!(
@@ -578,7 +578,10 @@ fn the_admin_endpoint_answers_while_a_reload_reads_its_file() {
 
     // Changed again during the reload: a second SIGHUP queues one more,
     // which reads the file again (the first read it before the change).
-    std::fs::write(&sl.config, format!("{admin}{}", route("r", port, c.addr))).unwrap();
+    // Written whole by a rename, so no read sees it half written.
+    let next = sl.dir.join("next.toml");
+    std::fs::write(&next, format!("{admin}{}", route("r", port, c.addr))).unwrap();
+    std::fs::rename(&next, &sl.config).unwrap();
     sl.signal("HUP");
     sl.wait_log("reloading again after it", Duration::from_secs(10));
     sl.wait_log("reload ok: generation 2", Duration::from_secs(20));

@@ -27,9 +27,9 @@
 //! Entries are bounded (least recently used goes first), and an entry
 //! unused for `inactive` is closed by `sweep`, so the space of a deleted
 //! file is released soon. When the process runs out of descriptors (an
-//! accept, an open, or a connection's socket or pipe fails with EMFILE),
-//! the worker sheds half the cache (`shed`): clients come before cached
-//! files.
+//! accept, an open, or a connection's backend socket fails with EMFILE),
+//! the worker sheds half the cache (`shed`), and half of its idle pooled
+//! pipes: clients come before cached files.
 //!
 //! Bodies share the cached descriptor: sendfile, splice and pread all pass
 //! explicit offsets and never move the shared file position. mmap routes

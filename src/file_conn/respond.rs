@@ -170,7 +170,7 @@ impl FileConn {
         } else {
             rel
         };
-        let (mut file, mut st) = open_at(dir, &rel, ctx.files)?;
+        let (mut file, mut st) = open_at(dir, &rel, ctx.files, ctx.pools.pipes)?;
         let mut index = None;
         if st.is_dir() && dir.is_some() {
             // No listings: the index file, or nothing.
@@ -179,7 +179,7 @@ impl FileConn {
                 return Err(301);
             }
             let path = rel.join(name);
-            (file, st) = open_at(dir, &path, ctx.files)?;
+            (file, st) = open_at(dir, &path, ctx.files, ctx.pools.pipes)?;
             index = Some(path);
         }
         if !st.is_file() || file_as_folder(index.is_some()) {
@@ -261,12 +261,14 @@ impl Resp {
 }
 
 /// Open `rel` beneath `dir` (confined by openat2), or the absolute `rel`
-/// with `None`, and fstat it. Out of descriptors, the open-file cache
-/// gives back half of its own and the open is tried once more.
+/// with `None`, and fstat it. Out of descriptors, the open-file cache and
+/// the idle pipes give back half of their own and the open is tried once
+/// more.
 fn open_at(
     dir: Option<BorrowedFd>,
     rel: &Path,
     files: &mut OpenFiles,
+    pipes: &mut crate::pipe_pool::PipePool,
 ) -> Result<(File, FileStat), u16> {
     let mut shed = false;
     loop {
@@ -282,9 +284,12 @@ fn open_at(
             Err(e)
                 if !shed
                     && matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-                    && files.shed() =>
+                    && (files.shed() | pipes.shed()) =>
             {
-                log::warn!("out of file descriptors: closed half of the open-file cache");
+                log::warn!(
+                    "out of file descriptors: closed half of the open-file cache and of the \
+                     idle pipes"
+                );
                 shed = true;
             }
             Err(e) => return Err(status_of(&e)),
