@@ -159,15 +159,7 @@ impl PipePool {
     /// nobody uses.
     pub fn trim(&mut self) {
         let share = self.budget.idle_share.load(Ordering::Relaxed);
-        while self.idle > share || (self.idle > 0 && self.budget.used() > self.budget.cap()) {
-            let Some((_, list)) = self.free.iter_mut().find(|(_, l)| !l.is_empty()) else {
-                break;
-            };
-            drop(list.pop());
-            self.idle -= 1;
-            self.budget.give();
-        }
-        self.free.retain(|(_, l)| !l.is_empty());
+        while (self.idle > share || self.budget.used() > self.budget.cap()) && self.close_idle() {}
     }
 
     /// Out of file descriptors: close half of the idle pipes (two
@@ -175,15 +167,23 @@ impl PipePool {
     pub fn shed(&mut self) -> bool {
         let n = self.idle.div_ceil(2);
         for _ in 0..n {
-            let Some((_, list)) = self.free.iter_mut().find(|(_, l)| !l.is_empty()) else {
-                break;
-            };
-            drop(list.pop());
-            self.idle -= 1;
-            self.budget.give();
+            self.close_idle();
         }
-        self.free.retain(|(_, l)| !l.is_empty());
         n > 0
+    }
+
+    /// Close one idle pipe; false when there is none.
+    fn close_idle(&mut self) -> bool {
+        let Some(i) = self.free.iter().position(|(_, l)| !l.is_empty()) else {
+            return false;
+        };
+        drop(self.free[i].1.pop());
+        if self.free[i].1.is_empty() {
+            self.free.swap_remove(i);
+        }
+        self.idle -= 1;
+        self.budget.give();
+        true
     }
 
     /// Give a pipe back. `empty` must be true only when every byte written
@@ -274,14 +274,20 @@ mod tests {
         assert_eq!(budget.used(), 0);
     }
 
-    #[test]
-    fn shed_closes_half_of_the_idle_pipes() {
-        let budget = PipeBudget::new(16, 1);
+    /// A pool of `budget` holding `n` idle pipes.
+    fn with_idle(budget: &Arc<PipeBudget>, n: usize) -> PipePool {
         let mut a = PipePool::new(budget.clone());
-        let p: Vec<Pipe> = (0..5).map(|_| a.get(65536).expect("pipe")).collect();
+        let p: Vec<Pipe> = (0..n).map(|_| a.get(65536).expect("pipe")).collect();
         for pipe in p {
             a.put(pipe, true);
         }
+        a
+    }
+
+    #[test]
+    fn shed_closes_half_of_the_idle_pipes() {
+        let budget = PipeBudget::new(16, 1);
+        let mut a = with_idle(&budget, 5);
         assert!(a.shed());
         assert_eq!(budget.used(), 2, "3 of 5 closed");
         assert!(a.shed());
@@ -293,11 +299,7 @@ mod tests {
     #[test]
     fn trim_closes_idle_pipes_over_a_lowered_cap() {
         let budget = PipeBudget::new(4, 1);
-        let mut a = PipePool::new(budget.clone());
-        let p: Vec<Pipe> = (0..3).map(|_| a.get(65536).expect("pipe")).collect();
-        for pipe in p {
-            a.put(pipe, true);
-        }
+        let mut a = with_idle(&budget, 3);
         assert_eq!(budget.used(), 3, "three idle");
         budget.set_cap(1, 1);
         a.trim();
@@ -313,11 +315,7 @@ mod tests {
         // 4 pipes for 2 workers: one worker may keep 2 idle, so the other
         // can always make its own.
         let budget = PipeBudget::new(4, 2);
-        let mut a = PipePool::new(budget.clone());
-        let p: Vec<Pipe> = (0..3).map(|_| a.get(65536).expect("pipe")).collect();
-        for pipe in p {
-            a.put(pipe, true);
-        }
+        let _a = with_idle(&budget, 3);
         assert_eq!(budget.used(), 2, "the third idle pipe was closed");
         let mut b = PipePool::new(budget.clone());
         let x = b.get(65536).expect("worker b gets a pipe");

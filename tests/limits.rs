@@ -548,23 +548,8 @@ fn idle_pipes_give_descriptors_back_when_they_run_out() {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<usize>().ok())
         .max()
         .unwrap();
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let f: Vec<String> = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap()
-        .split_whitespace()
-        .map(String::from)
-        .collect();
-    let prlimit = |soft: &str| {
-        let st = std::process::Command::new("prlimit")
-            .arg(format!("--pid={pid}"))
-            .arg(format!("--nofile={soft}:{}", f[4]))
-            .status()
-            .unwrap();
-        assert!(st.success());
-    };
-    prlimit(&(top + 1).to_string());
+    let (soft, hard) = fd_limits(pid);
+    set_fd_limits(pid, &(top + 1).to_string(), &hard);
     let out = |sl: &Sluice| sl.count_log("accept failed") + sl.count_log("out of file descriptors");
     let mut idle = Vec::new();
     while out(&sl) == 0 {
@@ -585,7 +570,7 @@ fn idle_pipes_give_descriptors_back_when_they_run_out() {
         std::io::Read::read_exact(&mut c, &mut back).is_ok() && back == msg.as_bytes()
     });
     assert!(served, "no client served once descriptors ran out");
-    prlimit(&f[3]);
+    set_fd_limits(pid, &soft, &hard);
     let logs = sl.logs().join("\n");
     assert!(
         logs.contains("closed half of the open-file cache and of the idle pipes")

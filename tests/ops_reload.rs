@@ -372,26 +372,6 @@ fn rust_log_for_some_targets_keeps_log_level_for_the_rest() {
     );
 }
 
-/// Soft and hard RLIMIT_NOFILE of a process, from /proc/PID/limits.
-fn fd_limits(pid: u32) -> (String, String) {
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap();
-    let f: Vec<&str> = line.split_whitespace().collect();
-    (f[3].to_string(), f[4].to_string())
-}
-
-fn set_fd_limits(pid: u32, soft: &str, hard: &str) {
-    let st = std::process::Command::new("prlimit")
-        .arg(format!("--pid={pid}"))
-        .arg(format!("--nofile={soft}:{hard}"))
-        .status()
-        .expect("prlimit (util-linux)");
-    assert!(st.success(), "prlimit --pid={pid} --nofile={soft}:{hard}");
-}
-
 /// Each worker needs its own descriptor of every listening socket. When
 /// the process cannot make them, the reload fails as a whole, with a
 /// message that says why and what to do, and every worker keeps the

@@ -526,6 +526,24 @@ fn connections_spread_over_the_workers() {
     );
 }
 
+/// Upload on `c` from a thread until a write fails: 64 MiB, more than the
+/// socket buffers on the way absorb, so the upload is still running when
+/// the backend gives up; then half-close if `fin`.
+fn upload_until_cut(c: &TcpStream, fin: bool) -> thread::JoinHandle<()> {
+    let mut w = c.try_clone().unwrap();
+    thread::spawn(move || {
+        let chunk = vec![7u8; 16 * 1024];
+        for _ in 0..4096 {
+            if w.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        if fin {
+            let _ = w.shutdown(Shutdown::Write);
+        }
+    })
+}
+
 /// The backend answers, half-closes, and closes with the client's upload
 /// unread, so its kernel resets sluice's backend socket (a 413 during an
 /// upload). The client reads slowly: it must still receive the whole
@@ -556,18 +574,7 @@ fn an_answer_survives_a_backend_that_resets_after_it() {
             ),
         );
         let c = connect(addr(port));
-        let mut w = c.try_clone().unwrap();
-        let uploader = thread::spawn(move || {
-            // 64 MiB: more than the socket buffers on the way absorb, so
-            // the upload is still running when the backend gives up.
-            let chunk = vec![7u8; 64 * 1024];
-            for _ in 0..1024 {
-                if w.write_all(&chunk).is_err() {
-                    break;
-                }
-            }
-            let _ = w.shutdown(Shutdown::Write);
-        });
+        let uploader = upload_until_cut(&c, true);
         // A slow client: nothing read until well after the backend reset.
         thread::sleep(Duration::from_millis(600));
         let mut r = c;
@@ -621,15 +628,7 @@ fn a_backend_reset_met_by_a_write_still_resets_the_client() {
                 ),
             );
             let c = connect(addr(port));
-            let mut w = c.try_clone().unwrap();
-            let uploader = thread::spawn(move || {
-                let chunk = vec![7u8; 16 * 1024];
-                for _ in 0..4096 {
-                    if w.write_all(&chunk).is_err() {
-                        break;
-                    }
-                }
-            });
+            let uploader = upload_until_cut(&c, false);
             let mut r = c;
             let me = r.local_addr().unwrap().port();
             let (got, how) = read_until_end(&mut r);
@@ -640,15 +639,16 @@ fn a_backend_reset_met_by_a_write_still_resets_the_client() {
             // then says end-of-stream: the kernel's state of the socket
             // tells. A FIN leaves it in CLOSE_WAIT; a reset closes it.
             let state = tcp4_state(me, port);
+            let a = sl.wait_access(1, Duration::from_secs(10));
             assert!(
                 how == "ConnectionReset" || (how == "eof" && state.is_none()),
                 "{strategy} round {round}: the cut answer ({} bytes) ended by {how}, \
-                 socket state {state:?} (08 = CLOSE_WAIT: a FIN came)",
-                got.len()
+                 socket state {state:?} (08 = CLOSE_WAIT: a FIN came); access {:?}",
+                got.len(),
+                a[0]
             );
             drop(r);
             uploader.join().unwrap();
-            let a = sl.wait_access(1, Duration::from_secs(10));
             assert_eq!(a[0]["end"], "backend_reset", "{strategy} round {round}");
         }
     }
@@ -670,6 +670,16 @@ fn a_reset_after_the_backends_fin_still_ends_with_a_fin() {
         send_data(&mut s, 23, answer);
         s.shutdown(Shutdown::Write).unwrap();
         thread::sleep(Duration::from_millis(500));
+        // On a loaded machine the answer may take longer to leave: the
+        // reset must come after the FIN (FIN_WAIT2: all of it acknowledged).
+        let (me, peer) = (
+            s.local_addr().unwrap().port(),
+            s.peer_addr().unwrap().port(),
+        );
+        let end = Instant::now() + Duration::from_secs(10);
+        while tcp4_state(me, peer).as_deref() != Some("05") && Instant::now() < end {
+            thread::sleep(Duration::from_millis(5));
+        }
         drop(s); // the upload unread: a reset, after the FIN
         String::new()
     });
@@ -687,15 +697,7 @@ fn a_reset_after_the_backends_fin_still_ends_with_a_fin() {
         );
         let c = small_buffer_client(addr(port), 4096);
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut w = c.try_clone().unwrap();
-        let uploader = thread::spawn(move || {
-            let chunk = vec![7u8; 16 * 1024];
-            for _ in 0..4096 {
-                if w.write_all(&chunk).is_err() {
-                    break;
-                }
-            }
-        });
+        let uploader = upload_until_cut(&c, false);
         thread::sleep(Duration::from_millis(1500));
         let mut r = c;
         let me = r.local_addr().unwrap().port();

@@ -1003,3 +1003,23 @@ pub fn read_until_end(c: &mut TcpStream) -> (Vec<u8>, String) {
     let (got, how) = read_to_end_how(c);
     (got, how.map_or("eof".to_string(), |k| format!("{k:?}")))
 }
+
+/// Soft and hard RLIMIT_NOFILE of a process, from /proc/PID/limits.
+pub fn fd_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    (f[3].to_string(), f[4].to_string())
+}
+
+pub fn set_fd_limits(pid: u32, soft: &str, hard: &str) {
+    let st = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft}:{hard}"))
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(st.success(), "prlimit --pid={pid} --nofile={soft}:{hard}");
+}
