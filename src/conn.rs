@@ -329,9 +329,10 @@ impl ProxyConn {
     }
 
     /// Whether opening a backend socket failed for want of descriptors
-    /// (or memory) in this process.
+    /// (or memory) in this process (a relayed connection's error, kept
+    /// for the access line, says nothing about that).
     pub fn out_of_descriptors(&self) -> bool {
-        self.last_err.as_ref().is_some_and(local_exhaustion)
+        self.backend.is_none() && self.last_err.as_ref().is_some_and(local_exhaustion)
     }
 
     /// Try backends in balance order until a non-blocking connect starts;
@@ -402,8 +403,8 @@ impl ProxyConn {
                     }
                     self.stop_waiting(ctx.now);
                     self.connect_began.get_or_insert(ctx.now);
-                    if let Some(t) = self.route.cfg.tcp_keepalive {
-                        let ka = socket2::TcpKeepalive::new().with_time(t);
+                    if let Some(k) = &self.route.cfg.tcp_keepalive {
+                        let ka = crate::route::keepalive_params(k, false);
                         if let Err(e) = socket2::SockRef::from(&s).set_tcp_keepalive(&ka) {
                             log::debug!("client {}: backend keepalive not set: {e}", self.peer);
                         }
@@ -899,6 +900,14 @@ impl ProxyConn {
             Side::Client => Side::Backend,
             Side::Backend => Side::Client,
         });
+        if !reset {
+            // For the access line: what the kernel said (a peer that
+            // stopped answering keepalive probes: "Connection timed out").
+            self.last_err = Some(match e.raw_os_error() {
+                Some(code) => io::Error::from_raw_os_error(code),
+                None => io::Error::new(e.kind(), e.to_string()),
+            });
+        }
         match (side, reset) {
             (Side::Client, true) => End::ClientReset,
             (Side::Backend, true) => End::BackendReset,
@@ -1064,7 +1073,9 @@ impl ProxyConn {
                 None => "-".to_string(),
             };
             let mut why = match (&self.last_err, end) {
-                (Some(e), End::ConnectFailed) => format!(" error=\"{e}\""),
+                (Some(e), End::ConnectFailed | End::ClientError | End::BackendError) => {
+                    format!(" error=\"{e}\"")
+                }
                 _ => String::new(),
             };
             if let Some(v) = self.via {

@@ -650,14 +650,14 @@ fn build_generation(
     // KeepAlive=, say).
     for l in &listeners {
         let route = &routes[l.route];
-        let idle = route.cfg.tcp_keepalive;
-        if idle.is_none() && !keepalive.remove(&l.addr) {
+        let ka = route.cfg.tcp_keepalive;
+        if ka.is_none() && !keepalive.remove(&l.addr) {
             continue;
         }
         for s in &l.socks {
-            set_keepalive(s, idle, &route.cfg.name, l.addr);
+            set_keepalive(s, ka.as_ref(), &route.cfg.name, l.addr);
         }
-        if idle.is_some() {
+        if ka.is_some() {
             keepalive.insert(l.addr);
         }
     }
@@ -720,18 +720,18 @@ fn duplicate_listeners(
         .collect()
 }
 
-/// Turn TCP keepalive on (probes after `idle` without traffic) or off on
-/// a listening socket: the clients it accepts inherit it, so it costs
-/// nothing per connection.
+/// Turn TCP keepalive on (idle time, interval and count of probes) or
+/// off on a listening socket: the clients it accepts inherit it, so it
+/// costs nothing per connection.
 fn set_keepalive(
     sock: &std::net::TcpListener,
-    idle: Option<std::time::Duration>,
+    ka: Option<&crate::config::Keepalive>,
     route: &str,
     addr: SocketAddr,
 ) {
     let s = socket2::SockRef::from(sock);
-    let res = match idle {
-        Some(t) => s.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(t)),
+    let res = match ka {
+        Some(k) => s.set_tcp_keepalive(&crate::route::keepalive_params(k, true)),
         None => s.set_keepalive(false),
     };
     if let Err(e) = res {

@@ -2,7 +2,9 @@
 //! sluice's sockets (/proc/net/tcp) shows the keepalive timer armed on the
 //! client socket and the backend socket of a route that sets it, with the
 //! configured idle time, and no timer on a route that does not; a reload
-//! turns it off for new clients.
+//! turns it off for new clients. Between two network namespaces of the
+//! test's own, a peer that vanishes is dropped after the configured
+//! interval and count of unanswered probes.
 
 mod common;
 
@@ -181,5 +183,178 @@ fn tcp_keepalive_out_of_range_is_a_config_error() {
             )),
             "{err}"
         );
+    }
+}
+
+/// Two test hosts of this test's own, network namespaces joined by a veth
+/// pair: `a` (10.203.0.1) runs sluice, `b` (10.203.0.2) the far peers.
+/// Taking b's end of the link down makes whatever a sends vanish without
+/// an answer, as a crashed host or a NAT that forgot the flow would.
+/// Removed on drop (deleting a namespace deletes its end of the veth).
+struct Hosts {
+    a: String,
+    b: String,
+}
+
+impl Hosts {
+    fn new() -> Hosts {
+        let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&uid.stdout).trim(),
+            "0",
+            "this test builds network namespaces (ip netns): run the tests as root, \
+             as .ci/run does"
+        );
+        let id = std::process::id();
+        let hosts = Hosts {
+            a: format!("sl-ka-a-{id}"),
+            b: format!("sl-ka-b-{id}"),
+        };
+        let (va, vb) = (format!("ska{id}"), format!("skb{id}"));
+        for cmd in [
+            format!("netns add {}", hosts.a),
+            format!("netns add {}", hosts.b),
+            format!(
+                "link add {va} netns {} type veth peer name {vb} netns {}",
+                hosts.a, hosts.b
+            ),
+            format!("-n {} addr add 10.203.0.1/30 dev {va}", hosts.a),
+            format!("-n {} addr add 10.203.0.2/30 dev {vb}", hosts.b),
+            format!("-n {} link set {va} up", hosts.a),
+            format!("-n {} link set {vb} up", hosts.b),
+            format!("-n {} link set lo up", hosts.a),
+            format!("-n {} link set lo up", hosts.b),
+        ] {
+            ip(&cmd);
+        }
+        hosts
+    }
+
+    /// The wrapper that runs a command on host `ns`.
+    fn on(ns: &str) -> Vec<String> {
+        ["ip", "netns", "exec", ns].map(String::from).to_vec()
+    }
+
+    /// A client on host `ns` that connects to `to` and then stays quiet
+    /// (bash's /dev/tcp: no tool to install).
+    fn quiet_client(ns: &str, to: &str) -> std::process::Child {
+        let (host, port) = to.split_once(':').unwrap();
+        std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "bash", "-c"])
+            .arg(format!("exec 3<>/dev/tcp/{host}/{port} && exec sleep 120"))
+            .spawn()
+            .unwrap()
+    }
+
+    /// Host b stops answering: its end of the link goes down.
+    fn cut(&self) {
+        let id = std::process::id();
+        ip(&format!("-n {} link set skb{id} down", self.b));
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .status();
+        }
+    }
+}
+
+fn ip(args: &str) {
+    let out = std::process::Command::new("ip")
+        .args(args.split_whitespace())
+        .output()
+        .expect("ip (iproute2) is required for this test (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "ip {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A peer that vanished is found dead after `tcp_keepalive +
+/// tcp_keepalive_interval * tcp_keepalive_count`, on either socket: the
+/// client socket (set on the listener, inherited) and the backend
+/// socket. With the system's interval and count (75 s x 9) it would take
+/// over 11 minutes.
+#[test]
+fn a_vanished_peer_is_dropped_after_the_keepalive_probes_go_unanswered() {
+    let hosts = Hosts::new();
+    let ka = "tcp_keepalive = \"1s\"\ntcp_keepalive_interval = \"1s\"\ntcp_keepalive_count = 3\n";
+    // A file route that waits an hour for a request head: a peer that
+    // holds a connection open and quiet.
+    let hold = |name: &str, listen: &str| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"{listen}\"\nfile = \"hold.txt\"\n\
+             header_timeout = \"1h\"\nidle_timeout = \"1h\"\n\n"
+        )
+    };
+    let dir_a = temp_dir("keepalive-vanish-a");
+    write_file(&dir_a, "hold.txt", b"held\n");
+    let sl = Sluice::start_wrapped_in(
+        dir_a,
+        &format!(
+            "[global]\nworkers = 1\n\n\
+             [[route]]\nname = \"front\"\nlisten = \"10.203.0.1:7000\"\n\
+             backends = [\"127.0.0.1:7001\"]\n{ka}\n\
+             [[route]]\nname = \"back\"\nlisten = \"127.0.0.1:7002\"\n\
+             backends = [\"10.203.0.2:7003\"]\n{ka}\n{}",
+            hold("hold-a", "127.0.0.1:7001")
+        ),
+        &Hosts::on(&hosts.a),
+    );
+    let dir_b = temp_dir("keepalive-vanish-b");
+    write_file(&dir_b, "hold.txt", b"held\n");
+    let far = Sluice::start_wrapped_in(
+        dir_b,
+        &format!(
+            "[global]\nworkers = 1\n\n{}",
+            hold("hold-b", "10.203.0.2:7003")
+        ),
+        &Hosts::on(&hosts.b),
+    );
+    // A client on b through "front" (its client socket faces b), and a
+    // client on a through "back" (its backend socket faces b).
+    let mut clients = [
+        Hosts::quiet_client(&hosts.b, "10.203.0.1:7000"),
+        Hosts::quiet_client(&hosts.a, "127.0.0.1:7002"),
+    ];
+    // Answered probes keep quiet connections up: longer than unanswered
+    // ones would last.
+    thread::sleep(Duration::from_millis(5500));
+    assert_eq!(sl.access().len(), 0, "{}", sl.logs().join("\n"));
+    assert_eq!(far.access().len(), 0, "{}", far.logs().join("\n"));
+
+    let cut = Instant::now();
+    hosts.cut();
+    let lines = sl.wait_access(2, Duration::from_secs(30));
+    let took = cut.elapsed();
+    let by_route = |r: &str| {
+        lines
+            .iter()
+            .find(|l| l.get("route").map(String::as_str) == Some(r))
+            .unwrap_or_else(|| panic!("no access line for {r}: {lines:?}"))
+            .clone()
+    };
+    let (front, back) = (by_route("front"), by_route("back"));
+    for (line, end) in [(&front, "client_error"), (&back, "backend_error")] {
+        assert_eq!(line["end"], end, "{line:?}");
+        assert_eq!(
+            line["error"], "Connection timed out (os error 110)",
+            "{line:?}"
+        );
+    }
+    // Three unanswered probes a second apart after a second of quiet: not
+    // before about 3 s (one probe would end it in 1-2 s).
+    assert!(
+        took >= Duration::from_millis(2500),
+        "ended after {took:?}: {lines:?}"
+    );
+    for c in &mut clients {
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }

@@ -141,6 +141,21 @@ pub struct Admin {
     pub listen: SocketAddr,
 }
 
+/// `tcp_keepalive` and its two companions: when a quiet connection is
+/// probed, and how a peer that stopped answering is found dead (after
+/// `idle + interval * count` without an answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// No traffic for this long before the first probe (TCP_KEEPIDLE).
+    pub idle: Duration,
+    /// Between unanswered probes (TCP_KEEPINTVL); `None`: the system's
+    /// `net.ipv4.tcp_keepalive_intvl`.
+    pub interval: Option<Duration>,
+    /// Unanswered probes before the connection is dropped (TCP_KEEPCNT);
+    /// `None`: the system's `net.ipv4.tcp_keepalive_probes`.
+    pub count: Option<u32>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Route {
     pub name: String,
@@ -149,10 +164,9 @@ pub struct Route {
     /// Close a connection with no traffic either way for this long
     /// (for HTTP file routes: keep-alive idle between requests).
     pub idle_timeout: Duration,
-    /// TCP keepalive probes after this long without traffic, on client
-    /// sockets (set on the listener, which accepted sockets inherit) and
-    /// backend sockets; `None`: off.
-    pub tcp_keepalive: Option<Duration>,
+    /// TCP keepalive probes, on client sockets (set on the listener,
+    /// which accepted sockets inherit) and backend sockets; `None`: off.
+    pub tcp_keepalive: Option<Keepalive>,
     /// Per-route cap on open client connections.
     pub max_connections: usize,
     /// Per client IP cap; 0 = unlimited.

@@ -16,8 +16,8 @@ use super::error::{ConfigError, Source};
 use super::schema::{Backends, RawBackend, RawHealth, RawRoute};
 use super::values::{self, Want};
 use super::{
-    Backend, Balance, FileRoute, FileSource, FileStrategy, Global, Health, Protocol, ProxyRoute,
-    ProxyStrategy, ProxyVersion, Route, RouteKind,
+    Backend, Balance, FileRoute, FileSource, FileStrategy, Global, Health, Keepalive, Protocol,
+    ProxyRoute, ProxyStrategy, ProxyVersion, Route, RouteKind,
 };
 
 const MIB: usize = 1 << 20;
@@ -134,7 +134,7 @@ pub fn route(
             r.idle_timeout.as_ref(),
             default_idle,
         )?,
-        tcp_keepalive: keepalive(src, r.tcp_keepalive.as_ref())?,
+        tcp_keepalive: keepalive(src, r, &label)?,
         max_connections: values::count_usize(
             src,
             "max_connections",
@@ -228,34 +228,96 @@ fn strategy<T: Copy, U>(
     Err(src.error(&value.span(), message))
 }
 
-/// Longest `tcp_keepalive`: the kernel's limit for TCP_KEEPIDLE.
+/// Longest `tcp_keepalive` and `tcp_keepalive_interval`: the kernel's
+/// limit for TCP_KEEPIDLE and TCP_KEEPINTVL.
 const MAX_KEEPALIVE_SECS: u64 = 32_767;
 
-/// `tcp_keepalive`: the idle time before the first probe, in whole seconds.
-fn keepalive(
-    src: &Source,
-    value: Option<&Spanned<super::schema::Dur>>,
-) -> Result<Option<Duration>, ConfigError> {
-    let Some(v) = value else { return Ok(None) };
-    let d = v.get_ref().0;
-    let secs = d.as_secs();
-    if d.subsec_nanos() != 0 {
-        return Err(src.error(
-            &v.span(),
-            "tcp_keepalive is set in whole seconds (TCP_KEEPIDLE): expected a value like 30s or 2m",
-        ));
-    }
-    if !(1..=MAX_KEEPALIVE_SECS).contains(&secs) {
-        return Err(src.error(
-            &v.span(),
-            format!(
-                "tcp_keepalive must be from 1s to {MAX_KEEPALIVE_SECS}s (the kernel's limit): \
-                 the time without traffic before the first keepalive probe; leave it out for \
-                 no probes"
+/// Largest `tcp_keepalive_count`: the kernel's limit for TCP_KEEPCNT.
+const MAX_KEEPALIVE_COUNT: u64 = 127;
+
+/// `tcp_keepalive` (the idle time before the first probe) with
+/// `tcp_keepalive_interval` and `tcp_keepalive_count`, which only mean
+/// something with it.
+fn keepalive(src: &Source, r: &RawRoute, label: &str) -> Result<Option<Keepalive>, ConfigError> {
+    let Some(idle) = &r.tcp_keepalive else {
+        let lone = [
+            (
+                "tcp_keepalive_interval",
+                r.tcp_keepalive_interval.as_ref().map(|v| v.span()),
             ),
-        ));
-    }
-    Ok(Some(Duration::from_secs(secs)))
+            (
+                "tcp_keepalive_count",
+                r.tcp_keepalive_count.as_ref().map(|v| v.span()),
+            ),
+        ];
+        if let Some((key, Some(span))) = lone.into_iter().find(|(_, s)| s.is_some()) {
+            return Err(src.error(
+                &span,
+                format!(
+                    "`{key}` needs `tcp_keepalive`, which {label} does not set (probes start \
+                     only after that long without traffic): add it, or remove `{key}`"
+                ),
+            ));
+        }
+        return Ok(None);
+    };
+    // key, value, the socket option it sets, what it means
+    let whole_secs = |key: &str, v: &Spanned<super::schema::Dur>, opt: &str, means: &str| {
+        let d = v.get_ref().0;
+        if d.subsec_nanos() != 0 {
+            return Err(src.error(
+                &v.span(),
+                format!("{key} is set in whole seconds ({opt}): expected a value like 30s or 2m"),
+            ));
+        }
+        if !(1..=MAX_KEEPALIVE_SECS).contains(&d.as_secs()) {
+            return Err(src.error(
+                &v.span(),
+                format!(
+                    "{key} must be from 1s to {MAX_KEEPALIVE_SECS}s (the kernel's limit): {means}"
+                ),
+            ));
+        }
+        Ok(d)
+    };
+    let idle = whole_secs(
+        "tcp_keepalive",
+        idle,
+        "TCP_KEEPIDLE",
+        "the time without traffic before the first keepalive probe; leave it out for no probes",
+    )?;
+    let interval = r
+        .tcp_keepalive_interval
+        .as_ref()
+        .map(|v| {
+            whole_secs(
+                "tcp_keepalive_interval",
+                v,
+                "TCP_KEEPINTVL",
+                "the time between unanswered keepalive probes",
+            )
+        })
+        .transpose()?;
+    let count = r
+        .tcp_keepalive_count
+        .as_ref()
+        .map(|v| {
+            values::count(
+                src,
+                "tcp_keepalive_count",
+                Some(v),
+                1,
+                1,
+                MAX_KEEPALIVE_COUNT,
+            )
+        })
+        .transpose()?
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    Ok(Some(Keepalive {
+        idle,
+        interval,
+        count,
+    }))
 }
 
 /// Largest `weight`, as in HAProxy: enough to express any useful ratio

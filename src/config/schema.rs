@@ -64,6 +64,8 @@ pub struct RawRoute {
     pub queue_timeout: Option<Spanned<Dur>>,
     pub idle_timeout: Option<Spanned<Dur>>,
     pub tcp_keepalive: Option<Spanned<Dur>>,
+    pub tcp_keepalive_interval: Option<Spanned<Dur>>,
+    pub tcp_keepalive_count: Option<Spanned<u64>>,
     pub pipe_size: Option<Spanned<Size>>,
     pub buffer_size: Option<Spanned<Size>>,
     pub max_connections: Option<Spanned<u64>>,

@@ -790,7 +790,12 @@ fn tcp_keepalive_is_whole_seconds_on_any_route() {
         let cfg = dir
             .parse(&format!("{route}tcp_keepalive = {value}\n"))
             .unwrap();
-        assert_eq!(cfg.routes[0].tcp_keepalive, Some(Duration::from_secs(want)));
+        let want = Keepalive {
+            idle: Duration::from_secs(want),
+            interval: None,
+            count: None,
+        };
+        assert_eq!(cfg.routes[0].tcp_keepalive, Some(want));
     }
     assert_eq!(dir.parse(PROXY).unwrap().routes[0].tcp_keepalive, None);
     rejects(
@@ -802,6 +807,61 @@ fn tcp_keepalive_is_whole_seconds_on_any_route() {
         &dir,
         &format!("{PROXY}tcp_keepalive = \"1500ms\"\n"),
         "t.toml:5:17: tcp_keepalive is set in whole seconds",
+    );
+}
+
+#[test]
+fn tcp_keepalive_interval_and_count_come_with_tcp_keepalive() {
+    let dir = Dir::new();
+    let cfg = dir
+        .parse(&format!(
+            "{FILE}tcp_keepalive = \"1m\"\ntcp_keepalive_interval = \"10s\"\ntcp_keepalive_count = 4\n"
+        ))
+        .unwrap();
+    let want = Keepalive {
+        idle: Duration::from_secs(60),
+        interval: Some(Duration::from_secs(10)),
+        count: Some(4),
+    };
+    assert_eq!(cfg.routes[0].tcp_keepalive, Some(want));
+    let cfg = dir
+        .parse(&format!(
+            "{PROXY}tcp_keepalive = \"30s\"\ntcp_keepalive_count = 127\n"
+        ))
+        .unwrap();
+    let k = cfg.routes[0].tcp_keepalive.unwrap();
+    assert_eq!((k.interval, k.count), (None, Some(127)));
+    rejects(
+        &dir,
+        &format!("{PROXY}tcp_keepalive_interval = \"10s\"\n"),
+        "t.toml:5:26: `tcp_keepalive_interval` needs `tcp_keepalive`, which route \"p\" does not set",
+    );
+    rejects(
+        &dir,
+        &format!("{PROXY}tcp_keepalive_count = 3\n"),
+        "t.toml:5:23: `tcp_keepalive_count` needs `tcp_keepalive`",
+    );
+    let ka = format!("{PROXY}tcp_keepalive = \"30s\"\n");
+    rejects(
+        &dir,
+        &format!("{ka}tcp_keepalive_interval = \"0s\"\n"),
+        "t.toml:6:26: tcp_keepalive_interval must be from 1s to 32767s (the kernel's limit): \
+         the time between unanswered keepalive probes",
+    );
+    rejects(
+        &dir,
+        &format!("{ka}tcp_keepalive_interval = \"2500ms\"\n"),
+        "t.toml:6:26: tcp_keepalive_interval is set in whole seconds (TCP_KEEPINTVL)",
+    );
+    rejects(
+        &dir,
+        &format!("{ka}tcp_keepalive_count = 0\n"),
+        "t.toml:6:23: tcp_keepalive_count must be greater than zero, found 0",
+    );
+    rejects(
+        &dir,
+        &format!("{ka}tcp_keepalive_count = 128\n"),
+        "t.toml:6:23: tcp_keepalive_count must be at most 127, found 128",
     );
 }
 
