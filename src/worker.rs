@@ -444,7 +444,16 @@ impl Worker {
         true
     }
 
-    fn next_wakeup(&self) -> Option<Instant> {
+    fn next_wakeup(&mut self) -> Option<Instant> {
+        // Entries of sessions that ended (or were re-filed) go now rather
+        // than when they come due: after a burst of short connections they
+        // would wake a quiet worker about once a millisecond, for nothing.
+        while let Some(&Reverse((t, key, id))) = self.timers.peek() {
+            if self.timer_live(t, key, id) {
+                break;
+            }
+            self.timers.pop();
+        }
         let t = self.timers.peek().map(|Reverse((t, _, _))| *t);
         let p = self.listeners.iter().filter_map(|l| l.paused_until).min();
         let d = self.drain;
@@ -1047,24 +1056,26 @@ impl Worker {
         }
     }
 
+    /// Whether a heap entry is its session's current one.
+    fn timer_live(&self, t: Instant, key: usize, id: u64) -> bool {
+        live_timer(&self.slab, t, key, id)
+    }
+
     fn fire_timers(&mut self, now: Instant) {
         // Entries of closed or re-filed sessions wait in the heap until
         // they come due (up to an idle timeout away); under a high
         // connection rate, sweep them out instead of letting the heap grow.
         if self.timers.len() > 2 * self.slab.len() + 1024 {
             let slab = &self.slab;
-            self.timers.retain(|Reverse((t, k, id))| {
-                slab.get(*k)
-                    .is_some_and(|e| e.id == *id && e.scheduled == *t)
-            });
+            self.timers
+                .retain(|&Reverse((t, k, id))| live_timer(slab, t, k, id));
         }
         while let Some(&Reverse((t, key, id))) = self.timers.peek() {
             if t > now {
                 break;
             }
             self.timers.pop();
-            let live = matches!(self.slab.get(key), Some(e) if e.id == id && e.scheduled == t);
-            if !live {
+            if !self.timer_live(t, key, id) {
                 continue; // stale: the session ended or was re-filed
             }
             let mut entry = self.slab.remove(key);
@@ -1117,4 +1128,12 @@ fn untrusted_sender(route: &RouteRt, ip: IpAddr) -> Option<End> {
 /// Make a waker for a worker's poll (before the worker thread starts).
 pub fn waker(poll: &Poll) -> io::Result<Waker> {
     Waker::new(poll.registry(), WAKER)
+}
+
+/// Whether the timer heap entry (`t`, `key`, `id`) is the current one of a
+/// live session (not one that ended, or whose entry was replaced by an
+/// earlier one).
+fn live_timer(slab: &Slab<Entry>, t: Instant, key: usize, id: u64) -> bool {
+    slab.get(key)
+        .is_some_and(|e| e.id == id && e.scheduled == t)
 }

@@ -1,8 +1,8 @@
 //! Access control and limits through the real binary: allow/deny, the
 //! route, global and per-IP connection caps (refusals prompt, admitted
 //! connections unharmed, counts given back on every way a connection can
-//! end), and running out of file descriptors without spinning or losing
-//! the listener.
+//! end), running out of file descriptors without spinning or losing the
+//! listener, and a quiet worker staying asleep.
 
 mod common;
 
@@ -583,4 +583,69 @@ fn idle_pipes_give_descriptors_back_when_they_run_out() {
         pipe_fds(pid) - before
     );
     drop(idle);
+}
+
+/// Times the worker threads went to sleep and were woken again, from
+/// /proc (voluntary context switches of each `sluice-w*` thread).
+fn worker_wakeups(pid: u32) -> u64 {
+    let mut n = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("sluice-w") {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        n += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    n
+}
+
+/// Every connection leaves a timer in the worker's heap (here its
+/// connect_timeout, 1 s after accept). Those of connections that already
+/// ended are dropped when the worker goes to sleep, not woken for: after
+/// a burst of short connections, a quiet worker stays asleep while their
+/// times pass (it used to wake about once a millisecond through them).
+#[test]
+fn a_quiet_worker_does_not_wake_for_the_timers_of_ended_connections() {
+    let b = Backend::spawn(|mut s| {
+        echo(&mut s);
+        String::new()
+    });
+    let port = free_port();
+    let sl = Sluice::start(
+        "stale-timers",
+        &config(
+            "",
+            &[route("burst", port, &[b.addr], "connect_timeout = \"1s\"")],
+        ),
+    );
+    let n = 400;
+    let began = Instant::now();
+    for i in 0..n {
+        let mut c = connect(v4(port));
+        let msg = format!("hello {i}\n");
+        c.write_all(msg.as_bytes()).unwrap();
+        assert_eq!(read_line(&mut c), msg.trim_end());
+        drop(c);
+    }
+    let lines = sl.wait_access(n, Duration::from_secs(20));
+    assert!(
+        lines.iter().all(|l| l["end"] == "client_closed"),
+        "{lines:?}"
+    );
+    // Quiet from here on, until every connect_timeout has passed.
+    let before = worker_wakeups(sl.pid());
+    let due = began.elapsed();
+    thread::sleep(Duration::from_millis(1500));
+    let woke = worker_wakeups(sl.pid()) - before;
+    assert!(
+        woke < 20,
+        "the worker woke {woke} times while the timers of {n} ended connections, made over \
+         {due:?}, came due"
+    );
 }
