@@ -404,7 +404,7 @@ impl ProxyConn {
                     self.stop_waiting(ctx.now);
                     self.connect_began.get_or_insert(ctx.now);
                     if let Some(k) = &self.route.cfg.tcp_keepalive {
-                        let ka = crate::route::keepalive_params(k, false);
+                        let ka = crate::keepalive::backend_params(k);
                         if let Err(e) = socket2::SockRef::from(&s).set_tcp_keepalive(&ka) {
                             log::debug!("client {}: backend keepalive not set: {e}", self.peer);
                         }

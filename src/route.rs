@@ -535,43 +535,6 @@ pub fn xorshift(state: &mut u64) -> u64 {
     x
 }
 
-/// The keepalive probing a route asks for, as socket options. A companion
-/// the route leaves out stays unset, so the kernel applies its sysctl
-/// (`net.ipv4.tcp_keepalive_intvl`, `_probes`) when it probes; with
-/// `pin_system` it is set to the sysctl's value now instead: a listening
-/// socket keeps a value set by an earlier generation otherwise (the kernel
-/// has no way back to "unset").
-pub fn keepalive_params(k: &config::Keepalive, pin_system: bool) -> socket2::TcpKeepalive {
-    let system = |name: &str| -> Option<u32> {
-        let path = format!("/proc/sys/net/ipv4/{name}");
-        let v = std::fs::read_to_string(&path).ok()?.trim().parse().ok();
-        if v.is_none() {
-            log::debug!("cannot read {path}: keepalive {name} left as it is");
-        }
-        v
-    };
-    let mut ka = socket2::TcpKeepalive::new().with_time(k.idle);
-    let interval = match k.interval {
-        Some(d) => Some(d),
-        None if pin_system => {
-            system("tcp_keepalive_intvl").map(|s| std::time::Duration::from_secs(s.into()))
-        }
-        None => None,
-    };
-    if let Some(d) = interval {
-        ka = ka.with_interval(d);
-    }
-    let count = match k.count {
-        Some(n) => Some(n),
-        None if pin_system => system("tcp_keepalive_probes"),
-        None => None,
-    };
-    if let Some(n) = count {
-        ka = ka.with_retries(n);
-    }
-    ka
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

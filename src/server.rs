@@ -14,7 +14,7 @@
 //! listening sockets come from systemd (`sys::activation`), matched to
 //! routes by `FileDescriptorName=` and address.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,6 +32,7 @@ use socket2::{Domain, Socket, Type};
 use crate::admin::{self, Admin};
 use crate::config::{self, Config};
 use crate::health::Checker;
+use crate::keepalive;
 use crate::pipe_pool::PipeBudget;
 use crate::route::RouteRt;
 use crate::worker::{self, Cmd, Generation, Shared, SharedListener, Worker};
@@ -79,9 +80,10 @@ pub struct Server {
     generation: Arc<Generation>,
     /// Every listening socket group, by address; survives reloads.
     sockets: HashMap<SocketAddr, Group>,
-    /// Listening addresses whose sockets sluice turned keepalive on for
-    /// (`tcp_keepalive`): the only ones it turns it off on again.
-    keepalive: HashSet<SocketAddr>,
+    /// Listening addresses whose sockets sluice set keepalive on
+    /// (`tcp_keepalive`), with what they had before: the only ones it
+    /// changes again, to give that back when a reload drops the key.
+    keepalive: HashMap<SocketAddr, keepalive::Untouched>,
     /// Sockets systemd passed, by route name and address. Kept for the
     /// life of the process: systemd holds them open anyway, so a route a
     /// reload removes and a later one brings back gets the same socket.
@@ -124,7 +126,7 @@ impl Server {
         });
         let activated = activated_sockets(&cfg);
         let mut sockets = HashMap::new();
-        let mut keepalive = HashSet::new();
+        let mut keepalive = HashMap::new();
         let generation = build_generation(
             &cfg,
             cfg.global.workers,
@@ -462,6 +464,12 @@ impl Server {
                 // workers drop their duplicates as they load the new set.
                 let keep: Vec<SocketAddr> = generation.listeners.iter().map(|l| l.addr).collect();
                 self.sockets.retain(|a, _| keep.contains(a));
+                // A socket systemd passed outlives its route: what it had
+                // before is kept for when a reload brings the route back.
+                let (sockets, activated) = (&self.sockets, &self.activated);
+                self.keepalive.retain(|a, _| {
+                    sockets.contains_key(a) || activated.keys().any(|(_, x)| x == a)
+                });
                 log::info!(
                     "reload ok: generation {}, {} routes, {} listeners",
                     generation.id,
@@ -551,7 +559,7 @@ fn build_generation(
     id: u64,
     running: Option<Running<'_>>,
     sockets: &mut HashMap<SocketAddr, Group>,
-    keepalive: &mut HashSet<SocketAddr>,
+    keepalive: &mut HashMap<SocketAddr, keepalive::Untouched>,
     activated: &Activated,
 ) -> Result<Generation, String> {
     let prev = running.as_ref().map(|r| r.generation);
@@ -646,20 +654,43 @@ fn build_generation(
     };
     // Only now that the generation stands: a reload that fails must not
     // change the sockets the running one listens on. A socket sluice never
-    // turned keepalive on for keeps what it came with (a socket unit's
-    // KeepAlive=, say).
+    // set keepalive on keeps what it came with (a socket unit's
+    // KeepAlive=, say), and gets it back when a reload drops the key.
     for l in &listeners {
         let route = &routes[l.route];
-        let ka = route.cfg.tcp_keepalive;
-        if ka.is_none() && !keepalive.remove(&l.addr) {
-            continue;
-        }
+        let want = route.cfg.tcp_keepalive.as_ref();
+        let before = match (want, keepalive.get(&l.addr)) {
+            (None, None) => continue,
+            (_, Some(b)) => *b,
+            (Some(_), None) => {
+                match keepalive::Untouched::read(socket2::SockRef::from(&*l.socks[0])) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        log::warn!(
+                            "route {}: cannot read the keepalive options of {}: {e}; \
+                         tcp_keepalive not set there",
+                            route.cfg.name,
+                            l.addr
+                        );
+                        continue;
+                    }
+                }
+            }
+        };
         for s in &l.socks {
-            set_keepalive(s, ka.as_ref(), &route.cfg.name, l.addr);
+            if let Err(e) = keepalive::apply(socket2::SockRef::from(&**s), want, &before) {
+                log::warn!(
+                    "route {}: cannot set tcp_keepalive on {}: {e}; clients keep the previous \
+                     setting",
+                    route.cfg.name,
+                    l.addr
+                );
+            }
         }
-        if ka.is_some() {
-            keepalive.insert(l.addr);
-        }
+        match want {
+            Some(_) => keepalive.insert(l.addr, before),
+            None => keepalive.remove(&l.addr),
+        };
     }
     Ok(Generation {
         id,
@@ -718,27 +749,6 @@ fn duplicate_listeners(
                 .collect()
         })
         .collect()
-}
-
-/// Turn TCP keepalive on (idle time, interval and count of probes) or
-/// off on a listening socket: the clients it accepts inherit it, so it
-/// costs nothing per connection.
-fn set_keepalive(
-    sock: &std::net::TcpListener,
-    ka: Option<&crate::config::Keepalive>,
-    route: &str,
-    addr: SocketAddr,
-) {
-    let s = socket2::SockRef::from(sock);
-    let res = match ka {
-        Some(k) => s.set_tcp_keepalive(&crate::route::keepalive_params(k, true)),
-        None => s.set_keepalive(false),
-    };
-    if let Err(e) = res {
-        log::warn!(
-            "route {route}: cannot set tcp_keepalive on {addr}: {e}; clients keep the previous setting"
-        );
-    }
 }
 
 /// Sockets systemd passed, keyed by (route name, address).
