@@ -1170,3 +1170,73 @@ fn nodelay_is_set_on_listeners_not_per_client() {
     // Two listeners and three backend connections; the six clients none.
     assert_eq!(nodelay.len(), 2 + 3, "{text}");
 }
+
+/// IPv6 end to end: clients on [::1] through routes listening on [::1]
+/// (splice and copy) to a backend on [::1], byte-exact both ways, with an
+/// allow list of `::1/128` (and a deny list that names IPv4 only); and a
+/// file route on [::1]. The access lines name the IPv6 peers.
+#[test]
+fn ipv6_clients_and_backends_relay_byte_exact() {
+    let len = 4 * MIB;
+    let l = std::net::TcpListener::bind("[::1]:0")
+        .expect("IPv6 loopback ([::1]) is needed for this test");
+    let b = Backend::spawn_on(l, move |s| {
+        let (_sent, got) = exchange(s, 2, len);
+        format!("{}:{:x?}", got.len, got.sha)
+    });
+    let dir = temp_dir("relay-ipv6");
+    let file = write_file(&dir, "v6.txt", b"served over IPv6\n");
+    let (splice, copy, files) = (free_port(), free_port(), free_port());
+    let sl = Sluice::start_wrapped_in::<&str>(
+        dir,
+        &format!(
+            "[global]\nlog_level = \"info\"\n\n\
+             [[route]]\nname = \"splice\"\nlisten = \"[::1]:{splice}\"\nbackends = [\"{0}\"]\n\
+             strategy = \"splice\"\nallow = [\"::1/128\"]\ndeny = [\"127.0.0.0/8\"]\n\n\
+             [[route]]\nname = \"copy\"\nlisten = \"[::1]:{copy}\"\nbackends = [\"{0}\"]\n\
+             strategy = \"copy\"\n\n\
+             [[route]]\nname = \"file\"\nlisten = \"[::1]:{files}\"\nfile = \"{1}\"\n",
+            b.addr,
+            file.display()
+        ),
+        &[],
+    );
+    let expect_down = send_data(&mut std::io::sink(), 2, len);
+    for (i, port) in [splice, copy].into_iter().enumerate() {
+        let c = TcpStream::connect(("::1", port)).unwrap();
+        let (sent, got) = exchange(c, 1, len);
+        assert_eq!(
+            got, expect_down,
+            "port {port}: backend → client bytes differ"
+        );
+        let r = b.wait_results(i + 1, Duration::from_secs(60));
+        assert_eq!(
+            r[i],
+            format!("{}:{:x?}", sent.len, sent.sha),
+            "port {port}: client → backend"
+        );
+    }
+    let mut c = TcpStream::connect(("::1", files)).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nserved over IPv6\n"), "{answer}");
+
+    let lines = sl.wait_access(3, Duration::from_secs(10));
+    for route in ["splice", "copy"] {
+        let a = lines.iter().find(|l| l["route"] == route).unwrap();
+        assert!(a["client"].starts_with("[::1]:"), "{a:?}");
+        assert_eq!(a["backend"], b.addr.to_string(), "{a:?}");
+        assert_eq!(a["strategy"], route, "{a:?}");
+        assert_eq!(
+            (a["bytes_in"].as_str(), a["bytes_out"].as_str()),
+            (len.to_string().as_str(), len.to_string().as_str()),
+            "{a:?}"
+        );
+    }
+    let f = lines.iter().find(|l| l["route"] == "file").unwrap();
+    assert!(f["client"].starts_with("[::1]:"), "{f:?}");
+    assert_eq!(f["status"], "200", "{f:?}");
+}
