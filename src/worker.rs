@@ -120,8 +120,14 @@ pub enum Cmd {
 struct Listener {
     sock: TcpListener,
     route: Arc<RouteRt>,
-    /// Resting after EMFILE/ENFILE until then.
+    /// Resting after EMFILE/ENFILE until then (or, not watched yet, until
+    /// the next try to watch it).
     paused_until: Option<Instant>,
+    /// Registered with the poll. A socket epoll refused to watch (ENOMEM,
+    /// max_user_watches) is tried again every ACCEPT_PAUSE: with several
+    /// workers it is this worker's own in the address's SO_REUSEPORT
+    /// group, so the kernel goes on queueing a share of the clients on it.
+    watched: bool,
 }
 
 /// A session in the slab: one state machine per kind of connection.
@@ -282,21 +288,32 @@ impl Worker {
         for (l, sock) in generation.listeners.iter().zip(socks) {
             let mut sock = TcpListener::from_std(sock);
             let token = Token(LISTENER_BASE + self.listeners.len());
-            if let Err(e) = self
+            let watched = match self
                 .poll
                 .registry()
                 .register(&mut sock, token, Interest::READABLE)
             {
-                log::error!("worker {}: cannot watch {}: {e}", self.id, l.addr);
-                continue;
-            }
+                Ok(()) => true,
+                Err(e) => {
+                    log::error!(
+                        "worker {}: cannot watch {}: {e}; trying again every {ACCEPT_PAUSE:?} \
+                         (its clients wait in the kernel's queue meanwhile)",
+                        self.id,
+                        l.addr
+                    );
+                    false
+                }
+            };
             self.listeners.push(Listener {
                 sock,
                 route: generation.routes[l.route].clone(),
-                paused_until: None,
+                paused_until: (!watched).then(|| Instant::now() + ACCEPT_PAUSE),
+                watched,
             });
-            // A client may already wait in the backlog: no edge will say so.
-            self.backlog.push(self.listeners.len() - 1);
+            if watched {
+                // A client may already wait in the backlog: no edge will say so.
+                self.backlog.push(self.listeners.len() - 1);
+            }
         }
         self.generation = generation;
         Ok(())
@@ -464,7 +481,7 @@ impl Worker {
     fn accept_backlog(&mut self, now: Instant) {
         for i in 0..self.listeners.len() {
             if let Some(until) = self.listeners[i].paused_until {
-                if now < until {
+                if now < until || !self.watch_listener(i, now) {
                     continue;
                 }
                 self.listeners[i].paused_until = None;
@@ -480,6 +497,46 @@ impl Worker {
                 && self.accept(i, now)
             {
                 self.backlog.push(i);
+            }
+        }
+    }
+
+    /// Make sure listener `i` is registered with the poll, trying again if
+    /// an earlier try failed; false (and another try after ACCEPT_PAUSE)
+    /// if it still cannot be.
+    fn watch_listener(&mut self, i: usize, now: Instant) -> bool {
+        let l = &mut self.listeners[i];
+        if l.watched {
+            return true;
+        }
+        let token = Token(LISTENER_BASE + i);
+        // A fresh descriptor of the socket: mio marks a source registered
+        // before it asks the kernel, and keeps the mark when that fails.
+        let fresh = socket2::SockRef::from(&l.sock)
+            .try_clone()
+            .map(|s| TcpListener::from_std(s.into()));
+        match fresh.and_then(|mut sock| {
+            self.poll
+                .registry()
+                .register(&mut sock, token, Interest::READABLE)
+                .map(|()| sock)
+        }) {
+            Ok(sock) => {
+                l.sock = sock;
+                l.watched = true;
+                log::info!(
+                    "worker {}: watching {} now",
+                    self.id,
+                    l.sock
+                        .local_addr()
+                        .map_or("a listener".into(), |a| a.to_string())
+                );
+                true
+            }
+            Err(e) => {
+                log::debug!("worker {}: still cannot watch a listener: {e}", self.id);
+                l.paused_until = Some(now + ACCEPT_PAUSE);
+                false
             }
         }
     }
@@ -1048,6 +1105,9 @@ impl Worker {
             self.pipes.shed();
         }
         for (i, l) in self.listeners.iter_mut().enumerate() {
+            if !l.watched {
+                continue; // rests until its next try to be watched
+            }
             if starved {
                 l.paused_until.get_or_insert(now + ACCEPT_PAUSE);
             } else if l.paused_until.take().is_some() && !self.backlog.contains(&i) {

@@ -2,8 +2,9 @@
 //! the real binary: READY/RELOADING/STOPPING on a NOTIFY_SOCKET the test
 //! binds, 20 reloads under a client loop with zero failures, a bad config
 //! that leaves the old one serving, a reload short of file descriptors
-//! that fails whole, and a reload that changes backends and routes while
-//! a connection stays open on the old ones.
+//! that fails whole, a reload that changes backends and routes while a
+//! connection stays open on the old ones, and a worker whose epoll
+//! refuses a listening socket trying again until it serves it.
 
 mod common;
 
@@ -624,4 +625,85 @@ fn a_stop_during_a_reload_drops_the_reload() {
         .wait_exit(Duration::from_secs(10))
         .expect("sluice stops once the held connection is gone");
     assert!(st.success(), "{st}");
+}
+
+/// The thread id of worker `n` of sluice process `pid`.
+fn worker_tid(pid: u32, n: usize) -> u32 {
+    let want = format!("sluice-w{n}");
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() == want {
+            return dir.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        }
+    }
+    panic!("no thread {want} in process {pid}");
+}
+
+/// A worker whose epoll refuses to watch a listening socket (ENOMEM, or
+/// fs.epoll.max_user_watches reached) tries again until it can. With two
+/// workers that socket is this worker's own in the address's SO_REUSEPORT
+/// group, where the kernel queues a share of the clients: they used to
+/// wait there unanswered for good. The failure is real: strace, attached
+/// to worker 0's thread alone, makes its second epoll_ctl after the
+/// reload's (the one that watches the listener again, after the one that
+/// stopped watching the old generation's) fail with ENOMEM.
+#[test]
+fn a_listener_a_worker_cannot_watch_is_tried_again() {
+    let b = Backend::named("b");
+    let port = free_port();
+    let mut sl = Sluice::start(
+        "reload-unwatched",
+        &format!("[global]\nworkers = 2\n\n{}", route("r", port, b.addr)),
+    );
+    let tid = worker_tid(sl.pid(), 0);
+    let out = sl.dir.join("strace.txt");
+    let mut strace = std::process::Command::new("strace")
+        .args(["-p", &tid.to_string(), "-e", "trace=epoll_ctl"])
+        .args(["-e", "inject=epoll_ctl:error=ENOMEM:when=2", "-o"])
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("strace is required for this test (.ci/run installs it)");
+    let mut err = std::io::BufReader::new(strace.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    assert!(line.contains("attached"), "strace: {line}");
+
+    sl.signal("HUP");
+    sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
+    sl.wait_log(
+        &format!("worker 0: watching 127.0.0.1:{port} now"),
+        Duration::from_secs(5),
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &strace.id().to_string()])
+        .status();
+    let _ = strace.wait();
+    let trace = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        trace.contains("EPOLL_CTL_ADD")
+            && trace.contains("ENOMEM (Cannot allocate memory) (INJECTED)"),
+        "the listener's epoll_ctl was not the one that failed:\n{trace}"
+    );
+    let refused = sl.logs().join("\n");
+    assert!(
+        refused.contains(&format!("worker 0: cannot watch 127.0.0.1:{port}: ")),
+        "{refused}"
+    );
+
+    // Every client is served, by both workers.
+    let n = 40;
+    for i in 0..n {
+        let mut c = connect(addr(port));
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(read_line(&mut c), "b", "client {i} was not served");
+    }
+    let lines = sl.wait_access(n, Duration::from_secs(10));
+    for w in ["0", "1"] {
+        assert!(
+            lines.iter().any(|l| l["worker"] == w),
+            "worker {w} served none of {n}: {lines:?}"
+        );
+    }
 }
