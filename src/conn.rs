@@ -770,7 +770,10 @@ impl ProxyConn {
                 // queued, as from a read that met it, never a FIN that
                 // would make a cut answer look whole. EPIPE: the reset
                 // came after its FIN (Linux reports a reset in CLOSE_WAIT
-                // so), the stream is whole and its FIN passes on.
+                // so), the stream is whole and its FIN passes on; or an
+                // earlier splice to it took the ECONNRESET and returned
+                // the bytes it moved: the read that meets the end asks the
+                // kernel which (`Flow::closes_after`, `sys::ended_by_reset`).
                 log::debug!(
                     "route {}: client {}: backend stopped reading ({e}); finishing its answer",
                     self.route.cfg.name,
@@ -784,6 +787,12 @@ impl ProxyConn {
             }
             Err(FlowError::Write(e)) => return Some(self.fail(Side::Backend, &e)),
         };
+        if self.up.ended_by_reset() {
+            // The client's reset, found at its end of stream (a splice to
+            // it took the error): as a read that met it.
+            let e = io::Error::from(io::ErrorKind::ConnectionReset);
+            return Some(self.fail(Side::Client, &e));
+        }
         self.down.closes_after(&self.up);
         let down = self.down.run(
             backend,

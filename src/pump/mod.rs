@@ -22,6 +22,7 @@ pub mod splice;
 
 use std::io;
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 
 use mio::net::TcpStream;
 
@@ -142,6 +143,13 @@ pub struct Flow {
     pipe_maybe_full: bool,
     pub spliced: u64,
     pub copied: u64,
+    /// Bytes read from the source (for `sys::ended_by_reset`).
+    read: u64,
+    /// The opposite direction holds bytes it could not write to this
+    /// flow's source, or stopped writing to it: a reset may have ended
+    /// the source with no error left to say so (see `fill`). Set by the
+    /// connection before each `run` (see `closes_after`).
+    reset_may_hide: bool,
     /// First reason this flow had to copy although it wanted to splice.
     pub fallback: Option<Fallback>,
     /// The destination stopped taking bytes (EPIPE/reset): what the source
@@ -177,6 +185,8 @@ impl Flow {
             pipe_maybe_full: false,
             spliced: 0,
             copied: 0,
+            read: 0,
+            reset_may_hide: false,
             fallback: None,
             discarding: false,
             no_fin: false,
@@ -251,14 +261,16 @@ impl Flow {
         self.shut
     }
 
-    /// Tell this flow whether `other`, the opposite direction, is over:
-    /// finished after reading its source to the end. Then this flow's
-    /// destination has nothing unread (its peer sent a FIN and sluice read
-    /// up to it), the connection closes the moment this flow ends, and
-    /// close(2) sends the FIN after the queued bytes, as shutdown(2) would:
-    /// one syscall less per connection.
+    /// Tell this flow what `other`, the opposite direction, means for it.
+    /// Whether `other` is over, finished after reading its source to the
+    /// end: then this flow's destination has nothing unread (its peer sent
+    /// a FIN and sluice read up to it), the connection closes the moment
+    /// this flow ends, and close(2) sends the FIN after the queued bytes,
+    /// as shutdown(2) would: one syscall less per connection. And whether
+    /// `other` is stuck writing to this flow's source (`reset_may_hide`).
     pub fn closes_after(&mut self, other: &Flow) {
         self.fin_by_close = other.shut && other.eof && !other.discarding;
+        self.reset_may_hide = other.pending() > 0 || other.discarding;
     }
 
     /// Move bytes from `src` to `dst` until neither side can make
@@ -466,9 +478,23 @@ impl Flow {
             Ok(0) => {
                 self.eof = true;
                 sr.read = false;
+                // A reset can end the stream with no error left to report:
+                // a splice(2) of the other direction into this socket may
+                // take it in one of its sends and still return the bytes it
+                // moved; the next write says EPIPE and this read says 0, as
+                // for a FIN. Such a splice leaves bytes behind (or the
+                // write after it failed): only then ask the kernel which
+                // end it was, one getsockopt.
+                if self.reset_may_hide
+                    && !self.eof_is_reset
+                    && crate::sys::ended_by_reset(src.as_fd(), self.read).unwrap_or(false)
+                {
+                    self.eof_is_reset = true;
+                }
                 Ok(true)
             }
             Ok(n) => {
+                self.read += n as u64;
                 if !is_splice {
                     if n == room && self.pending() == n {
                         self.bulk = true;

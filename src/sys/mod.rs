@@ -148,6 +148,35 @@ pub fn unsent_bytes(sock: BorrowedFd) -> io::Result<usize> {
     Ok(n.max(0) as usize)
 }
 
+/// Whether a TCP socket whose reads say end-of-stream was ended by a reset
+/// and not a FIN, after `read` bytes were read from it, whichever syscall
+/// took the reset's error (or none: splice(2) into a socket can take it in
+/// one of its sends and still return the bytes it moved before). A reset
+/// leaves the socket closed (TCP_CLOSE), and tcpi_bytes_received counts
+/// every advance of the receive sequence, where a FIN takes one: exactly
+/// `read` means no FIN came. No verdict (false) on a kernel too old to
+/// report it.
+pub fn ended_by_reset(sock: BorrowedFd, read: u64) -> io::Result<bool> {
+    const TCP_CLOSE: u8 = 7;
+    // SAFETY: tcp_info is plain integers, for which all zeroes is valid.
+    let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `ti`, a live
+    // local of that size, and updates `len`; the fd is borrowed.
+    let ret = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut ti as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    cvt(ret as libc::c_long)?;
+    let known = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+    Ok(len as usize >= known && ti.tcpi_state == TCP_CLOSE && ti.tcpi_bytes_received == read)
+}
+
 /// Raise the soft RLIMIT_NOFILE to the hard limit; returns the new limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
     let lim = nofile_rlimit()?;
