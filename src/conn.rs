@@ -298,7 +298,7 @@ impl ProxyConn {
             connecting: false,
             attempts: Attempts::default(),
             last_err: None,
-            up: Flow::new(params),
+            up: Flow::new(params).after_reading(acc.consumed),
             down: Flow::new(params),
             started: acc.since,
             deadline: ctx.now,

@@ -60,6 +60,8 @@ pub struct Accepted {
     pub ready: Option<Ready>,
     /// Client bytes read past the header: the start of the client stream.
     pub early: Vec<u8>,
+    /// Bytes read from the socket in all: the header and `early`.
+    pub consumed: usize,
     /// When the connection was accepted.
     pub since: Instant,
 }
@@ -74,6 +76,7 @@ impl Accepted {
             via: None,
             ready: None,
             early: Vec::new(),
+            consumed: 0,
             since,
         }
     }
@@ -244,6 +247,7 @@ impl Handshake {
             via,
             ready: Some(self.ready),
             early: self.buf[got.len..self.len].to_vec(),
+            consumed: self.len,
             since: self.since,
         }
     }

@@ -11,7 +11,10 @@
 //! `KeepAlive=` settings. So the first time sluice touches one it notes
 //! what the socket had (`Untouched`); a key the route leaves out keeps
 //! that value, and a reload that removes `tcp_keepalive` gives all of it
-//! back. Only options that differ are written: one never set stays unset.
+//! back. Only options that differ are written: one never set stays unset
+//! (following its sysctl) until sluice changes it; given back after that,
+//! it holds the sysctl's value of when sluice first touched the socket, as
+//! Linux has no way to unset it.
 
 use std::io;
 use std::time::Duration;

@@ -510,8 +510,9 @@ impl Worker {
             return true;
         }
         let token = Token(LISTENER_BASE + i);
-        // A fresh descriptor of the socket: mio marks a source registered
-        // before it asks the kernel, and keeps the mark when that fails.
+        // A fresh descriptor of the socket: mio (in debug builds) marks a
+        // source registered before it asks the kernel, and keeps the mark
+        // when that fails.
         let fresh = socket2::SockRef::from(&l.sock)
             .try_clone()
             .map(|s| TcpListener::from_std(s.into()));

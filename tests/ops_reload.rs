@@ -668,7 +668,11 @@ fn a_listener_a_worker_cannot_watch_is_tried_again() {
     let mut err = std::io::BufReader::new(strace.stderr.take().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(&mut err, &mut line).unwrap();
-    assert!(line.contains("attached"), "strace: {line}");
+    assert!(
+        line.contains("attached"),
+        "strace could not attach to the worker thread (it needs ptrace rights over \
+         another process: root, or kernel.yama.ptrace_scope=0): {line}"
+    );
 
     sl.signal("HUP");
     sl.wait_log("reload ok: generation 2", Duration::from_secs(10));

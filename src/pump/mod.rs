@@ -197,6 +197,13 @@ impl Flow {
         }
     }
 
+    /// The source's first `n` bytes were read before this flow began (a
+    /// PROXY header and what came with it): count them as read.
+    pub fn after_reading(mut self, n: usize) -> Self {
+        self.read = n as u64;
+        self
+    }
+
     /// Put `bytes` in front of everything this flow will still move, so
     /// they are the first the destination receives: a PROXY header, or
     /// client bytes read before the relay began. They sit in a copy
