@@ -16,7 +16,10 @@
 //! it holds the sysctl's value of when sluice first touched the socket, as
 //! Linux has no way to unset it.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
@@ -45,8 +48,48 @@ pub struct Untouched {
     count: u32,
 }
 
+/// Give the sockets listening on `addr` the route's keepalive (`want`),
+/// or back what they had when a reload drops it. `noted` holds, for every
+/// address sluice set keepalive on, what its sockets had before: noted
+/// the first time, forgotten once given back. A failure is logged; the
+/// clients then keep the previous setting.
+pub fn set_listener(
+    noted: &mut HashMap<SocketAddr, Untouched>,
+    addr: SocketAddr,
+    socks: &[Arc<TcpListener>],
+    want: Option<&Keepalive>,
+    route: &str,
+) {
+    let before = match (want, noted.get(&addr)) {
+        (None, None) => return,
+        (_, Some(b)) => *b,
+        (Some(_), None) => match Untouched::read(SockRef::from(&*socks[0])) {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!(
+                    "route {route}: cannot read the keepalive options of {addr}: {e}; \
+                     tcp_keepalive not set there"
+                );
+                return;
+            }
+        },
+    };
+    for s in socks {
+        if let Err(e) = apply(SockRef::from(&**s), want, &before) {
+            log::warn!(
+                "route {route}: cannot set tcp_keepalive on {addr}: {e}; clients keep the \
+                 previous setting"
+            );
+        }
+    }
+    match want {
+        Some(_) => noted.insert(addr, before),
+        None => noted.remove(&addr),
+    };
+}
+
 impl Untouched {
-    pub fn read(sock: SockRef<'_>) -> io::Result<Untouched> {
+    fn read(sock: SockRef<'_>) -> io::Result<Untouched> {
         Ok(Untouched {
             on: sock.keepalive()?,
             idle: sock.tcp_keepalive_time()?,
@@ -58,7 +101,7 @@ impl Untouched {
 
 /// Give a listening socket the route's keepalive (`Some`) or what it had
 /// before (`None`), writing only the options that differ.
-pub fn apply(sock: SockRef<'_>, want: Option<&Keepalive>, before: &Untouched) -> io::Result<()> {
+fn apply(sock: SockRef<'_>, want: Option<&Keepalive>, before: &Untouched) -> io::Result<()> {
     let (on, idle, interval, count) = match want {
         Some(k) => (
             true,

@@ -657,40 +657,14 @@ fn build_generation(
     // set keepalive on keeps what it came with (a socket unit's
     // KeepAlive=, say), and gets it back when a reload drops the key.
     for l in &listeners {
-        let route = &routes[l.route];
-        let want = route.cfg.tcp_keepalive.as_ref();
-        let before = match (want, keepalive.get(&l.addr)) {
-            (None, None) => continue,
-            (_, Some(b)) => *b,
-            (Some(_), None) => {
-                match keepalive::Untouched::read(socket2::SockRef::from(&*l.socks[0])) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        log::warn!(
-                            "route {}: cannot read the keepalive options of {}: {e}; \
-                         tcp_keepalive not set there",
-                            route.cfg.name,
-                            l.addr
-                        );
-                        continue;
-                    }
-                }
-            }
-        };
-        for s in &l.socks {
-            if let Err(e) = keepalive::apply(socket2::SockRef::from(&**s), want, &before) {
-                log::warn!(
-                    "route {}: cannot set tcp_keepalive on {}: {e}; clients keep the previous \
-                     setting",
-                    route.cfg.name,
-                    l.addr
-                );
-            }
-        }
-        match want {
-            Some(_) => keepalive.insert(l.addr, before),
-            None => keepalive.remove(&l.addr),
-        };
+        let route = &routes[l.route].cfg;
+        keepalive::set_listener(
+            keepalive,
+            l.addr,
+            &l.socks,
+            route.tcp_keepalive.as_ref(),
+            &route.name,
+        );
     }
     Ok(Generation {
         id,

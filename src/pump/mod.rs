@@ -159,7 +159,8 @@ pub struct Flow {
     /// The source was reset: finish without forwarding a FIN.
     no_fin: bool,
     /// The source was reset but what it sent before is still to be read:
-    /// the end-of-stream a read meets then is that reset, not a FIN.
+    /// the end-of-stream a read meets then is that reset, not a FIN (and
+    /// becomes `no_fin`).
     eof_is_reset: bool,
     /// The other direction is over, so the connection closes as soon as
     /// this one ends and close(2) sends the FIN: no shutdown(2) needed.
@@ -314,7 +315,7 @@ impl Flow {
             if can_write && !deferred {
                 let want = self.pending();
                 // No FIN follows a reset: then no flush is the last.
-                let last = self.eof && !self.no_fin && !self.eof_is_reset;
+                let last = self.eof && !self.no_fin;
                 let res = match &mut self.held {
                     Held::Splice(p) => p.flush(dst, last),
                     Held::Copy(p) => p.flush(dst, last),
@@ -369,9 +370,6 @@ impl Flow {
             "flow stopped holding {} bytes for a writable destination",
             self.pending()
         );
-        if self.eof && self.eof_is_reset {
-            self.no_fin = true;
-        }
         if self.eof && self.pending() == 0 && !self.shut {
             self.release(pools);
             // The peer may already be gone (ENOTCONN); the flow is over
@@ -492,11 +490,11 @@ impl Flow {
                 // for a FIN. Such a splice leaves bytes behind (or the
                 // write after it failed): only then ask the kernel which
                 // end it was, one getsockopt.
-                if self.reset_may_hide
-                    && !self.eof_is_reset
-                    && crate::sys::ended_by_reset(src.as_fd(), self.read).unwrap_or(false)
+                if self.eof_is_reset
+                    || (self.reset_may_hide
+                        && crate::sys::ended_by_reset(src.as_fd(), self.read).unwrap_or(false))
                 {
-                    self.eof_is_reset = true;
+                    self.no_fin = true;
                 }
                 Ok(true)
             }
