@@ -13,7 +13,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::thread;
 use std::time::Duration;
 
@@ -29,32 +28,9 @@ fn config(port: u16, backend: SocketAddr, busy_poll: &str) -> String {
     )
 }
 
-/// /proc/PID/task/TID of worker 0.
-fn worker_task(sl: &Sluice) -> PathBuf {
-    let tasks = format!("/proc/{}/task", sl.pid());
-    for t in std::fs::read_dir(&tasks).unwrap() {
-        let dir = t.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim() == "sluice-w0" {
-            return dir;
-        }
-    }
-    panic!("no sluice-w0 thread under {tasks}");
-}
-
-/// Voluntary context switches of worker 0 so far.
-fn worker_sleeps(sl: &Sluice) -> u64 {
-    let status = std::fs::read_to_string(worker_task(sl).join("status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("voluntary_ctxt_switches:"))
-        .unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// CPU time of worker 0 so far, in clock ticks (utime + stime).
 fn worker_ticks(sl: &Sluice) -> u64 {
-    let stat = std::fs::read_to_string(worker_task(sl).join("stat")).unwrap();
+    let stat = std::fs::read_to_string(worker_task(sl.pid(), 0).join("stat")).unwrap();
     let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
@@ -66,7 +42,7 @@ fn spaced_exchanges(sl: &Sluice, port: u16) -> u64 {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.set_nodelay(true).unwrap();
     assert_eq!(read_line(&mut s), "b");
-    let before = worker_sleeps(sl);
+    let before = worker_sleeps(sl.pid(), 0);
     for i in 0..EXCHANGES {
         let msg = format!("exchange {i:04}\n");
         s.write_all(msg.as_bytes()).unwrap();
@@ -75,7 +51,7 @@ fn spaced_exchanges(sl: &Sluice, port: u16) -> u64 {
         assert_eq!(back, msg.as_bytes(), "echo {i}");
         thread::sleep(GAP);
     }
-    worker_sleeps(sl) - before
+    worker_sleeps(sl.pid(), 0) - before
 }
 
 #[test]
@@ -109,13 +85,13 @@ fn busy_poll_keeps_the_worker_awake_through_short_gaps_then_sleeps() {
     // half second it may use a tick or two, where a spinning one uses
     // most of 50 (clock ticks, 10 ms at the usual 100 Hz).
     thread::sleep(Duration::from_millis(200));
-    let (ticks, sleeps) = (worker_ticks(&sl), worker_sleeps(&sl));
+    let (ticks, sleeps) = (worker_ticks(&sl), worker_sleeps(sl.pid(), 0));
     thread::sleep(Duration::from_millis(500));
     let used = worker_ticks(&sl) - ticks;
     assert!(
         used <= 5,
         "idle for 500 ms with busy_poll = 10ms, the worker used {used} ticks of CPU"
     );
-    let woke = worker_sleeps(&sl) - sleeps;
+    let woke = worker_sleeps(sl.pid(), 0) - sleeps;
     assert!(woke <= 1, "an idle worker woke up {woke} times");
 }

@@ -585,26 +585,6 @@ fn idle_pipes_give_descriptors_back_when_they_run_out() {
     drop(idle);
 }
 
-/// Times the worker threads went to sleep and were woken again, from
-/// /proc (voluntary context switches of each `sluice-w*` thread).
-fn worker_wakeups(pid: u32) -> u64 {
-    let mut n = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = t.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !comm.starts_with("sluice-w") {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        n += status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    n
-}
-
 /// Every connection leaves a timer in the worker's heap (here its
 /// connect_timeout, 2 s after accept). Those of connections that already
 /// ended are dropped when the worker goes to sleep, not woken for: after
@@ -640,14 +620,14 @@ fn a_quiet_worker_does_not_wake_for_the_timers_of_ended_connections() {
     );
     // Quiet from here on, until every connect_timeout has passed: the
     // first came due 2 s after `began`, the last 2 s after the burst.
-    let before = worker_wakeups(sl.pid());
+    let before = worker_sleeps(sl.pid(), 0);
     let due = began.elapsed();
     assert!(
         due < Duration::from_millis(1500),
         "the burst took {due:?}: its timers came due while it ran, nothing to measure"
     );
     thread::sleep(Duration::from_secs(2) + due.max(Duration::from_millis(300)));
-    let woke = worker_wakeups(sl.pid()) - before;
+    let woke = worker_sleeps(sl.pid(), 0) - before;
     assert!(
         woke < 20,
         "the worker woke {woke} times while the timers of {n} ended connections, made over \

@@ -627,19 +627,6 @@ fn a_stop_during_a_reload_drops_the_reload() {
     assert!(st.success(), "{st}");
 }
 
-/// The thread id of worker `n` of sluice process `pid`.
-fn worker_tid(pid: u32, n: usize) -> u32 {
-    let want = format!("sluice-w{n}");
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = t.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim() == want {
-            return dir.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        }
-    }
-    panic!("no thread {want} in process {pid}");
-}
-
 /// A worker whose epoll refuses to watch a listening socket (ENOMEM, or
 /// fs.epoll.max_user_watches reached) tries again until it can. With two
 /// workers that socket is this worker's own in the address's SO_REUSEPORT
@@ -656,10 +643,11 @@ fn a_listener_a_worker_cannot_watch_is_tried_again() {
         "reload-unwatched",
         &format!("[global]\nworkers = 2\n\n{}", route("r", port, b.addr)),
     );
-    let tid = worker_tid(sl.pid(), 0);
+    let task = worker_task(sl.pid(), 0);
+    let tid = task.file_name().unwrap().to_str().unwrap();
     let out = sl.dir.join("strace.txt");
     let mut strace = std::process::Command::new("strace")
-        .args(["-p", &tid.to_string(), "-e", "trace=epoll_ctl"])
+        .args(["-p", tid, "-e", "trace=epoll_ctl"])
         .args(["-e", "inject=epoll_ctl:error=ENOMEM:when=2", "-o"])
         .arg(&out)
         .stderr(std::process::Stdio::piped())

@@ -1023,3 +1023,29 @@ pub fn set_fd_limits(pid: u32, soft: &str, hard: &str) {
         .expect("prlimit (util-linux)");
     assert!(st.success(), "prlimit --pid={pid} --nofile={soft}:{hard}");
 }
+
+/// /proc/PID/task/TID of sluice process `pid`'s worker `n` (the thread
+/// named `sluice-wN`).
+pub fn worker_task(pid: u32, n: usize) -> PathBuf {
+    let want = format!("sluice-w{n}");
+    let tasks = format!("/proc/{pid}/task");
+    for t in std::fs::read_dir(&tasks).unwrap() {
+        let dir = t.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() == want {
+            return dir;
+        }
+    }
+    panic!("no thread {want} under {tasks}");
+}
+
+/// Voluntary context switches of worker `n` so far: how often it went to
+/// sleep and was woken again.
+pub fn worker_sleeps(pid: u32, n: usize) -> u64 {
+    let status = std::fs::read_to_string(worker_task(pid, n).join("status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("voluntary_ctxt_switches in /proc/PID/task/TID/status")
+}
