@@ -92,7 +92,8 @@ enum Step {
     Done,
     Wait,
     Yield,
-    /// The response was cut short (file truncated, lease broken): close.
+    /// The response was cut short (file truncated or unreadable, lease
+    /// broken): close with a reset.
     Cut(&'static str),
     Failed(End),
 }
@@ -590,6 +591,16 @@ impl FileConn {
                             self.peer
                         );
                         Step::Cut("truncated")
+                    }
+                    Sent::FileError(errno) => {
+                        Counters::inc(&c.file_errors);
+                        log::warn!(
+                            "route {}: reading the file for {} failed: {}; transfer ended",
+                            self.route.cfg.name,
+                            self.peer,
+                            io::Error::from_raw_os_error(errno)
+                        );
+                        Step::Cut("file_error")
                     }
                 }
             }

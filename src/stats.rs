@@ -121,6 +121,8 @@ pub struct Counters {
     pub lease_fallbacks: AtomicU64,
     /// File routes: transfers ended because the file shrank under them.
     pub file_truncated: AtomicU64,
+    /// File routes: transfers ended because reading the file failed.
+    pub file_errors: AtomicU64,
     /// Backend connect attempts that failed (refused, timed out).
     pub connect_failures: AtomicU64,
     /// Connections that found no backend to talk to.

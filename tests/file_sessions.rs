@@ -378,6 +378,77 @@ fn splice_from_a_blocked_file_falls_back_to_sendfile() {
     );
 }
 
+/// Reading the file fails (EIO, injected by strace into the strategy's
+/// file read: the third sendfile or pread, mid-body; the first splice,
+/// which always fills the pipe from the file): the transfer is cut and the
+/// client reset, on a raw route (no length to check a short file against)
+/// and on HTTP, with end=file_error, a warning, and the counter. Before,
+/// the client got a clean FIN and the line blamed it (client_error).
+#[test]
+fn a_file_read_error_resets_the_client() {
+    let total = 4u64 << 20;
+    for (strategy, call, when) in [
+        ("sendfile", "sendfile", "3"),
+        ("copy", "pread64", "3"),
+        ("splice", "splice", "1"),
+    ] {
+        let (raw, http, aport) = (free_port(), free_port(), free_port());
+        let body = format!("strategy = \"{strategy}\"\nsend_chunk = \"64KiB\"");
+        let routes = format!(
+            "\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n{}{}",
+            route(
+                "raw",
+                raw,
+                &format!("file = \"www/f.bin\"\nprotocol = \"raw\"\n{body}")
+            ),
+            route("web", http, &format!("root = \"www\"\n{body}")),
+        );
+        let wrapper = strace_fault_when(call, "EIO", when);
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        let (sl, _www) = start(
+            &format!("sess-eio-{strategy}"),
+            &routes,
+            &wrapper,
+            &[("f.bin", 7, total)],
+        );
+        let mut c = small_buffer_client(addr(raw), 64 << 10);
+        let (got, how) = read_to_end_how(&mut c);
+        let a = sl.wait_access(1, Duration::from_secs(10));
+        assert_eq!(
+            (how, a[0]["route"].as_str(), a[0]["end"].as_str()),
+            (
+                Some(std::io::ErrorKind::ConnectionReset),
+                "raw",
+                "file_error"
+            ),
+            "{strategy}: got {} bytes; {:?}",
+            got.len(),
+            a[0]
+        );
+        assert!((got.len() as u64) < total, "{strategy}");
+        // The fault was injected once: HTTP is served whole.
+        let (h, b) = get(addr(http), "/f.bin");
+        assert_eq!((h.status, b.len() as u64), (200, total), "{strategy}");
+        assert!(
+            sl.logs()
+                .iter()
+                .any(|l| l.contains("WARN") && l.contains("reading the file for")),
+            "{strategy}"
+        );
+        let m = common::admin::scrape(addr(aport));
+        let r = |route| [("route", route)];
+        assert_eq!(
+            (
+                m.get("sluice_route_file_read_errors_total", &r("raw")),
+                m.get("sluice_route_file_read_errors_total", &r("web")),
+                m.get("sluice_route_file_truncated_total", &r("raw")),
+            ),
+            (1.0, 0.0, 0.0),
+            "{strategy}"
+        );
+    }
+}
+
 /// A client that pipelines many requests and reads nothing for longer
 /// than header_timeout: sluice stops on the full socket (backpressure)
 /// and goes on when the client reads, every answer delivered. A response

@@ -77,7 +77,7 @@ fn escape(v: &str) -> String {
 /// A per-route counter: name, help, and which counter to sum.
 type RouteCounter = (&'static str, &'static str, fn(&Counters) -> &AtomicU64);
 
-const ROUTE_COUNTERS: [RouteCounter; 11] = [
+const ROUTE_COUNTERS: [RouteCounter; 12] = [
     (
         "sluice_route_connections_total",
         "Client connections accepted, including those then refused.",
@@ -117,6 +117,11 @@ const ROUTE_COUNTERS: [RouteCounter; 11] = [
         "sluice_route_file_truncated_total",
         "File transfers cut short because the file shrank while it was sent.",
         |c| &c.file_truncated,
+    ),
+    (
+        "sluice_route_file_read_errors_total",
+        "File transfers cut short because reading the file failed (EIO and the like).",
+        |c| &c.file_errors,
     ),
     (
         "sluice_route_proxy_header_errors_total",

@@ -94,6 +94,30 @@ pub enum Sent {
     Blocked,
     /// The file ended before `end` (truncated under us).
     Shrunk,
+    /// Reading the file failed (EIO from a failing disk, a network
+    /// filesystem gone away), with this errno: the client is not to blame.
+    FileError(i32),
+}
+
+/// Whether an error of sendfile(2), which reports the file's errors and
+/// the socket's alike, came from the socket.
+fn from_socket(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EAGAIN
+                | libc::EINTR
+                | libc::EPIPE
+                | libc::ECONNRESET
+                | libc::ECONNABORTED
+                | libc::ENOTCONN
+                | libc::ETIMEDOUT
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::ENETDOWN
+                | libc::EHOSTDOWN
+        )
+    )
 }
 
 enum Mode {
@@ -234,7 +258,8 @@ impl Body {
         self.leased
     }
 
-    /// Send up to `budget` bytes to `sock`.
+    /// Send up to `budget` bytes to `sock`. An `Err` is the socket's; the
+    /// file's own errors come back as `Sent::FileError`.
     pub fn send(&mut self, sock: &TcpStream, budget: usize) -> io::Result<(usize, Sent)> {
         let mut moved = 0usize;
         loop {
@@ -252,8 +277,16 @@ impl Body {
                 Mode::Sendfile => {
                     let want = want.min(1 << 30);
                     // 0 although bytes are due: the file shrank.
-                    sys::sendfile(sock.as_fd(), self.file.as_fd(), &mut self.pos, want)
-                        .map(|n| (n > 0).then_some(n))
+                    match sys::sendfile(sock.as_fd(), self.file.as_fd(), &mut self.pos, want) {
+                        Ok(n) => Ok((n > 0).then_some(n)),
+                        Err(e) if !from_socket(&e) => {
+                            return Ok((
+                                moved,
+                                Sent::FileError(e.raw_os_error().unwrap_or(libc::EIO)),
+                            ));
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
                 Mode::Mmap(map) => match map {
                     Some(m) => match m.send_from(sock.as_fd(), self.pos, want) {
@@ -292,7 +325,13 @@ impl Body {
                                 self.mode = Mode::Sendfile;
                                 continue;
                             }
-                            Err(e) => return Err(e),
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            Err(e) => {
+                                return Ok((
+                                    moved,
+                                    Sent::FileError(e.raw_os_error().unwrap_or(libc::EIO)),
+                                ));
+                            }
                         }
                     }
                     sys::splice(pipe.rd(), sock.as_fd(), *len, false).map(|n| {
@@ -314,7 +353,12 @@ impl Body {
                                 *end = n;
                             }
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                            Err(e) => return Err(e),
+                            Err(e) => {
+                                return Ok((
+                                    moved,
+                                    Sent::FileError(e.raw_os_error().unwrap_or(libc::EIO)),
+                                ));
+                            }
                         }
                     }
                     let mut s: &TcpStream = sock;

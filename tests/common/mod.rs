@@ -545,6 +545,12 @@ pub fn echo(s: &mut TcpStream) {
 /// The wrapper that runs sluice under strace with a real kernel error
 /// injected into one syscall: `strace_fault("splice", "EINVAL")`.
 pub fn strace_fault(syscall: &str, errno: &str) -> Vec<String> {
+    strace_fault_when(syscall, errno, "1+")
+}
+
+/// `strace_fault` on the calls strace's `when=` names (`3`: the third
+/// call only; `1+`: every call).
+pub fn strace_fault_when(syscall: &str, errno: &str, when: &str) -> Vec<String> {
     require_strace();
     let mut v: Vec<String> = ["strace", "-f", "-o", "/dev/null", "-e"]
         .iter()
@@ -552,7 +558,7 @@ pub fn strace_fault(syscall: &str, errno: &str) -> Vec<String> {
         .collect();
     v.push(format!("trace={syscall}"));
     v.push("-e".into());
-    v.push(format!("inject={syscall}:error={errno}"));
+    v.push(format!("inject={syscall}:error={errno}:when={when}"));
     v.push("--".into());
     v
 }
