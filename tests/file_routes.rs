@@ -1372,3 +1372,36 @@ fn clients_come_before_cached_files_when_descriptors_run_out() {
     }
     sl.wait_log("closed half of the open-file cache", Duration::from_secs(5));
 }
+
+/// openat2 answers EAGAIN when a rename anywhere races with its walk
+/// (injected here by strace): the open is tried again and the file
+/// served; a race that outlasts every try is a 503 and a warning, not a
+/// 500.
+#[test]
+fn an_open_racing_with_renames_is_tried_again() {
+    for (when, status) in [("1", 200u16), ("1+", 503)] {
+        let dir = temp_dir(&format!("fr-eagain-{}", status));
+        std::fs::create_dir(dir.join("www")).unwrap();
+        std::fs::write(dir.join("www/a.txt"), b"served").unwrap();
+        let p = free_port();
+        let toml = format!(
+            "[global]\nlog_level = \"info\"\nworkers = 1\nopen_file_cache = 0\n{}",
+            route("w", p, "root = \"www\"")
+        );
+        let wrapper = strace_fault_when("openat2", "EAGAIN", when);
+        let sl = Sluice::start_wrapped_in(dir, &toml, &wrapper);
+        let (h, b) = get(addr(p), "/a.txt");
+        assert_eq!(h.status, status, "when={when}");
+        if status == 200 {
+            assert_eq!(b, b"served");
+        } else {
+            assert!(
+                sl.logs()
+                    .iter()
+                    .any(|l| l.contains("WARN") && l.contains("kept racing with renames")),
+                "{:?}",
+                sl.logs()
+            );
+        }
+    }
+}

@@ -260,10 +260,16 @@ impl Resp {
     }
 }
 
+/// How many times an open beneath a root is tried while a rename
+/// somewhere on the machine makes openat2 answer EAGAIN.
+const OPEN_TRIES: u32 = 8;
+
 /// Open `rel` beneath `dir` (confined by openat2), or the absolute `rel`
 /// with `None`, and fstat it. Out of descriptors, the open-file cache and
 /// the idle pipes give back half of their own and the open is tried once
-/// more.
+/// more. openat2 fails with EAGAIN when a rename or mount anywhere races
+/// with a walk through `..` (a symlink such as `../a.txt` inside the
+/// root); as its manual says, the open is tried again.
 fn open_at(
     dir: Option<BorrowedFd>,
     rel: &Path,
@@ -271,6 +277,7 @@ fn open_at(
     pipes: &mut crate::pipe_pool::PipePool,
 ) -> Result<(File, FileStat), u16> {
     let mut shed = false;
+    let mut tries = 1;
     loop {
         let res = match dir {
             Some(root) => sys::file::open_beneath(root, rel).map(File::from),
@@ -292,13 +299,17 @@ fn open_at(
                 );
                 shed = true;
             }
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < OPEN_TRIES => {
+                tries += 1;
+            }
             Err(e) => return Err(status_of(&e)),
         }
     }
 }
 
 /// The status for a failed open: missing or refused-by-resolution paths
-/// are 404, permissions 403, anything else 500.
+/// are 404, permissions 403, renames racing every try 503, anything else
+/// 500.
 fn status_of(e: &io::Error) -> u16 {
     match e.raw_os_error() {
         Some(libc::EACCES | libc::EPERM) => 403,
@@ -311,6 +322,10 @@ fn status_of(e: &io::Error) -> u16 {
             | libc::EINVAL
             | libc::ENXIO,
         ) => 404,
+        Some(libc::EAGAIN) => {
+            log::warn!("open for an HTTP request kept racing with renames: {e}");
+            503
+        }
         _ => {
             log::warn!("open for an HTTP request failed: {e}");
             500
