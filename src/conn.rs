@@ -181,12 +181,13 @@ impl Watch {
         idle_write: false,
     };
 
-    fn interest(read: bool, write: bool) -> Option<Interest> {
+    /// Never nothing (see `ProxyConn::arm`): writable when neither is
+    /// asked for.
+    fn interest(read: bool, write: bool) -> Interest {
         match (read, write) {
-            (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
-            (true, false) => Some(Interest::READABLE),
-            (false, true) => Some(Interest::WRITABLE),
-            (false, false) => None,
+            (true, true) => Interest::READABLE | Interest::WRITABLE,
+            (true, false) => Interest::READABLE,
+            (false, _) => Interest::WRITABLE,
         }
     }
 }
@@ -616,7 +617,22 @@ impl ProxyConn {
         if self.connecting || self.backend.is_none() {
             return None;
         }
-        self.relay(ctx)
+        let end = self.relay(ctx);
+        // A client's error the flows did not meet (nothing to read into,
+        // nothing to write to it: its bytes wait for a backend that is not
+        // reading) is not reported again: take it now, so the connection
+        // ends as the client's reset, and the backend's cut upload with a
+        // reset too, instead of living on to its idle timeout. A backend's
+        // is left to the client's flow, which meets it once it has
+        // delivered what the backend sent before it.
+        if end.is_none()
+            && side == Side::Client
+            && ev.is_error()
+            && let Ok(Some(e)) = self.client.take_error()
+        {
+            return Some(self.fail(Side::Client, &e));
+        }
+        end
     }
 
     /// The backend just connected: queue what it must receive before any
@@ -677,11 +693,13 @@ impl ProxyConn {
     /// another turn (`more`) interests are only added, never dropped.
     /// Adding one re-polls the socket, so what happened in between still
     /// raises an event. A steady transfer changes a registration only when
-    /// it changes regime; a short connection, not at all. While a socket is
-    /// watched for nothing it is not registered (mio cannot register for
-    /// nothing): a reset or error on it is then met by the next read, which
-    /// its flow makes as soon as its destination takes bytes again (or the
-    /// idle timeout ends it).
+    /// it changes regime; a short connection, not at all. A socket is never
+    /// watched for nothing: when neither is needed, writable stays, which
+    /// costs an event only when the socket's state changes and still
+    /// reports its reset or error (EPOLLERR, EPOLLHUP come with any
+    /// interest). A client's is then taken at once (`on_event`); a
+    /// backend's is met by the next read, which its flow makes as soon as
+    /// the client takes bytes again (or the idle timeout ends it).
     ///
     /// `Some(end)`: an interest the flows need could not be added, so the
     /// connection could wait forever: close it.
@@ -715,15 +733,22 @@ impl ProxyConn {
         } else {
             w.idle_write = false;
         }
+        // Never watch for nothing: a writable-only registration still
+        // hears EPOLLERR and EPOLLHUP, and a socket nobody waits to write
+        // to raises its edges only when its state changes.
+        if !read && !write {
+            write = true;
+        }
         if (read, write) == (w.read, w.write) {
             return None;
         }
         let needed = (read && !w.read) || (write && !w.write);
         let tok = token(self.key, side);
-        let res = match (w.read || w.write, Watch::interest(read, write)) {
-            (_, None) => ctx.registry.deregister(sock),
-            (false, Some(i)) => ctx.registry.register(sock, tok, i),
-            (true, Some(i)) => ctx.registry.reregister(sock, tok, i),
+        let i = Watch::interest(read, write);
+        let res = if w.read || w.write {
+            ctx.registry.reregister(sock, tok, i)
+        } else {
+            ctx.registry.register(sock, tok, i)
         };
         match res {
             Ok(()) => (w.read, w.write) = (read, write),
@@ -1058,6 +1083,11 @@ impl ProxyConn {
         if end == End::IdleTimeout || end == End::Shutdown {
             // Nobody is waiting for a graceful FIN exchange any more.
             self.reset_peer(Side::Client);
+            // Nor does the backend wait for one when the client's stream
+            // to it is cut: a FIN would make it look whole.
+            if !self.up.done() {
+                self.reset_peer(Side::Backend);
+            }
         }
         self.report(ctx.worker);
         let c = self.route.shared.stats.slot(ctx.worker);

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -131,6 +131,39 @@ fn shutdown_timeout_closes_what_is_left() {
     let a = sl.access();
     assert_eq!(a.len(), 3);
     assert!(a.iter().all(|l| l["end"] == "shutdown"), "{a:?}");
+}
+
+/// A stop that runs out of time cuts an upload: the backend is reset,
+/// not sent a FIN that would make the cut upload look whole.
+#[test]
+fn shutdown_timeout_resets_the_backend_of_a_cut_upload() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let b = Backend::spawn(move |mut s| {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let (got, how) = read_until_end(&mut s);
+        tx.lock().unwrap().send((got.len(), how)).unwrap();
+        String::new()
+    });
+    let (port, aport) = (free_port(), free_port());
+    let mut sl = Sluice::start("drain-cut-upload", &config(port, aport, b.addr, "300ms"));
+    let mut c = connect(addr(port));
+    c.write_all(&[7u8; 1000]).unwrap();
+    // Sluice has relayed the bytes before the stop.
+    let t = Instant::now();
+    while scrape(addr(aport)).get("sluice_route_bytes_in_total", &[("route", "r")]) < 1000.0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "bytes never relayed");
+        thread::sleep(Duration::from_millis(10));
+    }
+    sl.signal("TERM");
+    let (n, how) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let (_, client_how) = read_until_end(&mut c);
+    sl.wait_exit(Duration::from_secs(10)).expect("exits");
+    let a = sl.access();
+    assert_eq!(
+        (n, how.as_str(), client_how.as_str(), a[0]["end"].as_str()),
+        (1000, "ConnectionReset", "ConnectionReset", "shutdown")
+    );
 }
 
 #[test]

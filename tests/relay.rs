@@ -303,6 +303,90 @@ fn idle_timeout_closes_a_silent_connection() {
     assert_eq!(a[0]["end"], "idle_timeout");
 }
 
+/// A client that sent part of an upload and went quiet: at idle_timeout
+/// both peers are reset. The backend must not get a FIN, which would make
+/// the cut upload look whole.
+#[test]
+fn idle_timeout_resets_a_backend_whose_upload_was_cut() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let b = Backend::spawn(move |mut s| {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let (got, how) = read_until_end(&mut s);
+        tx.lock().unwrap().send((got.len(), how)).unwrap();
+        String::new()
+    });
+    let port = free_port();
+    let sl = Sluice::start(
+        "idle-cut-upload",
+        &proxy_config(port, &[b.addr.to_string()], "idle_timeout = \"500ms\""),
+    );
+    let mut c = connect(addr(port));
+    c.write_all(&[7u8; 1000]).unwrap();
+    let (n, how) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let (_, client_how) = read_until_end(&mut c);
+    let a = sl.wait_access(1, Duration::from_secs(5));
+    assert_eq!(
+        (n, how.as_str(), client_how.as_str(), a[0]["end"].as_str()),
+        (1000, "ConnectionReset", "ConnectionReset", "idle_timeout")
+    );
+}
+
+/// The client resets while sluice holds its bytes for a backend that is
+/// not reading: sluice watches neither direction of the client for data
+/// then, but its reset must still end the connection at once (not at the
+/// idle timeout, 30 s here), as the client's reset, and reach the backend
+/// as a reset after the bytes it had.
+#[test]
+fn a_client_reset_while_its_bytes_wait_for_the_backend_ends_at_once() {
+    for strategy in ["splice", "copy"] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let go_rx = std::sync::Mutex::new(go_rx);
+        let b = Backend::spawn_on(small_mss_listener(), move |mut s| {
+            go_rx.lock().unwrap().recv().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let (got, how) = read_until_end(&mut s);
+            tx.lock().unwrap().send((got.len(), how)).unwrap();
+            String::new()
+        });
+        let port = free_port();
+        let sl = Sluice::start(
+            &format!("client-reset-held-{strategy}"),
+            &proxy_config(
+                port,
+                &[b.addr.to_string()],
+                &format!("idle_timeout = \"30s\"\n{}", small_holders(strategy)),
+            ),
+        );
+        let c = connect(addr(port));
+        c.set_nonblocking(true).unwrap();
+        // Write until everything on the way is full.
+        let chunk = vec![1u8; 65536];
+        let (mut sent, mut last) = (0usize, Instant::now());
+        while last.elapsed() < Duration::from_millis(500) {
+            match (&c).write(&chunk) {
+                Ok(n) => {
+                    sent += n;
+                    last = Instant::now();
+                }
+                Err(_) => thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(c);
+        let a = sl.wait_access(1, Duration::from_secs(10));
+        assert_eq!(a[0]["end"], "client_reset", "{strategy}: {:?}", a[0]);
+        go_tx.send(()).unwrap();
+        let (n, how) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(how, "ConnectionReset", "{strategy}: {n} of {sent} bytes");
+        assert!(n > 0 && n < sent, "{strategy}: {n} of {sent} bytes");
+    }
+}
+
 #[test]
 fn an_exhausted_pipe_pool_falls_back_to_copy_byte_exact() {
     let len = 8 * MIB;
