@@ -243,8 +243,8 @@ pub struct Checker {
     base: usize,
     targets: Vec<Target>,
     probes: Slab<Probe>,
-    /// A backend came up since `came_up` was last asked.
-    rose: std::cell::Cell<bool>,
+    /// A backend came up or went down since `changed` was last asked.
+    moved: std::cell::Cell<bool>,
 }
 
 impl Checker {
@@ -254,14 +254,16 @@ impl Checker {
             base,
             targets: Vec::new(),
             probes: Slab::new(),
-            rose: std::cell::Cell::new(false),
+            moved: std::cell::Cell::new(false),
         }
     }
 
-    /// Whether a backend came up since the last call: clients waiting for
-    /// a backend slot (`max_connections`) may find one there.
-    pub fn came_up(&self) -> bool {
-        self.rose.replace(false)
+    /// Whether a backend came up or went down since the last call:
+    /// clients waiting for a backend slot (`max_connections`) may find one
+    /// on a backend that came up, or on a backup standing in for a primary
+    /// that went down (or learn at once that none is left).
+    pub fn changed(&self) -> bool {
+        self.moved.replace(false)
     }
 
     /// Probe the backends of these routes from now on. Backends carried
@@ -454,7 +456,7 @@ impl Checker {
                 let rises = b.rises.fetch_add(1, Ordering::Relaxed) + 1;
                 if rises >= t.health.rise {
                     b.mark_up();
-                    self.rose.set(true);
+                    self.moved.set(true);
                     log::warn!(
                         "route {}: backend {} ({}) is UP ({rises} good checks in a row)",
                         t.route,
@@ -475,6 +477,7 @@ impl Checker {
                     b.addr
                 );
                 if fails >= t.health.fall && b.mark_down() {
+                    self.moved.set(true);
                     log::warn!(
                         "route {}: backend {} ({}) is DOWN ({fails} failed checks in a row: {why})",
                         t.route,

@@ -284,8 +284,8 @@ impl Server {
             let now = Instant::now();
             self.admin.expire(self.poll.registry(), now);
             self.checker.run(self.poll.registry(), now);
-            if self.checker.came_up() {
-                // Clients waiting for a backend slot may find one there.
+            if self.checker.changed() {
+                // Clients waiting for a backend slot may find one now.
                 for w in &self.workers {
                     let _ = w.waker.wake();
                 }

@@ -10,7 +10,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -364,6 +364,94 @@ fn a_backend_that_comes_up_takes_the_waiting_clients() {
         3.0
     );
     drop(holder);
+}
+
+/// A backend that sends `name` and a newline, then echoes, whose
+/// listening socket closes when the returned flag is set (connections
+/// already accepted stay): to a health check it goes down.
+fn stoppable(name: &'static str) -> (SocketAddr, Arc<AtomicBool>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    thread::spawn(move || {
+        while !s2.load(Ordering::SeqCst) {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    thread::spawn(move || {
+                        let _ = s.write_all(format!("{name}\n").as_bytes());
+                        echo(&mut s);
+                    });
+                }
+                Err(_) => thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    (a, stop)
+}
+
+/// Clients wait for the one slot of a primary; a health check then finds
+/// the primary down. Its waiting clients go to the backup at once (they
+/// came first: newcomers go there too), not at the end of queue_timeout
+/// (20 s here); on a route with no other backend, they are told at once
+/// (no_backend) rather than held.
+#[test]
+fn a_primary_that_goes_down_hands_its_waiting_clients_to_the_backup() {
+    let (primary, stop) = stoppable("primary");
+    let (lone, stop_lone) = stoppable("lone");
+    let backup = Backend::named("backup");
+    let (port, port2, aport) = (free_port(), free_port(), free_port());
+    let health = "[route.health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 1";
+    let toml = format!(
+        "{}\n[[route]]\nname = \"r2\"\nlisten = \"127.0.0.1:{port2}\"\n\
+         queue_timeout = \"20s\"\nbackends = [{}]\n{health}\n",
+        config(
+            2,
+            aport,
+            port,
+            &format!(
+                "queue_timeout = \"20s\"\n\
+                 backends = [{}, {{ address = \"{}\", backup = true }}]\n{health}",
+                one_slot(primary),
+                backup.addr
+            )
+        ),
+        one_slot(lone)
+    );
+    let sl = Sluice::start("limits-down", &toml);
+    let mut holders = [connect(addr(port)), connect(addr(port2))];
+    assert_eq!(read_line(&mut holders[0]), "primary");
+    assert_eq!(read_line(&mut holders[1]), "lone");
+    let mut waiters: Vec<TcpStream> = (0..2).map(|_| connect(addr(port))).collect();
+    let mut lone_waiter = connect(addr(port2));
+    scrape_until(addr(aport), "3 waiting", |m| {
+        waiting(m, "r") == 2.0 && waiting(m, "r2") == 1.0
+    });
+    stop.store(true, Ordering::SeqCst);
+    stop_lone.store(true, Ordering::SeqCst);
+    for c in &mut waiters {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(read_line(c), "backup");
+    }
+    lone_waiter
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    assert!(matches!(lone_waiter.read(&mut buf), Ok(0) | Err(_)));
+    let a = sl.wait_access(1, Duration::from_secs(5));
+    assert_eq!(
+        (a[0]["route"].as_str(), a[0]["end"].as_str()),
+        ("r2", "no_backend"),
+        "{a:?}"
+    );
+    let m = scrape(addr(aport));
+    assert_eq!((waiting(&m, "r"), waiting(&m, "r2")), (0.0, 0.0));
+    assert_eq!(
+        bget(&m, "r", "sluice_backend_connections_active", backup.addr),
+        2.0
+    );
 }
 
 #[test]
