@@ -56,6 +56,7 @@ use crate::sys;
 
 mod open_files;
 mod respond;
+mod roots;
 
 pub use open_files::OpenFiles;
 

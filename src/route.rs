@@ -101,9 +101,10 @@ pub struct RouteRt {
     pub shared: Arc<RouteShared>,
     /// Empty for file routes.
     pub backends: Vec<Arc<BackendRt>>,
-    /// File routes with `root`: the folder, opened O_PATH|O_DIRECTORY
-    /// once per generation (`open_root`); requests resolve beneath it.
-    pub root: Option<OwnedFd>,
+    /// File routes with `root`: the folder as the generation was built,
+    /// opened O_PATH|O_DIRECTORY (`open_root`); requests resolve beneath
+    /// it, or beneath the folder the path names later (`file_conn::roots`).
+    pub root: Option<Arc<OwnedFd>>,
     /// mmap routes: a transfer already logged that it had no lease (later
     /// ones are only counted and marked on their access line).
     pub lease_warned: AtomicBool,
@@ -248,27 +249,22 @@ impl RouteRt {
         }
     }
 
-    /// Open the folder of a `root` file route (no-op for other routes).
-    /// Every request of this generation resolves beneath this descriptor,
-    /// so a folder renamed or replaced later does not move the route.
+    /// Open the folder of a `root` file route (no-op for other routes):
+    /// a reload whose root cannot be opened fails as a whole.
     pub fn open_root(&mut self) -> Result<(), String> {
         if let RouteKind::File(config::FileRoute {
             source: config::FileSource::Root(dir),
             ..
         }) = &self.cfg.kind
         {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
-                .open(dir)
-                .map_err(|e| {
-                    format!(
-                        "route \"{}\": cannot open root {}: {e}",
-                        self.cfg.name,
-                        dir.display()
-                    )
-                })?;
-            self.root = Some(OwnedFd::from(f));
+            let fd = open_dir(dir).map_err(|e| {
+                format!(
+                    "route \"{}\": cannot open root {}: {e}",
+                    self.cfg.name,
+                    dir.display()
+                )
+            })?;
+            self.root = Some(Arc::new(fd));
         }
         Ok(())
     }
@@ -533,6 +529,16 @@ pub fn xorshift(state: &mut u64) -> u64 {
     x ^= x << 17;
     *state = x;
     x
+}
+
+/// Open a folder to resolve paths beneath (O_PATH: no read permission
+/// needed on the folder itself, nothing read through this descriptor).
+pub fn open_dir(dir: &std::path::Path) -> std::io::Result<OwnedFd> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)
+        .map(OwnedFd::from)
 }
 
 #[cfg(test)]

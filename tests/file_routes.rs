@@ -1405,3 +1405,73 @@ fn an_open_racing_with_renames_is_tried_again() {
         }
     }
 }
+
+/// A deploy that swaps the `current` symlink a route's root names
+/// (`ln -sfn`, done atomically by rename): requests go to the new release
+/// within a second (nginx resolves its root for each request), through the
+/// open-file cache too, and keep working when the old release is deleted.
+/// A link that is missing for a moment keeps the last release serving.
+#[test]
+fn a_root_symlink_swapped_by_a_deploy_is_followed() {
+    let dir = temp_dir("fr-swap");
+    for (r, body) in [
+        ("r1", "release one"),
+        ("r2", "release two"),
+        ("r3", "release 3"),
+    ] {
+        std::fs::create_dir(dir.join(r)).unwrap();
+        std::fs::write(dir.join(r).join("a.txt"), body).unwrap();
+    }
+    let swap = |to: &str| {
+        std::os::unix::fs::symlink(to, dir.join("current.new")).unwrap();
+        std::fs::rename(dir.join("current.new"), dir.join("current")).unwrap();
+    };
+    swap("r1");
+    let p = free_port();
+    // One worker: each looks at the link on its own.
+    let toml = format!(
+        "[global]\nlog_level = \"info\"\nworkers = 1\n{}",
+        route("w", p, "root = \"current\"")
+    );
+    let sl = Sluice::start_in(dir.clone(), &toml, &[]);
+    let body = || {
+        let (h, b) = get(addr(p), "/a.txt");
+        (h.status, String::from_utf8_lossy(&b).into_owned())
+    };
+    // Twice: the second from the open-file cache.
+    assert_eq!(body(), (200, "release one".to_string()));
+    assert_eq!(body(), (200, "release one".to_string()));
+    let served = |want: &str| {
+        for _ in 0..500 {
+            let got = body();
+            if got == (200, want.to_string()) {
+                return;
+            }
+            assert!(got.0 == 200, "{got:?}");
+            thread::sleep(Duration::from_millis(10));
+        }
+        panic!("never served {want:?}: {:?}", sl.logs());
+    };
+    swap("r2");
+    served("release two");
+    std::fs::remove_dir_all(dir.join("r1")).unwrap();
+    assert_eq!(body(), (200, "release two".to_string()));
+    // The link goes missing: the last release goes on serving, with a
+    // warning; the next link is followed again.
+    std::fs::remove_file(dir.join("current")).unwrap();
+    let warned = || {
+        sl.logs()
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("serving from the folder it named before"))
+    };
+    for _ in 0..500 {
+        assert_eq!(body(), (200, "release two".to_string()));
+        if warned() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(warned(), "{:?}", sl.logs());
+    swap("r3");
+    served("release 3");
+}

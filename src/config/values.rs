@@ -218,7 +218,7 @@ pub enum Want {
 
 /// Resolve a path setting against `base` (the config file's folder),
 /// require it to exist as `want` and be readable, and return it absolute
-/// and canonical.
+/// (its symlinks kept).
 pub fn existing_path(
     src: &Source,
     key: &str,
@@ -264,7 +264,10 @@ pub fn existing_path(
         Want::Dir => fs::read_dir(&path).map(drop),
     }
     .map_err(|e| err(format!("cannot open {key} {text:?}: {e}")))?;
-    Ok(path)
+    // The path as written (made absolute), not the one its symlinks lead to
+    // now: files and roots are opened by it later, so a deploy that swaps
+    // a link is followed (see `file_conn::roots`).
+    Ok(std::path::absolute(&joined).unwrap_or(path))
 }
 
 /// Resolve one address (`IP:PORT` or `HOST:PORT`); `what` names it in

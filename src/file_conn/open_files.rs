@@ -85,6 +85,9 @@ type Key = (u64, OsString);
 pub struct OpenFiles {
     lru: Option<LruCache<Key, Entry>>,
     inactive: Duration,
+    /// The folders `root` routes resolve beneath, as their paths name
+    /// them now (kept whether or not files are cached).
+    pub roots: super::roots::Roots,
 }
 
 impl OpenFiles {
@@ -93,6 +96,7 @@ impl OpenFiles {
     /// new ids, and their rules may differ.
     pub fn configure(&mut self, cap: usize, inactive: Duration) {
         self.inactive = inactive;
+        self.roots.clear();
         // Sparse: the table grows with use, not to `cap` up front.
         self.lru = NonZeroUsize::new(cap).map(LruCache::sparse);
     }

@@ -143,13 +143,17 @@ impl FileConn {
     fn open_target(&self, f: &FileRoute, target: &str, ctx: &mut Ctx) -> Result<Opened, u16> {
         // mmap bodies lease their own open file: never shared.
         let cacheable = f.strategy != FileStrategy::Mmap && ctx.files.enabled();
-        let (dir, rel) = match &f.source {
+        let (root, rel) = match &f.source {
             FileSource::File(p) => (None, p.clone()),
-            FileSource::Root(_) => {
-                let root = self.route.root.as_ref().ok_or(500u16)?;
-                (Some(root.as_fd()), path::resolve(target, f.dotfiles)?)
+            FileSource::Root(dir) => {
+                let root = ctx.files.roots.get(&self.route, dir, ctx.now);
+                (
+                    Some(root.ok_or(500u16)?),
+                    path::resolve(target, f.dotfiles)?,
+                )
             }
         };
+        let dir = root.as_deref().map(|r| r.as_fd());
         let slash = || {
             target
                 .split(['?', '#'])
