@@ -7,14 +7,15 @@
 //! `RouteRt` they started with, so a reload never changes a connection
 //! under its feet. State that must survive a reload (counters, health,
 //! connection counts) lives in `RouteShared`/`BackendRt`, carried over by
-//! route name and backend address.
+//! route name and backend address (`Kept`), also across a reload that
+//! dropped them while their connections live on.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use crate::config::{self, Balance, RouteKind};
 use crate::stats::{Histogram, Stats};
@@ -207,20 +208,57 @@ pub struct Attempts {
 /// Source of `RouteRt::id`.
 static NEXT_ROUTE_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The live state of every route (by name) and backend (by route name and
+/// address) that some generation still holds: the running one, or an
+/// older one that connections still use. A reload takes up the state of a
+/// route or backend it keeps, and of one an earlier reload dropped and
+/// this one brings back while connections of the old ones live, so the
+/// counts that `max_connections` are held to stay whole. Weak: state that
+/// nothing holds any more is gone, and comes back fresh.
+#[derive(Default)]
+pub struct Kept {
+    routes: HashMap<String, Weak<RouteShared>>,
+    backends: HashMap<(String, SocketAddr), Weak<BackendRt>>,
+}
+
+impl Kept {
+    /// Note the state of these routes (the running generation's), and
+    /// forget state nothing holds any more.
+    pub fn remember(&mut self, routes: &[Arc<RouteRt>]) {
+        self.routes.retain(|_, w| w.strong_count() > 0);
+        self.backends.retain(|_, w| w.strong_count() > 0);
+        for r in routes {
+            let name = &r.cfg.name;
+            self.routes.insert(name.clone(), Arc::downgrade(&r.shared));
+            for b in &r.backends {
+                self.backends
+                    .insert((name.clone(), b.addr), Arc::downgrade(b));
+            }
+        }
+    }
+
+    fn route(&self, name: &str) -> Option<Arc<RouteShared>> {
+        self.routes.get(name)?.upgrade()
+    }
+
+    fn backend(&self, route: &str, addr: SocketAddr) -> Option<Arc<BackendRt>> {
+        self.backends.get(&(route.to_string(), addr))?.upgrade()
+    }
+}
+
 impl RouteRt {
-    /// Build a route, reusing shared state and backend health from the
-    /// previous generation's route of the same name.
-    pub fn new(cfg: config::Route, workers: usize, prev: Option<&RouteRt>) -> Self {
-        let shared = prev
-            .map(|p| p.shared.clone())
+    /// Build a route, taking up the shared state, backend health and
+    /// connection counts that `kept` has for its name and addresses.
+    pub fn new(cfg: config::Route, workers: usize, kept: &Kept) -> Self {
+        let shared = kept
+            .route(&cfg.name)
             .unwrap_or_else(|| Arc::new(RouteShared::new(workers)));
         let backends = match &cfg.kind {
             RouteKind::Proxy(p) => p
                 .backends
                 .iter()
                 .map(|b| {
-                    prev.and_then(|pr| pr.backends.iter().find(|o| o.addr == b.addr))
-                        .cloned()
+                    kept.backend(&cfg.name, b.addr)
                         .unwrap_or_else(|| Arc::new(BackendRt::new(b)))
                 })
                 .collect(),
@@ -551,7 +589,7 @@ mod tests {
             "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:1\"\nbackends = {backends}\n{extra}"
         );
         let cfg = config::parse(&text, std::path::Path::new("/tmp/t.toml")).unwrap();
-        RouteRt::new(cfg.routes[0].clone(), 1, None)
+        RouteRt::new(cfg.routes[0].clone(), 1, &Kept::default())
     }
 
     const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);

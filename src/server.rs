@@ -34,7 +34,7 @@ use crate::config::{self, Config};
 use crate::health::Checker;
 use crate::keepalive;
 use crate::pipe_pool::PipeBudget;
-use crate::route::RouteRt;
+use crate::route::{Kept, RouteRt};
 use crate::worker::{self, Cmd, Generation, Shared, SharedListener, Worker};
 
 const SIGNALS: Token = Token(0);
@@ -88,6 +88,9 @@ pub struct Server {
     /// life of the process: systemd holds them open anyway, so a route a
     /// reload removes and a later one brings back gets the same socket.
     activated: Activated,
+    /// Route and backend state of past generations that connections may
+    /// still hold (`route::Kept`).
+    kept: Kept,
     workers: Vec<WorkerHandle>,
     pub stats: Arc<ProcessStats>,
     /// RUST_LOG set: logging stays as it started (RUST_LOG over the start
@@ -205,6 +208,7 @@ impl Server {
             sockets,
             keepalive,
             activated,
+            kept: Kept::default(),
             workers,
             stats: Arc::new(ProcessStats::default()),
             env_log,
@@ -412,9 +416,10 @@ impl Server {
             // The worker count is fixed for the life of the process:
             // size socket groups and counters for the running workers.
             let workers = &self.workers;
+            self.kept.remember(&self.generation.routes);
             let running = Running {
-                generation: &self.generation,
                 empty_file_caches: &|| empty_file_caches(workers),
+                kept: &self.kept,
             };
             let generation = build_generation(
                 &cfg,
@@ -543,12 +548,13 @@ fn open_file_cache(cfg: &Config, workers: usize) -> usize {
     want
 }
 
-/// What a reload builds on: the generation being replaced, and a way to
-/// have its workers close the files they cache (descriptors a reload may
-/// need, see `duplicate_listeners`).
+/// What a reload builds on: the state of the generations before it, and a
+/// way to have the workers close the files they cache (descriptors a
+/// reload may need, see `duplicate_listeners`).
 struct Running<'a> {
-    generation: &'a Generation,
     empty_file_caches: &'a dyn Fn() -> usize,
+    /// Route and backend state connections of any generation still hold.
+    kept: &'a Kept,
 }
 
 /// Build a generation from a config, reusing sockets bound to the same
@@ -562,13 +568,13 @@ fn build_generation(
     keepalive: &mut HashMap<SocketAddr, keepalive::Untouched>,
     activated: &Activated,
 ) -> Result<Generation, String> {
-    let prev = running.as_ref().map(|r| r.generation);
+    let none = Kept::default();
+    let kept = running.as_ref().map_or(&none, |r| r.kept);
     let mut routes = Vec::new();
     let mut listeners = Vec::new();
     let mut fresh: Vec<SocketAddr> = Vec::new();
     for (ri, r) in cfg.routes.iter().enumerate() {
-        let old = prev.and_then(|g| g.routes.iter().find(|o| o.cfg.name == r.name));
-        let mut rt = RouteRt::new(r.clone(), workers, old.map(|a| &**a));
+        let mut rt = RouteRt::new(r.clone(), workers, kept);
         if let Err(e) = rt.open_root() {
             for a in &fresh {
                 sockets.remove(a);

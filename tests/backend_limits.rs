@@ -776,3 +776,74 @@ fn a_client_that_fails_back_into_the_wait_is_queued_again() {
     let m = scrape(addr(aport));
     assert_eq!(waiting(&m, "r"), 0.0);
 }
+
+/// A reload drops a backend, and a later one brings it back while a
+/// connection of the first configuration still holds its one slot: the
+/// backend takes up its count, so a new client waits (queue_timeout, then
+/// turned away) instead of making two connections to a backend allowed
+/// one. The same for a route that a reload drops and a later one brings
+/// back: its `max_connections` counts the connection still open.
+#[test]
+fn a_backend_or_route_dropped_and_brought_back_keeps_its_count() {
+    let b = counted("b");
+    let other = Backend::named("other");
+    let (port, port2, aport) = (free_port(), free_port(), free_port());
+    let cfg = |with: bool| {
+        let list = if with {
+            one_slot(b.backend.addr)
+        } else {
+            format!("\"{}\"", other.addr)
+        };
+        let second = if with {
+            format!(
+                "\n[[route]]\nname = \"r2\"\nlisten = \"127.0.0.1:{port2}\"\n\
+                 max_connections = 1\nbackends = [\"{}\"]\n",
+                other.addr
+            )
+        } else {
+            String::new()
+        };
+        config(
+            1,
+            aport,
+            port,
+            &format!("queue_timeout = \"500ms\"\nbackends = [{list}]\n{second}"),
+        )
+    };
+    let mut sl = Sluice::start("limits-readd", &cfg(true));
+    let mut holder = connect(addr(port));
+    assert_eq!(read_line(&mut holder), "b");
+    let mut holder2 = connect(addr(port2));
+    assert_eq!(read_line(&mut holder2), "other");
+    for (g, with) in [(2, false), (3, true)] {
+        std::fs::write(&sl.config, cfg(with)).unwrap();
+        sl.signal("HUP");
+        sl.wait_log(
+            &format!("reload ok: generation {g}"),
+            Duration::from_secs(10),
+        );
+    }
+    let mut second = connect(addr(port));
+    second
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(read_line(&mut second), "", "served past max_connections");
+    let mut third = connect(addr(port2));
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(
+        read_line(&mut third),
+        "",
+        "route r2 served past max_connections"
+    );
+    let m = scrape(addr(aport));
+    assert_eq!(
+        bget(&m, "r", "sluice_backend_connections_active", b.backend.addr),
+        1.0
+    );
+    assert_eq!(b.most.load(Ordering::SeqCst), 1);
+    let ends: Vec<String> = sl.access().iter().map(|a| a["end"].clone()).collect();
+    assert_eq!(ends, ["queue_timeout", "limit"], "{:?}", sl.access());
+    drop((holder, holder2));
+}
