@@ -601,8 +601,25 @@ fn build_generation(
                         for a in &fresh {
                             sockets.remove(a);
                         }
+                        // The running configuration holding the same port
+                        // on another address (127.0.0.1:80 to 0.0.0.0:80)
+                        // is the usual cause: say how to get there.
+                        let held = sockets
+                            .keys()
+                            .find(|a| {
+                                a.port() == addr.port()
+                                    && !cfg.routes.iter().any(|r| r.listen.contains(a))
+                            })
+                            .filter(|_| e.kind() == io::ErrorKind::AddrInUse);
+                        let hint = held.map_or(String::new(), |a| {
+                            format!(
+                                " (sluice itself listens on {a}, which this configuration \
+                                 drops: moving a port to another address takes a restart, \
+                                 or a reload without the port and then one with it)"
+                            )
+                        });
                         return Err(format!(
-                            "{}: route \"{}\": cannot listen on {addr}: {e}",
+                            "{}: route \"{}\": cannot listen on {addr}: {e}{hint}",
                             cfg.path.display(),
                             r.name
                         ));

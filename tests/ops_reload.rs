@@ -249,6 +249,38 @@ fn bad_reload_keeps_the_old_config_serving() {
     assert_eq!(m.get("sluice_config_generation", &[]), 1.0);
 }
 
+/// Moving a port from 127.0.0.1 to every address (0.0.0.0) cannot be
+/// done by one reload: the running configuration's socket holds the port
+/// while the new one binds. The reload fails whole, says why and what to
+/// do; the two reloads it suggests get there.
+#[test]
+fn moving_a_port_to_another_address_says_how() {
+    let a = Backend::named("a");
+    let port = free_port();
+    let mut sl = Sluice::start("reload-move-port", &route("r", port, a.addr));
+    let moved = route("r", port, a.addr).replace("127.0.0.1:", "0.0.0.0:");
+    std::fs::write(&sl.config, &moved).unwrap();
+    sl.signal("HUP");
+    let line = sl.wait_log("reload failed", Duration::from_secs(10));
+    assert!(
+        line.contains(&format!("cannot listen on 0.0.0.0:{port}"))
+            && line.contains(&format!(
+                "sluice itself listens on 127.0.0.1:{port}, which this configuration drops"
+            )),
+        "{line}"
+    );
+    assert_eq!(read_line(&mut connect(addr(port))), "a");
+    // Without the port, then on every address.
+    let other = free_port();
+    std::fs::write(&sl.config, route("r", other, a.addr)).unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
+    std::fs::write(&sl.config, &moved).unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload ok: generation 3", Duration::from_secs(10));
+    assert_eq!(read_line(&mut connect(addr(port))), "a");
+}
+
 #[test]
 fn reload_changes_backends_and_routes_but_not_open_connections() {
     let (a, b) = (Backend::named("a"), Backend::named("b"));
