@@ -1208,6 +1208,56 @@ fn an_upload_the_backend_refused_is_drained_to_the_end() {
     }
 }
 
+/// As above, but the client resets while sluice drops its upload (the
+/// backend's answer delivered, sluice waiting for the client's FIN): the
+/// connection ends as the client's reset, not as a clean backend close.
+#[test]
+fn a_client_reset_while_its_upload_is_dropped_ends_as_client_reset() {
+    for strategy in ["splice", "copy"] {
+        let b = Backend::spawn(|mut s| {
+            let mut first = [0u8; 1024];
+            s.read_exact(&mut first).unwrap();
+            s.write_all(b"413 too large\n").unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            thread::sleep(Duration::from_millis(300));
+            drop(s);
+            String::new()
+        });
+        let port = free_port();
+        let sl = Sluice::start(
+            &format!("reset-dropped-upload-{strategy}"),
+            &proxy_config(port, &[b.addr.to_string()], &small_holders(strategy)),
+        );
+        let c = connect(addr(port));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (mut w, flag) = (c.try_clone().unwrap(), stop.clone());
+        let uploader = thread::spawn(move || {
+            let chunk = vec![7u8; 64 * 1024];
+            let mut sent = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                w.write_all(&chunk).unwrap();
+                sent += chunk.len() as u64;
+            }
+            sent
+        });
+        let mut r = c;
+        assert_eq!(read_to_close(&mut r), b"413 too large\n", "{strategy}");
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let sent = uploader.join().unwrap();
+        assert!(sent > 1024, "{strategy}");
+        socket2::SockRef::from(&r)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(r);
+        let a = sl.wait_access(1, Duration::from_secs(10));
+        assert_eq!(
+            (a[0]["bytes_out"].as_str(), a[0]["end"].as_str()),
+            ("14", "client_reset"),
+            "{strategy}"
+        );
+    }
+}
+
 /// TCP_NODELAY is set once on each listening socket (accepted sockets
 /// inherit it) and once on each backend socket, never per accepted client.
 #[test]

@@ -295,7 +295,7 @@ impl Flow {
     ) -> Result<u64, FlowError> {
         self.more = false;
         if self.discarding {
-            self.discard(src, sr);
+            self.discard(src, sr).map_err(FlowError::Read)?;
             return Ok(0);
         }
         let mut delivered = 0u64;
@@ -416,19 +416,29 @@ impl Flow {
         self.discarding
     }
 
-    /// Read and drop until the source would block or ends.
-    fn discard(&mut self, mut src: &TcpStream, sr: &mut Ready) {
+    /// Read and drop until the source would block or ends, or until
+    /// `TURN_BUDGET` bytes went (then `more`, as in `run`). A read error is
+    /// the source's own end: a reset, not a FIN.
+    fn discard(&mut self, mut src: &TcpStream, sr: &mut Ready) -> io::Result<()> {
         let mut sink = [0u8; 16 * 1024];
+        let mut dropped = 0u64;
         while sr.read && !self.eof {
+            if dropped >= TURN_BUDGET {
+                self.more = true;
+                break;
+            }
             match io::Read::read(&mut src, &mut sink) {
                 Ok(0) => self.eof = true,
-                Ok(_) => {}
+                Ok(n) => dropped += n as u64,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => sr.read = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // The source is gone too: nothing left to drain.
-                Err(_) => self.eof = true,
+                Err(e) => {
+                    self.eof = true;
+                    return Err(e);
+                }
             }
         }
+        Ok(())
     }
 
     /// Room in the holder there is now (0 without one); unlike `room`,
