@@ -310,7 +310,7 @@ impl FileConn {
             Ok((f, size)) => {
                 let mut pools = pools(ctx);
                 let mut body = Body::open(Arc::new(f), &self.params, &mut pools);
-                let size = leased_size(&body).unwrap_or(size);
+                let size = leased_stat(&body).map_or(size, |st| st.size);
                 body.range(0, size);
                 self.note_fallback(&body, ctx);
                 r.body = Some(body);
@@ -387,7 +387,7 @@ impl FileConn {
         let mut responses = 0;
         loop {
             if self.lingering {
-                return self.linger();
+                return self.linger(budget);
             }
             if self.resp.is_some() {
                 match self.send_resp(&mut budget, ctx) {
@@ -507,13 +507,20 @@ impl FileConn {
         self.inbuf.drain(..blank);
     }
 
-    /// Read and discard until the client's FIN.
-    fn linger(&mut self) -> Option<End> {
-        let mut tmp = [0u8; 4096];
+    /// Read and discard until the client's FIN, at most `budget` bytes
+    /// this turn.
+    fn linger(&mut self, budget: usize) -> Option<End> {
+        let mut tmp = [0u8; 16 * 1024];
+        let mut dropped = 0;
         loop {
+            if dropped >= budget {
+                // A client that keeps sending gets its turn like any other.
+                self.yielded = true;
+                return None;
+            }
             match (&self.sock).read(&mut tmp) {
                 Ok(0) => return Some(End::ClientClosed),
-                Ok(_) => {}
+                Ok(n) => dropped += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return Some(End::ClientClosed),
@@ -775,10 +782,10 @@ fn pools<'a>(ctx: &'a mut Ctx) -> Pools<'a> {
     }
 }
 
-/// With a lease held, fstat again: the size cannot change from here on.
-fn leased_size(b: &Body) -> Option<u64> {
+/// With a lease held, fstat again: the file cannot change from here on.
+fn leased_stat(b: &Body) -> Option<sys::file::FileStat> {
     if b.is_leased() {
-        b.file().metadata().ok().map(|m| m.len())
+        sys::file::fstat(b.file().as_fd()).ok()
     } else {
         None
     }

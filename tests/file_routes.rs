@@ -600,11 +600,18 @@ fn path_escapes_never_leak_a_byte() {
     let (h, body) = get(addr(p), "/");
     assert_eq!((h.status, body.as_slice()), (200, &b"<h1>index</h1>"[..]));
     assert_eq!(get(addr(p2), "/").0.status, 404);
-    // A folder named without its slash: 301 to the slash form.
+    // A folder named without its slash: 301 to the slash form, keeping the
+    // query (as nginx does), re-encoded.
     std::fs::create_dir(root.join("docs")).unwrap();
     std::fs::write(root.join("docs/index.html"), b"docs").unwrap();
-    let (h, _) = get(addr(p), "/docs?x=1");
+    let (h, _) = get(addr(p), "/docs?x=1&y=%20");
+    assert_eq!(
+        (h.status, h.get("location")),
+        (301, Some("/docs/?x=1&y=%20"))
+    );
+    let (h, _) = get(addr(p), "/docs");
     assert_eq!((h.status, h.get("location")), (301, Some("/docs/")));
+    assert_eq!(get(addr(p), "/docs%+1").0.status, 400, "two hex digits");
     assert_eq!(get(addr(p), "/docs/").1, b"docs");
     let (h, _) = get(addr(p), "//evil.example");
     assert_eq!(h.status, 404, "no such folder: no redirect at all");

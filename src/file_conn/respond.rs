@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::open_files::{self, OpenFiles, Opened};
-use super::{FileConn, Resp, leased_size, open_file, pools};
+use super::{FileConn, Resp, leased_stat, open_file, pools};
 use crate::config::{FileRoute, FileSource, FileStrategy};
 use crate::conn::Ctx;
 use crate::http::cond::{self, Span, Validators};
@@ -41,10 +41,12 @@ impl FileConn {
                 // A folder named without its trailing slash: send the
                 // client to the slash form, so relative links in the index
                 // resolve inside the folder. The location is rebuilt from
-                // the checked path, never copied from the request.
+                // the checked path, never copied from the request; only
+                // the query is kept, re-encoded.
                 let loc = path::resolve(&req.target, f.dotfiles)
                     .map(|rel| path::dir_location(&rel))
                     .unwrap_or_else(|_| "/".into());
+                let loc = path::with_query(loc, &req.target);
                 let head = response::redirect(minor, &loc, keep, head_only);
                 self.resp = Some(resp(head, None, keep, 301, ctx.now).named(&req));
                 return;
@@ -61,7 +63,7 @@ impl FileConn {
         let Opened {
             file, stat, ctype, ..
         } = opened;
-        let v = Validators::new(stat.size, stat.modified());
+        let mut v = Validators::new(stat.size, stat.modified());
         if cond::precondition_failed(
             &v,
             req.if_match.as_deref(),
@@ -92,8 +94,16 @@ impl FileConn {
         if !head_only {
             let mut pools = pools(ctx);
             let b = Body::open(file, &self.params, &mut pools);
-            // With a lease the size cannot change any more: read it again.
-            size = leased_size(&b).unwrap_or(size);
+            // With a lease the file cannot change any more: read its size
+            // and mtime again, so the length, range and validators sent
+            // describe the very bytes the mapping holds (a write between
+            // the stat above and the lease changed them).
+            if let Some(st) = leased_stat(&b)
+                && (st.size, st.modified()) != (size, stat.modified())
+            {
+                size = st.size;
+                v = Validators::new(st.size, st.modified());
+            }
             body = Some(b);
         }
         let span = cond::span(req.range.as_deref(), req.if_range.as_deref(), &v, size);

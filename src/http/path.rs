@@ -55,6 +55,25 @@ pub fn dir_location(rel: &Path) -> String {
     out
 }
 
+/// `loc` with the query of `target` (after `?`, before `#`) appended, as
+/// nginx's folder redirect keeps it. The query is copied byte by byte,
+/// and anything outside the characters a query may hold is
+/// percent-encoded, so it can add nothing to the header but a query.
+pub fn with_query(mut loc: String, target: &str) -> String {
+    let Some((_, query)) = target.split('#').next().and_then(|t| t.split_once('?')) else {
+        return loc;
+    };
+    loc.push('?');
+    for &b in query.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b) {
+            loc.push(b as char);
+        } else {
+            loc.push_str(&format!("%{b:02X}"));
+        }
+    }
+    loc
+}
+
 /// The path part of an origin-form (`/a/b`) or absolute-form
 /// (`http://host/a/b`) target; `None` for anything else (`*`, `a/b`).
 fn origin_path(target: &str) -> Option<&str> {
@@ -79,6 +98,10 @@ fn decode(s: &[u8]) -> Option<Vec<u8>> {
     while i < s.len() {
         if s[i] == b'%' {
             let hex = s.get(i + 1..i + 3)?;
+            // Two hex digits, nothing else (from_str_radix takes "+1").
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
             let hex = std::str::from_utf8(hex).ok()?;
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
@@ -127,6 +150,8 @@ mod tests {
         }
         assert_eq!(resolve("/%zz", false), Err(400));
         assert_eq!(resolve("/%2", false), Err(400));
+        assert_eq!(resolve("/%+1", false), Err(400));
+        assert_eq!(resolve("/%-1", false), Err(400));
         assert_eq!(resolve("*", false), Err(400));
         assert_eq!(resolve("etc/passwd", false), Err(400));
         assert_eq!(
@@ -143,5 +168,9 @@ mod tests {
         assert_eq!(loc("//evil.com"), "/evil.com/", "never protocol-relative");
         assert_eq!(loc("/a%20b/c?q=1"), "/a%20b/c/");
         assert_eq!(loc("/"), "/");
+        assert_eq!(with_query("/d/".into(), "/d?a=1&b=%20#f"), "/d/?a=1&b=%20");
+        assert_eq!(with_query("/d/".into(), "/d?x\"<>"), "/d/?x%22%3C%3E");
+        assert_eq!(with_query("/d/".into(), "/d#f?x"), "/d/");
+        assert_eq!(with_query("/d/".into(), "/d"), "/d/");
     }
 }
