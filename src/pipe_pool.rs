@@ -214,9 +214,22 @@ impl Drop for PipePool {
 #[derive(Default)]
 pub struct BufPool {
     free: Vec<(usize, Vec<Box<[u8]>>)>,
+    /// The sizes the current configuration uses: only those are kept
+    /// (`None` until `keep_sizes`: all).
+    sizes: Option<Vec<usize>>,
 }
 
 impl BufPool {
+    /// A (re)loaded configuration uses these buffer sizes: free the idle
+    /// buffers of any other, and do not keep those that connections of
+    /// older configurations give back (a reload that changed
+    /// `buffer_size` would otherwise keep up to `MAX_IDLE_BUFS` of the old
+    /// size for good).
+    pub fn keep_sizes(&mut self, sizes: Vec<usize>) {
+        self.free.retain(|(s, _)| sizes.contains(s));
+        self.sizes = Some(sizes);
+    }
+
     pub fn get(&mut self, size: usize) -> Box<[u8]> {
         if let Some((_, list)) = self.free.iter_mut().find(|(s, _)| *s == size)
             && let Some(b) = list.pop()
@@ -228,6 +241,9 @@ impl BufPool {
 
     pub fn put(&mut self, buf: Box<[u8]>) {
         let size = buf.len();
+        if self.sizes.as_ref().is_some_and(|k| !k.contains(&size)) {
+            return;
+        }
         match self.free.iter_mut().find(|(s, _)| *s == size) {
             Some((_, list)) if list.len() < MAX_IDLE_BUFS => list.push(buf),
             Some(_) => {}
@@ -239,6 +255,21 @@ impl BufPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffers_of_sizes_no_longer_used_are_not_kept() {
+        let mut pool = BufPool::default();
+        let (a, b) = (pool.get(4096), pool.get(8192));
+        pool.put(a);
+        pool.put(b);
+        assert_eq!(pool.free.len(), 2);
+        pool.keep_sizes(vec![8192]);
+        assert_eq!(pool.free.len(), 1);
+        pool.put(vec![0u8; 4096].into_boxed_slice());
+        pool.put(vec![0u8; 8192].into_boxed_slice());
+        let idle: Vec<(usize, usize)> = pool.free.iter().map(|(s, l)| (*s, l.len())).collect();
+        assert_eq!(idle, [(8192, 2)]);
+    }
 
     #[test]
     fn budget_caps_pipes_and_dirty_pipes_are_not_reused() {

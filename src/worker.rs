@@ -94,6 +94,23 @@ pub struct Generation {
     pub handoff: Mutex<Vec<Vec<std::net::TcpListener>>>,
 }
 
+impl Generation {
+    /// The copy buffer sizes its routes use (`pipe_pool::BufPool`).
+    pub fn buffer_sizes(&self) -> Vec<usize> {
+        let mut sizes: Vec<usize> = self
+            .routes
+            .iter()
+            .map(|r| match &r.cfg.kind {
+                RouteKind::Proxy(p) => p.buffer_size,
+                RouteKind::File(f) => f.buffer_size,
+            })
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        sizes
+    }
+}
+
 /// State shared by every worker for the life of the process.
 pub struct Shared {
     /// Client connections open, all routes and workers together.
@@ -268,6 +285,7 @@ impl Worker {
             generation.open_file_cache,
             generation.open_file_cache_inactive,
         );
+        self.bufs.keep_sizes(generation.buffer_sizes());
         let socks = {
             let mut h = generation
                 .handoff
