@@ -384,6 +384,14 @@ impl Checker {
             });
             match started {
                 Ok(()) => self.targets[i].probing = true,
+                // This process is out of descriptors or memory: the
+                // backend is not to blame (as with passive checks), so the
+                // check is skipped, not failed.
+                Err(e) if crate::conn::local_exhaustion(&e) => log::warn!(
+                    "route {}: cannot check backend {} ({addr}): {e}; check skipped",
+                    self.targets[i].route,
+                    self.targets[i].name
+                ),
                 Err(e) => self.record(i, Err(e.to_string())),
             }
         }

@@ -416,3 +416,32 @@ fn a_reload_that_renames_a_backend_renames_it_everywhere() {
     }
     assert_eq!(hosts.lock().unwrap().last().unwrap(), &new);
 }
+
+/// A check sluice cannot even start (the process is out of descriptors) is
+/// skipped with a warning, not counted against the backend: the backend
+/// is not taken out for sluice's own shortage, as with passive checks.
+#[test]
+fn a_check_sluice_cannot_start_is_not_held_against_the_backend() {
+    let b = Backend::named("b");
+    let (port, aport) = (free_port(), free_port());
+    let mut sl = Sluice::start("health-emfile", &config(port, aport, &[b.addr]));
+    assert_eq!(up(&scrape(addr(aport)), b.addr), 1.0);
+    let pid = sl.pid();
+    let (soft, hard) = fd_limits(pid);
+    set_fd_limits(pid, "3", &hard);
+    let end = Instant::now() + Duration::from_secs(10);
+    while sl.count_log("check skipped") < 4 {
+        assert!(Instant::now() < end, "{:?}", sl.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    set_fd_limits(pid, &soft, &hard);
+    let line = sl.wait_log("check skipped", Duration::from_secs(1));
+    assert!(
+        line.contains("WARN") && line.contains("Too many open files"),
+        "{line}"
+    );
+    assert_eq!(sl.count_log("is DOWN"), 0, "{:?}", sl.logs());
+    assert_eq!(up(&scrape(addr(aport)), b.addr), 1.0);
+    let mut c = connect(addr(port));
+    assert_eq!(read_line(&mut c), "b");
+}
