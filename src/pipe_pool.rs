@@ -24,6 +24,8 @@ use crate::sys;
 const MAX_IDLE_PIPES: usize = 256;
 /// Free buffers kept per worker and size.
 const MAX_IDLE_BUFS: usize = 256;
+/// Idle buffers kept of a size the loaded configuration no longer uses.
+const MAX_IDLE_OLD: usize = 2;
 
 /// One pipe: read end, write end, and the capacity the kernel granted.
 pub struct Pipe {
@@ -220,14 +222,27 @@ pub struct BufPool {
 }
 
 impl BufPool {
-    /// A (re)loaded configuration uses these buffer sizes: free the idle
-    /// buffers of any other, and do not keep those that connections of
-    /// older configurations give back (a reload that changed
+    /// A (re)loaded configuration uses these buffer sizes: of any other
+    /// size keep only `MAX_IDLE_OLD` idle buffers, for the connections of
+    /// older configurations still copying (a reload that changed
     /// `buffer_size` would otherwise keep up to `MAX_IDLE_BUFS` of the old
     /// size for good).
     pub fn keep_sizes(&mut self, sizes: Vec<usize>) {
-        self.free.retain(|(s, _)| sizes.contains(s));
+        for (s, list) in &mut self.free {
+            if !sizes.contains(s) {
+                list.truncate(MAX_IDLE_OLD);
+            }
+        }
+        self.free.retain(|(_, list)| !list.is_empty());
         self.sizes = Some(sizes);
+    }
+
+    /// How many idle buffers of `size` are kept.
+    fn cap(&self, size: usize) -> usize {
+        match &self.sizes {
+            Some(k) if !k.contains(&size) => MAX_IDLE_OLD,
+            _ => MAX_IDLE_BUFS,
+        }
     }
 
     pub fn get(&mut self, size: usize) -> Box<[u8]> {
@@ -241,11 +256,9 @@ impl BufPool {
 
     pub fn put(&mut self, buf: Box<[u8]>) {
         let size = buf.len();
-        if self.sizes.as_ref().is_some_and(|k| !k.contains(&size)) {
-            return;
-        }
+        let cap = self.cap(size);
         match self.free.iter_mut().find(|(s, _)| *s == size) {
-            Some((_, list)) if list.len() < MAX_IDLE_BUFS => list.push(buf),
+            Some((_, list)) if list.len() < cap => list.push(buf),
             Some(_) => {}
             None => self.free.push((size, vec![buf])),
         }
@@ -263,12 +276,19 @@ mod tests {
         pool.put(a);
         pool.put(b);
         assert_eq!(pool.free.len(), 2);
+        for _ in 0..3 {
+            pool.put(vec![0u8; 4096].into_boxed_slice());
+        }
         pool.keep_sizes(vec![8192]);
-        assert_eq!(pool.free.len(), 1);
-        pool.put(vec![0u8; 4096].into_boxed_slice());
-        pool.put(vec![0u8; 8192].into_boxed_slice());
-        let idle: Vec<(usize, usize)> = pool.free.iter().map(|(s, l)| (*s, l.len())).collect();
-        assert_eq!(idle, [(8192, 2)]);
+        let idle = |p: &BufPool| -> Vec<(usize, usize)> {
+            p.free.iter().map(|(s, l)| (*s, l.len())).collect()
+        };
+        assert_eq!(idle(&pool), [(4096, 2), (8192, 1)]);
+        for _ in 0..3 {
+            pool.put(vec![0u8; 4096].into_boxed_slice());
+            pool.put(vec![0u8; 8192].into_boxed_slice());
+        }
+        assert_eq!(idle(&pool), [(4096, 2), (8192, 4)]);
     }
 
     #[test]

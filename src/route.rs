@@ -68,6 +68,13 @@ impl BackendRt {
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }
+
+    /// Health as a new backend's (up, no streak, no check yet): for one a
+    /// reload brings back after a gap in which nothing checked it.
+    fn fresh_health(&self) {
+        self.mark_up();
+        self.last_check.store(0, Ordering::Relaxed);
+    }
 }
 
 /// Per-route state that outlives a configuration generation.
@@ -215,24 +222,32 @@ static NEXT_ROUTE_ID: AtomicU64 = AtomicU64::new(1);
 /// this one brings back while connections of the old ones live, so the
 /// counts that `max_connections` are held to stay whole. Weak: state that
 /// nothing holds any more is gone, and comes back fresh.
+///
+/// A backend brought back from before the running generation has not
+/// been checked since it was dropped: it comes back with its counts but
+/// with fresh health (up), as a new backend does.
 #[derive(Default)]
 pub struct Kept {
     routes: HashMap<String, Weak<RouteShared>>,
-    backends: HashMap<(String, SocketAddr), Weak<BackendRt>>,
+    /// With the `remember` call that last saw each one.
+    backends: HashMap<(String, SocketAddr), (Weak<BackendRt>, u64)>,
+    /// How many times `remember` ran.
+    round: u64,
 }
 
 impl Kept {
     /// Note the state of these routes (the running generation's), and
     /// forget state nothing holds any more.
     pub fn remember(&mut self, routes: &[Arc<RouteRt>]) {
+        self.round += 1;
         self.routes.retain(|_, w| w.strong_count() > 0);
-        self.backends.retain(|_, w| w.strong_count() > 0);
+        self.backends.retain(|_, (w, _)| w.strong_count() > 0);
         for r in routes {
             let name = &r.cfg.name;
             self.routes.insert(name.clone(), Arc::downgrade(&r.shared));
             for b in &r.backends {
                 self.backends
-                    .insert((name.clone(), b.addr), Arc::downgrade(b));
+                    .insert((name.clone(), b.addr), (Arc::downgrade(b), self.round));
             }
         }
     }
@@ -242,7 +257,12 @@ impl Kept {
     }
 
     fn backend(&self, route: &str, addr: SocketAddr) -> Option<Arc<BackendRt>> {
-        self.backends.get(&(route.to_string(), addr))?.upgrade()
+        let (w, seen) = self.backends.get(&(route.to_string(), addr))?;
+        let b = w.upgrade()?;
+        if *seen != self.round {
+            b.fresh_health();
+        }
+        Some(b)
     }
 }
 

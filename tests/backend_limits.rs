@@ -853,3 +853,43 @@ fn a_backend_or_route_dropped_and_brought_back_keeps_its_count() {
     assert_eq!(ends, ["queue_timeout", "limit"], "{:?}", sl.access());
     drop((holder, holder2));
 }
+
+/// A backend dropped by one reload while it was down, and brought back by
+/// a later one after it recovered (while a connection of the first still
+/// holds its count): nothing checked it in between, so it comes back with
+/// fresh health (up), as a new backend does, not with the old DOWN.
+#[test]
+fn a_backend_brought_back_after_a_gap_starts_with_fresh_health() {
+    let (a, stop) = stoppable("b");
+    let other = Backend::named("other");
+    let (port, aport) = (free_port(), free_port());
+    let health = "[route.health]\ninterval = \"100ms\"\ntimeout = \"300ms\"\nrise = 10\nfall = 1";
+    let cfg = |list: String| config(1, aport, port, &format!("backends = [{list}]\n{health}"));
+    let mut sl = Sluice::start("review-health", &cfg(format!("\"{a}\"")));
+    let mut holder = connect(addr(port));
+    assert_eq!(read_line(&mut holder), "b");
+    stop.store(true, Ordering::SeqCst);
+    sl.wait_log("is DOWN", Duration::from_secs(10));
+    std::fs::write(&sl.config, cfg(format!("\"{}\"", other.addr))).unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
+    // The backend recovers (same address) while no configuration lists it.
+    thread::sleep(Duration::from_millis(200));
+    let l = std::net::TcpListener::bind(a).unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let mut s = s.unwrap();
+            thread::spawn(move || {
+                let _ = s.write_all(b"b\n");
+                echo(&mut s);
+            });
+        }
+    });
+    std::fs::write(&sl.config, cfg(format!("\"{a}\""))).unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload ok: generation 3", Duration::from_secs(10));
+    let mut c = connect(addr(port));
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(read_line(&mut c), "b", "{:?}", sl.access());
+    drop(holder);
+}

@@ -1482,3 +1482,35 @@ fn a_root_symlink_swapped_by_a_deploy_is_followed() {
     swap("r3");
     served("release 3");
 }
+
+/// A worker's first request after the configuration loaded looks at the
+/// root's path at once: a swap (and the removal of the old release) made
+/// before it is served from the new release, not from the folder opened
+/// at load time.
+#[test]
+fn the_first_request_after_a_swap_sees_the_new_release() {
+    let dir = temp_dir("fr-swap-first");
+    for (r, body) in [("r1", "release one"), ("r2", "release two")] {
+        std::fs::create_dir(dir.join(r)).unwrap();
+        std::fs::write(dir.join(r).join("a.txt"), body).unwrap();
+    }
+    let swap = |to: &str| {
+        std::os::unix::fs::symlink(to, dir.join("current.new")).unwrap();
+        std::fs::rename(dir.join("current.new"), dir.join("current")).unwrap();
+    };
+    swap("r1");
+    let p = free_port();
+    let toml = format!(
+        "[global]\nlog_level = \"info\"\nworkers = 1\n{}",
+        route("w", p, "root = \"current\"")
+    );
+    let _sl = Sluice::start_in(dir.clone(), &toml, &[]);
+    swap("r2");
+    std::fs::remove_dir_all(dir.join("r1")).unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    let (h, b) = get(addr(p), "/a.txt");
+    assert_eq!(
+        (h.status, String::from_utf8_lossy(&b).into_owned()),
+        (200, "release two".to_string())
+    );
+}

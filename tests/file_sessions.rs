@@ -510,3 +510,41 @@ fn a_blocked_pipelined_response_waits_for_idle_timeout() {
         String::from_utf8_lossy(&got)
     );
 }
+
+/// A TCP socket whose peer vanished reports the last ICMP error it got
+/// after a retransmission or keepalive timeout (tcp_write_err: sk_err =
+/// sk_err_soft ?: ETIMEDOUT): ECONNREFUSED from a firewall's
+/// port-unreachable, EPROTO. sendfile returns it (injected by strace
+/// here); the file still reads, so it is the client's error, not a file
+/// error.
+#[test]
+fn a_socket_soft_error_is_not_a_file_error() {
+    let total = 4u64 << 20;
+    for errno in ["ECONNREFUSED", "EPROTO"] {
+        let raw = free_port();
+        let body = "strategy = \"sendfile\"\nsend_chunk = \"64KiB\"";
+        let routes = route(
+            "raw",
+            raw,
+            &format!("file = \"www/f.bin\"\nprotocol = \"raw\"\n{body}"),
+        );
+        let wrapper = strace_fault_when("sendfile", errno, "3");
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        let (sl, _www) = start(
+            &format!("review-soft-{errno}"),
+            &routes,
+            &wrapper,
+            &[("f.bin", 7, total)],
+        );
+        let mut c = small_buffer_client(addr(raw), 64 << 10);
+        let _ = read_to_end_how(&mut c);
+        let a = sl.wait_access(1, Duration::from_secs(10));
+        assert_ne!(
+            a[0]["end"].as_str(),
+            "file_error",
+            "{errno}: {:?} {:?}",
+            a[0],
+            sl.logs()
+        );
+    }
+}

@@ -1382,3 +1382,48 @@ fn ipv6_clients_and_backends_relay_byte_exact() {
     assert!(f["client"].starts_with("[::1]:"), "{f:?}");
     assert_eq!(f["status"], "200", "{f:?}");
 }
+
+/// A client fills a connection whose backend does not read: the client
+/// socket is then watched for writable only (never for nothing), which
+/// must not wake the worker while the connection stays stalled.
+#[test]
+fn a_client_filling_a_stalled_connection_does_not_wake_the_worker() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = l.local_addr().unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let hold = thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let _ = done_rx.recv_timeout(Duration::from_secs(30));
+        drop(s);
+    });
+    let port = free_port();
+    let toml = proxy_config(port, &[b.to_string()], "strategy = \"copy\"")
+        .replace("[global]\n", "[global]\nworkers = 1\n");
+    let sl = Sluice::start("stalled-wakeups", &toml);
+    let mut c = connect(addr(port));
+    c.set_nonblocking(true).unwrap();
+    let chunk = vec![7u8; 64 << 10];
+    // Fill everything until the client's own writes block.
+    let (mut stalled, mut sent) = (0, 0);
+    while stalled < 50 {
+        match c.write(&chunk) {
+            Ok(n) => {
+                sent += n;
+                stalled = 0;
+            }
+            Err(_) => {
+                stalled += 1;
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    thread::sleep(Duration::from_millis(200));
+    let before = worker_sleeps(sl.pid(), 0);
+    thread::sleep(Duration::from_secs(2));
+    let idle = worker_sleeps(sl.pid(), 0) - before;
+    assert!(sent > chunk.len(), "{sent}");
+    assert!(idle < 20, "{idle} wake-ups in 2 s of a stalled connection");
+    drop(c);
+    done_tx.send(()).unwrap();
+    let _ = hold.join();
+}

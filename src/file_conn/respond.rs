@@ -64,45 +64,29 @@ impl FileConn {
             file, stat, ctype, ..
         } = opened;
         let mut v = Validators::new(stat.size, stat.modified());
-        if cond::precondition_failed(
-            &v,
-            req.if_match.as_deref(),
-            req.if_unmodified_since.as_deref(),
-        ) {
-            let head = Head::new(minor, 412)
-                .header("ETag", &v.etag)
-                .header("Last-Modified", v.last_modified())
-                .header("Content-Length", 0)
-                .finish(minor, keep);
-            self.resp = Some(resp(head, None, keep, 412, ctx.now).named(&req));
-            return;
-        }
-        if cond::not_modified(
-            &v,
-            req.if_none_match.as_deref(),
-            req.if_modified_since.as_deref(),
-        ) {
-            let head = Head::new(minor, 304)
-                .header("ETag", &v.etag)
-                .header("Last-Modified", v.last_modified())
-                .finish(minor, keep);
-            self.resp = Some(resp(head, None, keep, 304, ctx.now).named(&req));
+        if self.conditional(&v, &req, keep, ctx.now) {
             return;
         }
         let mut size = stat.size;
         let mut body = None;
         if !head_only {
+            let now = ctx.now;
             let mut pools = pools(ctx);
             let b = Body::open(file, &self.params, &mut pools);
             // With a lease the file cannot change any more: read its size
-            // and mtime again, so the length, range and validators sent
-            // describe the very bytes the mapping holds (a write between
-            // the stat above and the lease changed them).
+            // and mtime again, so the preconditions, length, range and
+            // validators sent all describe the very bytes the mapping
+            // holds (a write between the stat above and the lease changed
+            // them).
             if let Some(st) = leased_stat(&b)
                 && (st.size, st.modified()) != (size, stat.modified())
             {
                 size = st.size;
                 v = Validators::new(st.size, st.modified());
+                if self.conditional(&v, &req, keep, now) {
+                    b.finish(&mut pools);
+                    return;
+                }
             }
             body = Some(b);
         }
@@ -145,6 +129,37 @@ impl FileConn {
             b.finish(&mut pools(ctx));
         }
         self.resp = Some(resp(head, body, keep, status, ctx.now).named(&req));
+    }
+
+    /// Queue the answer the conditional headers call for with these
+    /// validators, if any (412 for If-Match/If-Unmodified-Since, 304 for
+    /// If-None-Match/If-Modified-Since); whether one was queued.
+    fn conditional(&mut self, v: &Validators, req: &Request, keep: bool, now: Instant) -> bool {
+        let minor = req.minor;
+        let status = if cond::precondition_failed(
+            v,
+            req.if_match.as_deref(),
+            req.if_unmodified_since.as_deref(),
+        ) {
+            412
+        } else if cond::not_modified(
+            v,
+            req.if_none_match.as_deref(),
+            req.if_modified_since.as_deref(),
+        ) {
+            304
+        } else {
+            return false;
+        };
+        let mut h = Head::new(minor, status)
+            .header("ETag", &v.etag)
+            .header("Last-Modified", v.last_modified());
+        if status == 412 {
+            h = h.header("Content-Length", 0);
+        }
+        let head = h.finish(minor, keep);
+        self.resp = Some(resp(head, None, keep, status, now).named(req));
+        true
     }
 
     /// Open the file a target names, or take it from the worker's

@@ -54,11 +54,18 @@ impl Roots {
     /// `root`), or None for a route without one.
     pub fn get(&mut self, route: &RouteRt, path: &Path, now: Instant) -> Option<Arc<OwnedFd>> {
         let loaded = route.root.as_ref()?;
-        let r = self.map.entry(route.id).or_insert_with(|| Root {
-            id: identity(loaded),
-            fd: loaded.clone(),
-            checked: now,
-            lost: false,
+        let r = self.map.entry(route.id).or_insert_with(|| {
+            // The folder the generation opened may be any age by now (a
+            // worker's first request, or an older generation's keep-alive
+            // connection after a reload emptied the map): look at once.
+            let mut r = Root {
+                id: identity(loaded),
+                fd: loaded.clone(),
+                checked: now,
+                lost: false,
+            };
+            r.follow(&route.cfg.name, path);
+            r
         });
         if now.saturating_duration_since(r.checked) >= RECHECK {
             r.checked = now;

@@ -99,25 +99,33 @@ pub enum Sent {
     FileError(i32),
 }
 
-/// Whether an error of sendfile(2), which reports the file's errors and
-/// the socket's alike, came from the socket.
-fn from_socket(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::EAGAIN
-                | libc::EINTR
-                | libc::EPIPE
-                | libc::ECONNRESET
-                | libc::ECONNABORTED
-                | libc::ENOTCONN
-                | libc::ETIMEDOUT
-                | libc::EHOSTUNREACH
-                | libc::ENETUNREACH
-                | libc::ENETDOWN
-                | libc::EHOSTDOWN
-        )
-    )
+/// The file's errno, if a failed sendfile(2) (which reports the file's
+/// errors and the socket's alike) or an mmap send failed because of the
+/// file. Errnos only a socket gives, and those only a file gives, decide
+/// at once; any other (a vanished peer's socket reports the last ICMP
+/// error it got: ECONNREFUSED, EPROTO, ...) is settled by reading one
+/// byte of the file where the transfer stands: if that works, the socket
+/// failed.
+fn file_errno(e: &io::Error, file: &File, pos: u64) -> Option<i32> {
+    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+    match errno {
+        libc::EAGAIN
+        | libc::EINTR
+        | libc::EPIPE
+        | libc::ECONNRESET
+        | libc::ECONNABORTED
+        | libc::ENOTCONN
+        | libc::ETIMEDOUT
+        | libc::EHOSTUNREACH
+        | libc::ENETUNREACH
+        | libc::ENETDOWN
+        | libc::EHOSTDOWN => None,
+        libc::EIO | libc::ESTALE | libc::EOVERFLOW | libc::ENXIO | libc::EBADMSG => Some(errno),
+        _ => match file.read_at(&mut [0u8; 1], pos) {
+            Err(f) => Some(f.raw_os_error().unwrap_or(libc::EIO)),
+            Ok(_) => None,
+        },
+    }
 }
 
 enum Mode {
@@ -279,13 +287,10 @@ impl Body {
                     // 0 although bytes are due: the file shrank.
                     match sys::sendfile(sock.as_fd(), self.file.as_fd(), &mut self.pos, want) {
                         Ok(n) => Ok((n > 0).then_some(n)),
-                        Err(e) if !from_socket(&e) => {
-                            return Ok((
-                                moved,
-                                Sent::FileError(e.raw_os_error().unwrap_or(libc::EIO)),
-                            ));
-                        }
-                        Err(e) => Err(e),
+                        Err(e) => match file_errno(&e, &self.file, self.pos) {
+                            Some(errno) => return Ok((moved, Sent::FileError(errno))),
+                            None => Err(e),
+                        },
                     }
                 }
                 Mode::Mmap(map) => match map {
@@ -294,8 +299,19 @@ impl Body {
                             self.pos += n as u64;
                             Ok(Some(n))
                         }
-                        // The page under the mapping is gone: truncated.
-                        Err(e) if e.raw_os_error() == Some(libc::EFAULT) => Ok(None),
+                        // The page under the mapping could not be had: the
+                        // file was truncated (no lease), or reading it
+                        // failed (EIO, which a page fault reports so).
+                        Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
+                            let mut probe = [0u8; 1];
+                            match self.file.read_at(&mut probe, self.pos) {
+                                Err(f) => {
+                                    let errno = f.raw_os_error().unwrap_or(libc::EIO);
+                                    return Ok((moved, Sent::FileError(errno)));
+                                }
+                                Ok(_) => Ok(None),
+                            }
+                        }
                         Err(e) => Err(e),
                     },
                     None => Ok(None),
