@@ -138,35 +138,100 @@ struct Tier {
     shares: Vec<u32>,
 }
 
+/// Work (order length × members) up to which a tier's order is nginx's
+/// smooth weighted round-robin, step by step; above it (hundreds of
+/// backends with uneven weights), stride scheduling builds an equally
+/// spread order in O(length × log members), so a reload of a large
+/// configuration does not stall the main thread for seconds.
+const EXACT_WORK: u64 = 1 << 22;
+
 impl Tier {
     fn new(members: Vec<usize>, weight: impl Fn(usize) -> u32) -> Tier {
-        // nginx's smooth weighted round-robin, run once per generation: each
-        // step every member gains its weight, the richest is picked and pays
-        // the total. Weights are at most 256, so the order stays short.
-        // Weights 100 and 200 are weights 1 and 2: divided by their
-        // greatest common divisor, the order is as short as it can be.
+        // Built once per generation. Weights are at most 256, so the order
+        // stays short. Weights 100 and 200 are weights 1 and 2: divided
+        // by their greatest common divisor, the order is as short as it
+        // can be.
         let gcd = members.iter().fold(0, |g, &i| gcd(g, weight(i)));
         let shares: Vec<u32> = members.iter().map(|&i| weight(i) / gcd.max(1)).collect();
-        let w: Vec<i64> = shares.iter().map(|&s| i64::from(s)).collect();
-        let total: i64 = w.iter().sum();
-        let mut current = vec![0i64; members.len()];
-        let mut order = Vec::with_capacity(total as usize);
-        for _ in 0..total {
-            for (c, w) in current.iter_mut().zip(&w) {
-                *c += w;
-            }
-            let best = (0..members.len())
-                .max_by_key(|&k| (current[k], std::cmp::Reverse(k)))
-                .expect("a tier with weight has members");
-            current[best] -= total;
-            order.push(members[best]);
-        }
+        let total: u64 = shares.iter().map(|&s| u64::from(s)).sum();
+        let picks = if total * members.len() as u64 <= EXACT_WORK {
+            smooth_order(&shares, total)
+        } else {
+            stride_order(&shares, total)
+        };
         Tier {
+            order: picks.into_iter().map(|k| members[k]).collect(),
             members,
-            order,
             shares,
         }
     }
+}
+
+/// nginx's smooth weighted round-robin: each step every member gains its
+/// share, the richest is picked and pays the total. Positions in `shares`.
+fn smooth_order(shares: &[u32], total: u64) -> Vec<usize> {
+    let w: Vec<i64> = shares.iter().map(|&s| i64::from(s)).collect();
+    let total = total as i64;
+    let mut current = vec![0i64; w.len()];
+    let mut order = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        for (c, w) in current.iter_mut().zip(&w) {
+            *c += w;
+        }
+        let best = (0..w.len())
+            .max_by_key(|&k| (current[k], std::cmp::Reverse(k)))
+            .expect("a tier with weight has members");
+        current[best] -= total;
+        order.push(best);
+    }
+    order
+}
+
+/// Stride scheduling: a member with share `s` takes its `j`-th turn at
+/// `(j + 1/2) / s` of the way through the order; turns are taken in that
+/// order (ties by position). Positions in `shares`.
+fn stride_order(shares: &[u32], total: u64) -> Vec<usize> {
+    use std::cmp::{Ordering as By, Reverse};
+    use std::collections::BinaryHeap;
+    /// The turn `num / den` of member `k` (compared exactly, as fractions).
+    #[derive(PartialEq, Eq)]
+    struct Turn {
+        num: u64,
+        den: u64,
+        k: usize,
+    }
+    impl Ord for Turn {
+        fn cmp(&self, o: &Self) -> By {
+            (self.num * o.den)
+                .cmp(&(o.num * self.den))
+                .then(self.k.cmp(&o.k))
+        }
+    }
+    impl PartialOrd for Turn {
+        fn partial_cmp(&self, o: &Self) -> Option<By> {
+            Some(self.cmp(o))
+        }
+    }
+    let turn = |k: usize, j: u64| Turn {
+        num: 2 * j + 1,
+        den: 2 * u64::from(shares[k]),
+        k,
+    };
+    let mut heap: BinaryHeap<Reverse<Turn>> = (0..shares.len())
+        .filter(|&k| shares[k] > 0)
+        .map(|k| Reverse(turn(k, 0)))
+        .collect();
+    let mut taken = vec![0u64; shares.len()];
+    let mut order = Vec::with_capacity(total as usize);
+    while let Some(Reverse(t)) = heap.pop() {
+        let k = t.k;
+        order.push(k);
+        taken[k] += 1;
+        if taken[k] < u64::from(shares[k]) {
+            heap.push(Reverse(turn(k, taken[k])));
+        }
+    }
+    order
 }
 
 /// A hash of (client, backend) that is the same on every build and
@@ -662,6 +727,37 @@ mod tests {
         let t = Tier::new(vec![0, 1], |i| [100, 200][i]);
         assert_eq!(t.order, [1, 0, 1]);
         assert!(Tier::new(vec![], |_| 1).order.is_empty());
+    }
+
+    #[test]
+    fn a_large_tier_gets_an_equally_spread_order() {
+        // 2,000 backends with weights 1 to 256: far above EXACT_WORK.
+        let n = 2000;
+        let weight = |i: usize| (i % 256) as u32 + 1;
+        let t = Tier::new((0..n).collect(), weight);
+        let total: u64 = (0..n).map(|i| u64::from(weight(i))).sum();
+        assert!(total * n as u64 > EXACT_WORK);
+        assert_eq!(t.order.len() as u64, total);
+        let mut seen = vec![Vec::new(); n];
+        for (pos, &b) in t.order.iter().enumerate() {
+            seen[b].push(pos as u64);
+        }
+        for (b, at) in seen.iter().enumerate() {
+            let share = u64::from(weight(b));
+            assert_eq!(at.len() as u64, share, "backend {b}");
+            // Each turn lands near its ideal place, (j + 1/2) / share of
+            // the way (give or take the turns that tie with it).
+            for (j, &pos) in at.iter().enumerate() {
+                let ideal = (2 * j as u64 + 1) * total / (2 * share);
+                assert!(
+                    pos.abs_diff(ideal) <= n as u64,
+                    "backend {b} turn {j}: {pos} vs {ideal}"
+                );
+            }
+        }
+        // The same small tiers as before keep nginx's exact order.
+        assert_eq!(Tier::new(vec![0, 1], |i| [3, 1][i]).order, [0, 0, 1, 0]);
+        assert_eq!(stride_order(&[3, 1], 4), [0, 0, 1, 0]);
     }
 
     #[test]
