@@ -197,6 +197,12 @@ fn wrong_types() {
         "1:1",
         "wrong type for `route` at the top level: expected a list, found a table",
     );
+    // TOML's dates reach serde as tables: named as what they are.
+    rejects(
+        &format!("{PROXY}idle_timeout = 1979-05-27\n"),
+        "5:16",
+        "wrong type for `idle_timeout` in [[route]] \"p\": expected a duration string like \"250ms\", \"3s\" or \"5m\", found a date-time",
+    );
 }
 
 #[test]
@@ -487,6 +493,65 @@ fn bad_addresses() {
     );
 }
 
+/// A backend that is sluice's own listen address (the route's, another
+/// route's, or the admin listener's; or loopback on a port a wildcard
+/// listener takes) would make every connection loop back into sluice;
+/// one that is no single host's address (any, broadcast, multicast)
+/// cannot be connected to. Both are refused at the backend. The same port
+/// on another host behind a wildcard listener is a real server.
+#[test]
+fn backends_that_loop_back_or_are_no_host() {
+    let route = |listen: &str, backends: &str| {
+        format!("[[route]]\nname = \"a\"\nlisten = \"{listen}\"\nbackends = {backends}\n")
+    };
+    rejects(
+        &route("127.0.0.1:7000", "\"127.0.0.1:7000\""),
+        "4:12",
+        "backend \"127.0.0.1:7000\" of route \"a\" is sluice's own listen address 127.0.0.1:7000 of route \"a\" (at line 3, column 10)",
+    );
+    rejects(
+        &route("0.0.0.0:7000", "[\"10.0.0.1:7000\", \"127.0.0.1:7000\"]"),
+        "4:30",
+        "backend \"127.0.0.1:7000\" of route \"a\" is sluice's own listen address 0.0.0.0:7000",
+    );
+    rejects(
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:9900\"\n{}{}",
+            route("127.0.0.1:7000", "\"127.0.0.1:9000\""),
+            route("127.0.0.1:7001", "\"127.0.0.1:9900\"").replace("\"a\"", "\"b\"")
+        ),
+        "10:12",
+        "is sluice's own listen address 127.0.0.1:9900 of the admin listener",
+    );
+    for (backend, what) in [
+        (
+            "0.0.0.0:80",
+            "\"any address\", which only a listener can use",
+        ),
+        ("[::]:80", "\"any address\""),
+        ("255.255.255.255:80", "a broadcast or multicast address"),
+        ("224.0.0.1:80", "a broadcast or multicast address"),
+    ] {
+        rejects(
+            &route("127.0.0.1:7000", &format!("\"{backend}\"")),
+            "4:12",
+            &format!("backend {backend:?} is not one host's address"),
+        );
+        rejects(
+            &route("127.0.0.1:7000", &format!("\"{backend}\"")),
+            "4:12",
+            what,
+        );
+    }
+    let dir = Dir::new();
+    let path = dir.0.join("ok.toml");
+    fs::write(&path, route("0.0.0.0:7000", "\"10.0.0.1:7000\"")).unwrap();
+    assert!(
+        check(&path).status.success(),
+        "another host's server behind a wildcard listener"
+    );
+}
+
 /// Values `check` once accepted that crashed the process: durations that
 /// overflow a deadline (`now + timeout`), buffers too large to allocate,
 /// a send_chunk so small the worker spins in syscalls. Each bound is
@@ -507,6 +572,12 @@ fn values_past_their_bounds() {
         &format!("{PROXY}idle_timeout = \"7d1s\"\n"),
         "5:16",
         "idle_timeout of 604801s is too long: expected at most 7d",
+    );
+    // A value just past the bound shows what is past it.
+    rejects(
+        &format!("{PROXY}idle_timeout = \"7d1ns\"\n"),
+        "5:16",
+        "idle_timeout of 604800.000000001s is too long: expected at most 7d",
     );
     rejects(
         &format!("{FILE}idle_timeout = \"8d\"\n"),

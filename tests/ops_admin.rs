@@ -245,6 +245,21 @@ fn bad_admin_requests_get_clear_errors() {
     assert_eq!(r.status, 405);
     assert_eq!(r.headers["allow"], "GET, HEAD");
     assert_eq!(request(a, b"DELETE / HTTP/1.1\r\n\r\n").status, 405);
+    // HEAD gets the head alone, whatever the answer.
+    for (path, status) in [("/nope", "404"), ("/healthz", "200")] {
+        let mut s = TcpStream::connect(a).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
+        assert!(
+            text.ends_with("\r\n\r\n"),
+            "HEAD {path} had a body: {text:?}"
+        );
+    }
     assert_eq!(
         request(a, b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n").status,
         400
@@ -398,6 +413,51 @@ fn idle_admin_clients_cannot_lock_out_healthz() {
         let n = s.read(&mut buf).unwrap_or(0);
         assert_eq!(n, 0, "hog {i}: evicted without an answer");
     }
+}
+
+/// 64 clients that ask for /metrics and do not read their answer (it is
+/// bigger than what the sockets hold: 100 routes, a small receive window)
+/// must not hold every admin slot: a new client evicts the oldest of them,
+/// and /healthz answers.
+#[test]
+fn clients_that_do_not_read_cannot_lock_out_healthz() {
+    let aport = free_port();
+    let mut toml = format!("[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n");
+    for i in 0..100 {
+        toml.push_str(&format!(
+            "[[route]]\nname = \"r{i}\"\nlisten = \"127.0.0.1:{}\"\n\
+             backends = [\"127.0.0.1:1\", \"127.0.0.1:2\", {{ address = \"127.0.0.1:3\", backup = true }}]\n\n",
+            free_port()
+        ));
+    }
+    let sl = Sluice::start("admin-nonreaders", &toml);
+    let hogs: Vec<TcpStream> = (0..64)
+        .map(|_| {
+            let sock =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            sock.set_recv_buffer_size(1024).unwrap();
+            sock.set_tcp_mss(536).unwrap();
+            sock.connect(&addr(aport).into()).unwrap();
+            let mut s: TcpStream = sock.into();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    // Each is being answered (its first byte came), then reads no more.
+    for h in &hogs {
+        let mut b = [0u8; 1];
+        (&*h).read_exact(&mut b).unwrap();
+    }
+    let r = get(addr(aport), "/healthz");
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    assert_eq!(
+        sl.count_log("(not reading its answer)"),
+        1,
+        "{:?}",
+        sl.logs()
+    );
 }
 
 #[test]

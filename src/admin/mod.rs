@@ -5,8 +5,9 @@
 //! `MAX_REQUEST` bytes of head, `HEADER_TIMEOUT` to send it and
 //! `TOTAL_TIMEOUT` for the whole exchange, and at most `MAX_CONNS` such
 //! connections at once. When all are taken, a new client evicts the
-//! oldest one that has not sent a whole request head yet, so idle or
-//! slow clients cannot lock a monitor out of `/healthz`. Every socket is non-blocking, so a slow or
+//! oldest one that has not sent a whole request head yet (or is done),
+//! else the oldest one being answered, so idle, slow or non-reading
+//! clients cannot lock a monitor out of `/healthz`. Every socket is non-blocking, so a slow or
 //! malicious client costs one slab entry and a small buffer until its
 //! timer fires; it can never stall the main thread or the workers.
 //! Requests are parsed with httparse; the response is built in full,
@@ -32,7 +33,7 @@ use crate::worker::{Generation, Shared};
 /// Largest request head accepted (bytes).
 const MAX_REQUEST: usize = 8 * 1024;
 /// Admin connections open at once; beyond that a new one evicts the
-/// oldest that is still sending its head (or is refused if none is).
+/// oldest that is still sending its head, else the oldest being answered.
 const MAX_CONNS: usize = 64;
 /// Time a client has to send its whole request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -152,23 +153,29 @@ impl Admin {
                 }
             };
             if self.conns.len() >= MAX_CONNS {
-                // Evict the oldest client still sending its head: it had
-                // the longest to do it. One being answered is kept.
-                let oldest = self
-                    .conns
-                    .iter()
-                    .filter(|(_, c)| c.out.is_none() || c.lingering)
-                    .min_by_key(|(_, c)| c.seq)
-                    .map(|(k, _)| k);
-                let Some(k) = oldest else {
-                    log::warn!(
-                        "admin: {MAX_CONNS} admin connections being answered; refusing {peer}"
-                    );
-                    continue; // dropped: closed
+                // Evict the oldest client still sending its head (it had
+                // the longest to do it) or done and lingering; failing
+                // that, the oldest one being answered: a client that asks
+                // and does not read must not hold its place either, or 64
+                // of them would lock a monitor out of /healthz.
+                let oldest = |answered: bool| {
+                    self.conns
+                        .iter()
+                        .filter(|(_, c)| (c.out.is_some() && !c.lingering) == answered)
+                        .min_by_key(|(_, c)| c.seq)
+                        .map(|(k, _)| k)
+                };
+                let Some(k) = oldest(false).or_else(|| oldest(true)) else {
+                    continue; // cannot happen: the table is full
                 };
                 let old = self.conns.remove(k);
+                let why = match (&old.out, old.lingering) {
+                    (None, _) => "no request yet",
+                    (Some(_), true) => "answered",
+                    (Some(_), false) => "not reading its answer",
+                };
                 log::warn!(
-                    "admin: {MAX_CONNS} admin connections open; closing {} (no request yet) for {peer}",
+                    "admin: {MAX_CONNS} admin connections open; closing {} ({why}) for {peer}",
                     old.peer
                 );
                 close(registry, old);
@@ -237,7 +244,11 @@ fn step(c: &mut Conn, view: &View, now: Instant) -> bool {
         }
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
-        let resp = match req.parse(&c.buf) {
+        let parsed = req.parse(&c.buf);
+        // A HEAD request gets the head alone, whatever the answer (a 404,
+        // a 400 after the method was read, ...).
+        let head_only = req.method == Some("HEAD");
+        let mut resp = match parsed {
             Ok(httparse::Status::Complete(_)) => {
                 let method = req.method.unwrap_or("");
                 let path = req.path.unwrap_or("");
@@ -256,6 +267,9 @@ fn step(c: &mut Conn, view: &View, now: Instant) -> bool {
                 plain(400, "Bad Request", &format!("bad request: {e}\n"))
             }
         };
+        if head_only {
+            resp.truncate(head_len(&resp));
+        }
         c.out = Some(resp);
         c.deadline = now + TOTAL_TIMEOUT;
     }
@@ -288,7 +302,8 @@ fn step(c: &mut Conn, view: &View, now: Instant) -> bool {
     }
 }
 
-/// The response to one request, head and body.
+/// The response to one request, head and body (`step` cuts the body of
+/// a HEAD request's).
 fn respond(method: &str, path: &str, view: &View) -> Vec<u8> {
     let path = path.split('?').next().unwrap_or("");
     let known = matches!(path, "/" | "/metrics" | "/healthz");
@@ -296,19 +311,15 @@ fn respond(method: &str, path: &str, view: &View) -> Vec<u8> {
         return plain(404, "Not Found", "not found: try /, /metrics or /healthz\n");
     }
     if method != "GET" && method != "HEAD" {
-        let mut r = response(
+        return response(
             405,
             "Method Not Allowed",
             "text/plain; charset=utf-8",
             b"only GET and HEAD are allowed\n",
             "Allow: GET, HEAD\r\n",
         );
-        if method == "HEAD" {
-            r.truncate(head_len(&r));
-        }
-        return r;
     }
-    let mut r = match path {
+    match path {
         "/metrics" => response(
             200,
             "OK",
@@ -331,11 +342,7 @@ fn respond(method: &str, path: &str, view: &View) -> Vec<u8> {
             plain(503, "Service Unavailable", "draining\n")
         }
         _ => plain(200, "OK", "ok\n"),
-    };
-    if method == "HEAD" {
-        r.truncate(head_len(&r));
     }
-    r
 }
 
 fn head_len(r: &[u8]) -> usize {

@@ -123,6 +123,21 @@ fn in_value(value: &toml::Spanned<DeValue>, offset: usize, path: &mut Vec<Seg>) 
     value.span().contains(&offset)
 }
 
+/// The value at key path `path`, if there is one.
+fn value_at<'a>(doc: &'a DeTable, path: &[Seg]) -> Option<&'a DeValue<'a>> {
+    let (first, rest) = path.split_first()?;
+    let Seg::Key(k) = first else { return None };
+    let mut v = doc.get(k.as_str())?.get_ref();
+    for seg in rest {
+        v = match (seg, v) {
+            (Seg::Key(k), DeValue::Table(t)) => t.get(k.as_str())?.get_ref(),
+            (Seg::Index(i), DeValue::Array(a)) => a.get(*i)?.get_ref(),
+            _ => return None,
+        };
+    }
+    Some(v)
+}
+
 /// The message for serde error `message` at key path `path`.
 fn explain(message: &str, doc: &DeTable, path: Option<&[Seg]>) -> String {
     if let Some(rest) = message.strip_prefix("unknown field `") {
@@ -175,7 +190,13 @@ fn bad_value(
     path: Option<&[Seg]>,
 ) -> String {
     let expected = friendly_expected(expected);
-    let found = friendly_found(found);
+    let mut found = friendly_found(found);
+    // TOML's dates and times reach serde as a table of their own.
+    if found == "a table"
+        && let Some(DeValue::Datetime(_)) = path.and_then(|p| value_at(doc, p))
+    {
+        found = "a date-time".to_string();
+    }
     let Some(path) = path else {
         return format!("{what}: expected {expected}, found {found}");
     };

@@ -448,6 +448,24 @@ fn backend(
             format!("backend {text:?} has port 0: expected a port from 1 to 65535"),
         ));
     }
+    let ip = addr.ip();
+    let not_a_host = ip.is_unspecified()
+        || ip.is_multicast()
+        || matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+    if not_a_host {
+        return Err(src.error(
+            span,
+            format!(
+                "backend {text:?} is not one host's address ({ip} is {}): expected the \
+                 address of a server, like \"127.0.0.1:9000\"",
+                if ip.is_unspecified() {
+                    "\"any address\", which only a listener can use"
+                } else {
+                    "a broadcast or multicast address"
+                }
+            ),
+        ));
+    }
     Ok(Backend {
         name: text.to_string(),
         addr,
@@ -670,11 +688,17 @@ fn file(
     let index = match &r.index {
         Some(v) => {
             let name = v.get_ref();
-            if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            if name.is_empty()
+                || name.contains('/')
+                || name.chars().any(char::is_control)
+                || name == "."
+                || name == ".."
+            {
                 return Err(src.error(
                     &v.span(),
                     format!(
-                        "invalid index {name:?}: expected a file name like \"index.html\" (no '/')"
+                        "invalid index {name:?}: expected a file name like \"index.html\" \
+                         (no '/', no control characters)"
                     ),
                 ));
             }

@@ -987,6 +987,11 @@ fn file_route_rules() {
     );
     rejects(
         &dir,
+        &format!("{ROOT}index = \"a\\u0000b\"\n"),
+        "t.toml:5:9: invalid index \"a\\0b\": expected a file name like \"index.html\" (no '/', no control characters)",
+    );
+    rejects(
+        &dir,
         &format!("{PROXY}fallback_strategy = \"mmap\"\n"),
         "t.toml:5:21: `fallback_strategy` needs `fallback_file`",
     );

@@ -16,9 +16,9 @@ use toml::Spanned;
 use super::error::{ConfigError, Source};
 use super::net;
 use super::route;
-use super::schema::{Dur, RawAdmin, RawConfig, RawGlobal, RawRoute};
+use super::schema::{Backends, Dur, RawAdmin, RawConfig, RawGlobal, RawRoute};
 use super::values;
-use super::{Admin, Config, Global};
+use super::{Admin, Config, Global, Route, RouteKind};
 
 const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 /// Files each worker keeps open for file routes (nginx's documented
@@ -68,6 +68,9 @@ pub(super) fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigErr
             &base,
         )?);
         names.push(name);
+    }
+    for (raw, route) in raw_routes.iter().zip(&routes) {
+        no_loop(src, raw, route, &bound)?;
     }
     Ok(Config {
         path: src.path.to_path_buf(),
@@ -249,6 +252,49 @@ fn route_listen(
         out.push(addr);
     }
     Ok(out)
+}
+
+/// No backend of `route` may be one of sluice's own listen addresses (a
+/// route's, any route's, or the admin listener's): each connection to it
+/// would come back to sluice, which would connect to it again, until a
+/// limit stopped it.
+fn no_loop(
+    src: &Source,
+    raw: &Spanned<RawRoute>,
+    route: &Route,
+    bound: &[Bound],
+) -> Result<(), ConfigError> {
+    let (RouteKind::Proxy(p), Some(list)) = (&route.kind, &raw.get_ref().backends) else {
+        return Ok(());
+    };
+    let spans: Vec<Range<usize>> = match list.get_ref() {
+        Backends::One(_) => vec![list.span()],
+        Backends::Many(items) => items.iter().map(Spanned::span).collect(),
+    };
+    // A listener on the wildcard address takes the port on loopback too;
+    // the same port on another host's address is a real server.
+    let reaches = |l: SocketAddr, b: SocketAddr| {
+        l.port() == b.port()
+            && (l.ip() == b.ip() || (l.ip().is_unspecified() && b.ip().is_loopback()))
+    };
+    for (b, span) in p.backends.iter().zip(spans) {
+        if let Some(l) = bound.iter().find(|l| reaches(l.addr, b.addr)) {
+            return Err(src.error(
+                &span,
+                format!(
+                    "backend {:?} of route {:?} is sluice's own listen address {} of {} \
+                     (at {}): every connection to it would come back to sluice and be sent \
+                     on again; expected the address of another server",
+                    b.name,
+                    route.name,
+                    l.addr,
+                    l.owner,
+                    src.position(&l.span)
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A listen address already claimed, for the conflict check.

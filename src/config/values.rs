@@ -99,8 +99,8 @@ pub fn duration(
         Some(v) if v.get_ref().0 > MAX_DURATION => Err(src.error(
             &v.span(),
             format!(
-                "{key} of {}s is too long: expected at most 7d (604800s)",
-                v.get_ref().0.as_secs()
+                "{key} of {:?} is too long: expected at most 7d (604800s)",
+                v.get_ref().0
             ),
         )),
         Some(v) => Ok(v.get_ref().0),
