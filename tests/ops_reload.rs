@@ -258,7 +258,10 @@ fn moving_a_port_to_another_address_says_how() {
     let a = Backend::named("a");
     let port = free_port();
     let mut sl = Sluice::start("reload-move-port", &route("r", port, a.addr));
-    let moved = route("r", port, a.addr).replace("127.0.0.1:", "0.0.0.0:");
+    let moved = route("r", port, a.addr).replace(
+        &format!("listen = \"127.0.0.1:{port}\""),
+        &format!("listen = \"0.0.0.0:{port}\""),
+    );
     std::fs::write(&sl.config, &moved).unwrap();
     sl.signal("HUP");
     let line = sl.wait_log("reload failed", Duration::from_secs(10));
