@@ -430,7 +430,7 @@ fn clients_that_do_not_read_cannot_lock_out_healthz() {
             free_port()
         ));
     }
-    let sl = Sluice::start("admin-nonreaders", &toml);
+    let mut sl = Sluice::start("admin-nonreaders", &toml);
     let hogs: Vec<TcpStream> = (0..64)
         .map(|_| {
             let sock =
@@ -452,6 +452,8 @@ fn clients_that_do_not_read_cannot_lock_out_healthz() {
     }
     let r = get(addr(aport), "/healthz");
     assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    // The line may still be on its way from sluice's stderr.
+    sl.wait_log("(not reading its answer)", Duration::from_secs(10));
     assert_eq!(
         sl.count_log("(not reading its answer)"),
         1,
