@@ -493,35 +493,40 @@ fn bad_addresses() {
     );
 }
 
-/// A backend that is sluice's own listen address (the route's, another
-/// route's, or the admin listener's; or loopback on a port a wildcard
-/// listener takes) would make every connection loop back into sluice;
-/// one that is no single host's address (any, broadcast, multicast)
-/// cannot be connected to. Both are refused at the backend. The same port
-/// on another host behind a wildcard listener is a real server.
+/// A backend that leads back to its own route through sluice's listeners
+/// (its own listen address, loopback on a port its wildcard listener
+/// takes, or another route's address that leads back) would make every
+/// connection loop through sluice; one that is no single host's address
+/// (any, broadcast, multicast) cannot be connected to. Both are refused at
+/// the backend. A proxy route in front of another route, and the same
+/// port on another host behind a wildcard listener, are fine.
 #[test]
 fn backends_that_loop_back_or_are_no_host() {
-    let route = |listen: &str, backends: &str| {
-        format!("[[route]]\nname = \"a\"\nlisten = \"{listen}\"\nbackends = {backends}\n")
+    let route = |name: &str, listen: &str, backends: &str| {
+        format!("[[route]]\nname = \"{name}\"\nlisten = \"{listen}\"\nbackends = {backends}\n")
     };
     rejects(
-        &route("127.0.0.1:7000", "\"127.0.0.1:7000\""),
+        &route("a", "127.0.0.1:7000", "\"127.0.0.1:7000\""),
         "4:12",
-        "backend \"127.0.0.1:7000\" of route \"a\" is sluice's own listen address 127.0.0.1:7000 of route \"a\" (at line 3, column 10)",
+        "backend \"127.0.0.1:7000\" of route \"a\" is its own listen address: every connection would come back to sluice",
     );
     rejects(
-        &route("0.0.0.0:7000", "[\"10.0.0.1:7000\", \"127.0.0.1:7000\"]"),
+        &route(
+            "a",
+            "0.0.0.0:7000",
+            "[\"10.0.0.1:7000\", \"127.0.0.1:7000\"]",
+        ),
         "4:30",
-        "backend \"127.0.0.1:7000\" of route \"a\" is sluice's own listen address 0.0.0.0:7000",
+        "backend \"127.0.0.1:7000\" of route \"a\" is its own listen address",
     );
     rejects(
         &format!(
-            "[admin]\nlisten = \"127.0.0.1:9900\"\n{}{}",
-            route("127.0.0.1:7000", "\"127.0.0.1:9000\""),
-            route("127.0.0.1:7001", "\"127.0.0.1:9900\"").replace("\"a\"", "\"b\"")
+            "{}{}",
+            route("a", "127.0.0.1:7000", "\"127.0.0.1:7001\""),
+            route("b", "127.0.0.1:7001", "\"127.0.0.1:7000\"")
         ),
-        "10:12",
-        "is sluice's own listen address 127.0.0.1:9900 of the admin listener",
+        "4:12",
+        "backend \"127.0.0.1:7001\" of route \"a\" is the listen address of route \"b\", which leads back to it",
     );
     for (backend, what) in [
         (
@@ -532,24 +537,31 @@ fn backends_that_loop_back_or_are_no_host() {
         ("255.255.255.255:80", "a broadcast or multicast address"),
         ("224.0.0.1:80", "a broadcast or multicast address"),
     ] {
+        let text = route("a", "127.0.0.1:7000", &format!("\"{backend}\""));
         rejects(
-            &route("127.0.0.1:7000", &format!("\"{backend}\"")),
+            &text,
             "4:12",
             &format!("backend {backend:?} is not one host's address"),
         );
-        rejects(
-            &route("127.0.0.1:7000", &format!("\"{backend}\"")),
-            "4:12",
-            what,
-        );
+        rejects(&text, "4:12", what);
     }
     let dir = Dir::new();
-    let path = dir.0.join("ok.toml");
-    fs::write(&path, route("0.0.0.0:7000", "\"10.0.0.1:7000\"")).unwrap();
-    assert!(
-        check(&path).status.success(),
-        "another host's server behind a wildcard listener"
-    );
+    for ok in [
+        route("a", "0.0.0.0:7000", "\"10.0.0.1:7000\""),
+        format!(
+            "{}[[route]]\nname = \"f\"\nlisten = \"127.0.0.1:7001\"\nfile = \"banner.bin\"\n",
+            route("a", "127.0.0.1:7000", "\"127.0.0.1:7001\"")
+        ),
+    ] {
+        let path = dir.0.join("ok.toml");
+        fs::write(&path, &ok).unwrap();
+        let out = check(&path);
+        assert!(
+            out.status.success(),
+            "{ok}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// Values `check` once accepted that crashed the process: durations that

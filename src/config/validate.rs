@@ -69,9 +69,7 @@ pub(super) fn validate(src: &Source, raw: RawConfig) -> Result<Config, ConfigErr
         )?);
         names.push(name);
     }
-    for (raw, route) in raw_routes.iter().zip(&routes) {
-        no_loop(src, raw, route, &bound)?;
-    }
+    no_loops(src, &raw_routes, &routes)?;
     Ok(Config {
         path: src.path.to_path_buf(),
         global,
@@ -254,42 +252,78 @@ fn route_listen(
     Ok(out)
 }
 
-/// No backend of `route` may be one of sluice's own listen addresses (a
-/// route's, any route's, or the admin listener's): each connection to it
-/// would come back to sluice, which would connect to it again, until a
-/// limit stopped it.
-fn no_loop(
-    src: &Source,
-    raw: &Spanned<RawRoute>,
-    route: &Route,
-    bound: &[Bound],
-) -> Result<(), ConfigError> {
-    let (RouteKind::Proxy(p), Some(list)) = (&route.kind, &raw.get_ref().backends) else {
-        return Ok(());
-    };
-    let spans: Vec<Range<usize>> = match list.get_ref() {
-        Backends::One(_) => vec![list.span()],
-        Backends::Many(items) => items.iter().map(Spanned::span).collect(),
-    };
+/// No proxy route may lead back to itself through sluice's own listeners:
+/// a backend that is the route's own listen address (or loopback on a
+/// port its wildcard listener takes), or another route's that leads back
+/// to it, would make each connection come back to sluice and be sent on
+/// again, until a limit stopped it. A backend that is another route's
+/// address is fine otherwise (a proxy route in front of a file route).
+fn no_loops(src: &Source, raw: &[Spanned<RawRoute>], routes: &[Route]) -> Result<(), ConfigError> {
     // A listener on the wildcard address takes the port on loopback too;
     // the same port on another host's address is a real server.
     let reaches = |l: SocketAddr, b: SocketAddr| {
         l.port() == b.port()
             && (l.ip() == b.ip() || (l.ip().is_unspecified() && b.ip().is_loopback()))
     };
-    for (b, span) in p.backends.iter().zip(spans) {
-        if let Some(l) = bound.iter().find(|l| reaches(l.addr, b.addr)) {
+    // For each route, its backends that are some route's listener.
+    let edges: Vec<Vec<(usize, usize)>> = routes
+        .iter()
+        .map(|r| match &r.kind {
+            RouteKind::Proxy(p) => p
+                .backends
+                .iter()
+                .enumerate()
+                .filter_map(|(bi, b)| {
+                    let t = routes
+                        .iter()
+                        .position(|t| t.listen.iter().any(|&l| reaches(l, b.addr)))?;
+                    Some((bi, t))
+                })
+                .collect(),
+            RouteKind::File(_) => Vec::new(),
+        })
+        .collect();
+    let leads_to = |from: usize, to: usize| {
+        let mut seen = vec![false; routes.len()];
+        let mut stack = vec![from];
+        while let Some(r) = stack.pop() {
+            if r == to {
+                return true;
+            }
+            if !std::mem::replace(&mut seen[r], true) {
+                stack.extend(edges[r].iter().map(|&(_, t)| t));
+            }
+        }
+        false
+    };
+    for (ri, route) in routes.iter().enumerate() {
+        for &(bi, t) in &edges[ri] {
+            if !leads_to(t, ri) {
+                continue;
+            }
+            let (RouteKind::Proxy(p), Some(list)) = (&route.kind, &raw[ri].get_ref().backends)
+            else {
+                continue;
+            };
+            let span = match list.get_ref() {
+                Backends::One(_) => list.span(),
+                Backends::Many(items) => items[bi].span(),
+            };
+            let target = &routes[t];
+            let how = if t == ri {
+                "its own listen address".to_string()
+            } else {
+                format!(
+                    "the listen address of route {:?}, which leads back to it",
+                    target.name
+                )
+            };
             return Err(src.error(
                 &span,
                 format!(
-                    "backend {:?} of route {:?} is sluice's own listen address {} of {} \
-                     (at {}): every connection to it would come back to sluice and be sent \
-                     on again; expected the address of another server",
-                    b.name,
-                    route.name,
-                    l.addr,
-                    l.owner,
-                    src.position(&l.span)
+                    "backend {:?} of route {:?} is {how}: every connection would come back \
+                     to sluice and be sent on again; expected the address of another server",
+                    p.backends[bi].name, route.name
                 ),
             ));
         }
