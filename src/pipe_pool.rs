@@ -15,6 +15,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::sys;
 
@@ -24,8 +25,10 @@ use crate::sys;
 const MAX_IDLE_PIPES: usize = 256;
 /// Free buffers kept per worker and size.
 const MAX_IDLE_BUFS: usize = 256;
-/// Idle buffers kept of a size the loaded configuration no longer uses.
+/// Idle buffers kept of a size the loaded configuration no longer uses,
+/// and for how long after the last one came back.
 const MAX_IDLE_OLD: usize = 2;
+const OLD_IDLE: Duration = Duration::from_secs(10);
 
 /// One pipe: read end, write end, and the capacity the kernel granted.
 pub struct Pipe {
@@ -217,13 +220,18 @@ impl Drop for PipePool {
 pub struct BufPool {
     free: Vec<(usize, Vec<Box<[u8]>>)>,
     /// The sizes the current configuration uses: only those are kept
-    /// (`None` until `keep_sizes`: all).
+    /// for good (`None` until `keep_sizes`: all).
     sizes: Option<Vec<usize>>,
+    /// When the idle buffers of other sizes go (`OLD_IDLE` after the last
+    /// one came back): a copy that older connections still run finds one
+    /// meanwhile instead of allocating for every fill.
+    old_until: Option<Instant>,
 }
 
 impl BufPool {
     /// A (re)loaded configuration uses these buffer sizes: of any other
-    /// size keep only `MAX_IDLE_OLD` idle buffers, for the connections of
+    /// size keep only `MAX_IDLE_OLD` idle buffers, and only until
+    /// `OLD_IDLE` after the last one came back, for the connections of
     /// older configurations still copying (a reload that changed
     /// `buffer_size` would otherwise keep up to `MAX_IDLE_BUFS` of the old
     /// size for good).
@@ -234,7 +242,27 @@ impl BufPool {
             }
         }
         self.free.retain(|(_, list)| !list.is_empty());
+        let old = self.free.iter().any(|(s, _)| !sizes.contains(s));
+        self.old_until = old.then(|| Instant::now() + OLD_IDLE);
         self.sizes = Some(sizes);
+    }
+
+    /// When `sweep` has old buffers to free (None: nothing to do).
+    pub fn next_sweep(&self) -> Option<Instant> {
+        self.old_until
+    }
+
+    /// Free the idle buffers of sizes no longer configured once
+    /// `OLD_IDLE` passed without one coming back.
+    pub fn sweep(&mut self, now: Instant) {
+        if self.old_until.is_some_and(|t| now >= t) {
+            let sizes = self.sizes.take();
+            if let Some(k) = &sizes {
+                self.free.retain(|(s, _)| k.contains(s));
+            }
+            self.sizes = sizes;
+            self.old_until = None;
+        }
     }
 
     /// How many idle buffers of `size` are kept.
@@ -257,6 +285,9 @@ impl BufPool {
     pub fn put(&mut self, buf: Box<[u8]>) {
         let size = buf.len();
         let cap = self.cap(size);
+        if cap == MAX_IDLE_OLD {
+            self.old_until = Some(Instant::now() + OLD_IDLE);
+        }
         match self.free.iter_mut().find(|(s, _)| *s == size) {
             Some((_, list)) if list.len() < cap => list.push(buf),
             Some(_) => {}
@@ -289,6 +320,13 @@ mod tests {
             pool.put(vec![0u8; 8192].into_boxed_slice());
         }
         assert_eq!(idle(&pool), [(4096, 2), (8192, 4)]);
+        // The old size goes once nothing came back for OLD_IDLE.
+        let due = pool.next_sweep().expect("old buffers to free");
+        pool.sweep(due - Duration::from_millis(1));
+        assert_eq!(idle(&pool), [(4096, 2), (8192, 4)]);
+        pool.sweep(due);
+        assert_eq!(idle(&pool), [(8192, 4)]);
+        assert_eq!(pool.next_sweep(), None);
     }
 
     #[test]

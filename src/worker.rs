@@ -438,6 +438,7 @@ impl Worker {
             self.accept_backlog(now);
             self.fire_timers(now);
             self.files.sweep(now);
+            self.bufs.sweep(now);
             if let Some(deadline) = self.drain {
                 if self.slab.is_empty() {
                     log::debug!("worker {}: drained", self.id);
@@ -493,7 +494,8 @@ impl Worker {
         let p = self.listeners.iter().filter_map(|l| l.paused_until).min();
         let d = self.drain;
         let f = self.files.next_sweep();
-        [t, p, d, f].into_iter().flatten().min()
+        let b = self.bufs.next_sweep();
+        [t, p, d, f, b].into_iter().flatten().min()
     }
 
     fn accept_backlog(&mut self, now: Instant) {

@@ -498,8 +498,9 @@ fn bad_addresses() {
 /// takes, or another route's address that leads back) would make every
 /// connection loop through sluice; one that is no single host's address
 /// (any, broadcast, multicast) cannot be connected to. Both are refused at
-/// the backend. A proxy route in front of another route, and the same
-/// port on another host behind a wildcard listener, are fine.
+/// the backend. A proxy route in front of another route, the same port on
+/// another host behind a wildcard listener, and the other family's
+/// loopback behind a wildcard (IPv6 listeners are IPV6_V6ONLY) are fine.
 #[test]
 fn backends_that_loop_back_or_are_no_host() {
     let route = |name: &str, listen: &str, backends: &str| {
@@ -518,6 +519,12 @@ fn backends_that_loop_back_or_are_no_host() {
         ),
         "4:30",
         "backend \"127.0.0.1:7000\" of route \"a\" is its own listen address",
+    );
+    // An IPv4-mapped address is its IPv4 address.
+    rejects(
+        &route("a", "127.0.0.1:7000", "\"[::ffff:127.0.0.1]:7000\""),
+        "4:12",
+        "of route \"a\" is its own listen address",
     );
     rejects(
         &format!(
@@ -548,6 +555,10 @@ fn backends_that_loop_back_or_are_no_host() {
     let dir = Dir::new();
     for ok in [
         route("a", "0.0.0.0:7000", "\"10.0.0.1:7000\""),
+        // sluice's IPv6 listeners are IPV6_V6ONLY: a wildcard of one family
+        // does not take the other's loopback.
+        route("a", "[::]:7000", "\"127.0.0.1:7000\""),
+        route("a", "0.0.0.0:7000", "\"[::1]:7000\""),
         format!(
             "{}[[route]]\nname = \"f\"\nlisten = \"127.0.0.1:7001\"\nfile = \"banner.bin\"\n",
             route("a", "127.0.0.1:7000", "\"127.0.0.1:7001\"")

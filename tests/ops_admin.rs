@@ -460,6 +460,38 @@ fn clients_that_do_not_read_cannot_lock_out_healthz() {
         "{:?}",
         sl.logs()
     );
+    // A monitor that has just connected, and not yet sent its request, is
+    // not the one the next newcomer evicts: the non-readers have been stuck
+    // longer.
+    let mut monitor = TcpStream::connect(addr(aport)).unwrap();
+    monitor
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // (It takes the slot the first /healthz left; let sluice accept it.)
+    std::thread::sleep(Duration::from_millis(200));
+    let _newcomer = TcpStream::connect(addr(aport)).unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while sl.count_log("admin connections open") < 2 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    monitor
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = monitor.read_to_end(&mut buf);
+    assert!(
+        buf.starts_with(b"HTTP/1.1 200"),
+        "{:?}\n{:?}",
+        String::from_utf8_lossy(&buf),
+        sl.logs()
+    );
+    assert_eq!(
+        sl.count_log("(not reading its answer)"),
+        2,
+        "{:?}",
+        sl.logs()
+    );
+    drop(hogs);
 }
 
 #[test]

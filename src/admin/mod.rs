@@ -62,6 +62,8 @@ struct Conn {
     deadline: Instant,
     /// Order of acceptance: the lowest is the oldest.
     seq: u64,
+    /// When its current phase (sending its head, being answered) began.
+    since: Instant,
     /// The answer is written and our side shut: reading (and dropping)
     /// until the client's FIN, since closing with unread bytes would
     /// reset the connection and discard what the client has yet to read.
@@ -158,14 +160,14 @@ impl Admin {
                 // that, the oldest one being answered: a client that asks
                 // and does not read must not hold its place either, or 64
                 // of them would lock a monitor out of /healthz.
-                let oldest = |answered: bool| {
-                    self.conns
-                        .iter()
-                        .filter(|(_, c)| (c.out.is_some() && !c.lingering) == answered)
-                        .min_by_key(|(_, c)| c.seq)
-                        .map(|(k, _)| k)
-                };
-                let Some(k) = oldest(false).or_else(|| oldest(true)) else {
+                // Done and lingering first; else whoever has been stuck in
+                // its phase (head or answer) the longest.
+                let Some(k) = self
+                    .conns
+                    .iter()
+                    .min_by_key(|(_, c)| (!c.lingering, c.since, c.seq))
+                    .map(|(k, _)| k)
+                else {
                     continue; // cannot happen: the table is full
                 };
                 let old = self.conns.remove(k);
@@ -197,6 +199,7 @@ impl Admin {
                 sent: 0,
                 deadline: now + HEADER_TIMEOUT,
                 seq: self.accepted,
+                since: now,
                 lingering: false,
             });
         }
@@ -271,6 +274,7 @@ fn step(c: &mut Conn, view: &View, now: Instant) -> bool {
             resp.truncate(head_len(&resp));
         }
         c.out = Some(resp);
+        c.since = now;
         c.deadline = now + TOTAL_TIMEOUT;
     }
     let Some(out) = c.out.as_ref() else {

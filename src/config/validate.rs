@@ -261,8 +261,17 @@ fn route_listen(
 fn no_loops(src: &Source, raw: &[Spanned<RawRoute>], routes: &[Route]) -> Result<(), ConfigError> {
     // A listener on the wildcard address takes the port on loopback too;
     // the same port on another host's address is a real server.
+    // sluice's IPv6 listeners are IPV6_V6ONLY: a wildcard takes loopback of
+    // its own family only; an IPv4-mapped backend is its IPv4 address.
     let reaches = |l: SocketAddr, b: SocketAddr| {
+        let b = match b.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(b, |v4| SocketAddr::new(v4.into(), b.port())),
+            _ => b,
+        };
         l.port() == b.port()
+            && l.is_ipv4() == b.is_ipv4()
             && (l.ip() == b.ip() || (l.ip().is_unspecified() && b.ip().is_loopback()))
     };
     // For each route, its backends that are some route's listener.
