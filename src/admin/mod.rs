@@ -4,9 +4,9 @@
 //! An admin client gets little: one request per connection, at most
 //! `MAX_REQUEST` bytes of head, `HEADER_TIMEOUT` to send it and
 //! `TOTAL_TIMEOUT` for the whole exchange, and at most `MAX_CONNS` such
-//! connections at once. When all are taken, a new client evicts the
-//! oldest one that has not sent a whole request head yet (or is done),
-//! else the oldest one being answered, so idle, slow or non-reading
+//! connections at once. When all are taken, a new client evicts one that
+//! is done and lingering, else the one stuck longest in its phase
+//! (sending its head, or being answered), so idle, slow or non-reading
 //! clients cannot lock a monitor out of `/healthz`. Every socket is non-blocking, so a slow or
 //! malicious client costs one slab entry and a small buffer until its
 //! timer fires; it can never stall the main thread or the workers.
@@ -32,8 +32,8 @@ use crate::worker::{Generation, Shared};
 
 /// Largest request head accepted (bytes).
 const MAX_REQUEST: usize = 8 * 1024;
-/// Admin connections open at once; beyond that a new one evicts the
-/// oldest that is still sending its head, else the oldest being answered.
+/// Admin connections open at once; beyond that a new one evicts the one
+/// stuck longest in its phase (see the module doc).
 const MAX_CONNS: usize = 64;
 /// Time a client has to send its whole request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -155,13 +155,11 @@ impl Admin {
                 }
             };
             if self.conns.len() >= MAX_CONNS {
-                // Evict the oldest client still sending its head (it had
-                // the longest to do it) or done and lingering; failing
-                // that, the oldest one being answered: a client that asks
-                // and does not read must not hold its place either, or 64
-                // of them would lock a monitor out of /healthz.
-                // Done and lingering first; else whoever has been stuck in
-                // its phase (head or answer) the longest.
+                // Evict a client that is done and lingering; else whoever
+                // has been stuck longest in its phase (sending its head,
+                // or being answered: a client that asks and does not read
+                // must not hold its place either, or 64 of them would lock
+                // a monitor out of /healthz).
                 let Some(k) = self
                     .conns
                     .iter()
