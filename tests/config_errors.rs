@@ -74,6 +74,22 @@ fn rejects(text: &str, location: &str, phrase: &str) {
     assert!(out.stdout.is_empty(), "nothing on stdout");
 }
 
+/// Write `text` as a config, run `sluice check`, assert it passes, and
+/// return what it printed.
+#[track_caller]
+fn accepts(text: &str) -> String {
+    let dir = Dir::new();
+    let path = dir.0.join("sluice.toml");
+    fs::write(&path, text).unwrap();
+    let out = check(&path);
+    assert!(
+        out.status.success(),
+        "stderr: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 const PROXY: &str =
     "[[route]]\nname = \"p\"\nlisten = \"127.0.0.1:7000\"\nbackends = \"127.0.0.1:9000\"\n";
 const FILE: &str = "[[route]]\nname = \"f\"\nlisten = \"127.0.0.1:8080\"\nfile = \"banner.bin\"\n";
@@ -552,7 +568,6 @@ fn backends_that_loop_back_or_are_no_host() {
         );
         rejects(&text, "4:12", what);
     }
-    let dir = Dir::new();
     for ok in [
         route("a", "0.0.0.0:7000", "\"10.0.0.1:7000\""),
         // sluice's IPv6 listeners are IPV6_V6ONLY: a wildcard of one family
@@ -564,14 +579,7 @@ fn backends_that_loop_back_or_are_no_host() {
             route("a", "127.0.0.1:7000", "\"127.0.0.1:7001\"")
         ),
     ] {
-        let path = dir.0.join("ok.toml");
-        fs::write(&path, &ok).unwrap();
-        let out = check(&path);
-        assert!(
-            out.status.success(),
-            "{ok}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        accepts(&ok);
     }
 }
 
@@ -657,24 +665,15 @@ fn values_past_their_bounds() {
 /// Every bound itself is accepted.
 #[test]
 fn values_at_their_bounds_pass() {
-    let dir = Dir::new();
-    let path = dir.0.join("sluice.toml");
     let text = format!(
         "[global]\nshutdown_timeout = \"7d\"\n\n{PROXY}connect_timeout = \"7d\"\nidle_timeout = \"604800s\"\n\
          header_timeout = \"7d\"\nbuffer_size = \"64MiB\"\npipe_size = \"1GiB\"\n\
          [route.health]\ninterval = \"7d\"\ntimeout = \"7d\"\n\n\
          {FILE}send_chunk = \"4KiB\"\nidle_timeout = \"7d\"\n\n{ROOT}send_chunk = \"1GiB\"\n"
     );
-    fs::write(&path, &text).unwrap();
-    let out = check(&path);
+    let stdout = accepts(&text);
     assert!(
-        out.status.success(),
-        "stderr: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("ok: 3 routes (1 proxy, 2 file)"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+        stdout.contains("ok: 3 routes (1 proxy, 2 file)"),
+        "{stdout}"
     );
 }

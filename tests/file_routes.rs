@@ -1416,27 +1416,15 @@ fn an_open_racing_with_renames_is_tried_again() {
 /// A link that is missing for a moment keeps the last release serving.
 #[test]
 fn a_root_symlink_swapped_by_a_deploy_is_followed() {
-    let dir = temp_dir("fr-swap");
-    for (r, body) in [
-        ("r1", "release one"),
-        ("r2", "release two"),
-        ("r3", "release 3"),
-    ] {
-        std::fs::create_dir(dir.join(r)).unwrap();
-        std::fs::write(dir.join(r).join("a.txt"), body).unwrap();
-    }
-    let swap = |to: &str| {
-        std::os::unix::fs::symlink(to, dir.join("current.new")).unwrap();
-        std::fs::rename(dir.join("current.new"), dir.join("current")).unwrap();
-    };
-    swap("r1");
-    let p = free_port();
-    // One worker: each looks at the link on its own.
-    let toml = format!(
-        "[global]\nlog_level = \"info\"\nworkers = 1\n{}",
-        route("w", p, "root = \"current\"")
+    let (dir, p, sl) = releases(
+        "fr-swap",
+        &[
+            ("r1", "release one"),
+            ("r2", "release two"),
+            ("r3", "release 3"),
+        ],
     );
-    let sl = Sluice::start_in(dir.clone(), &toml, &[]);
+    let swap = |to: &str| swap_link(&dir, to);
     let body = || {
         let (h, b) = get(addr(p), "/a.txt");
         (h.status, String::from_utf8_lossy(&b).into_owned())
@@ -1485,28 +1473,41 @@ fn a_root_symlink_swapped_by_a_deploy_is_followed() {
 /// at load time.
 #[test]
 fn the_first_request_after_a_swap_sees_the_new_release() {
-    let dir = temp_dir("fr-swap-first");
-    for (r, body) in [("r1", "release one"), ("r2", "release two")] {
-        std::fs::create_dir(dir.join(r)).unwrap();
-        std::fs::write(dir.join(r).join("a.txt"), body).unwrap();
-    }
-    let swap = |to: &str| {
-        std::os::unix::fs::symlink(to, dir.join("current.new")).unwrap();
-        std::fs::rename(dir.join("current.new"), dir.join("current")).unwrap();
-    };
-    swap("r1");
-    let p = free_port();
-    let toml = format!(
-        "[global]\nlog_level = \"info\"\nworkers = 1\n{}",
-        route("w", p, "root = \"current\"")
+    let (dir, p, _sl) = releases(
+        "fr-swap-first",
+        &[("r1", "release one"), ("r2", "release two")],
     );
-    let _sl = Sluice::start_in(dir.clone(), &toml, &[]);
-    swap("r2");
+    swap_link(&dir, "r2");
     std::fs::remove_dir_all(dir.join("r1")).unwrap();
-    thread::sleep(Duration::from_millis(1500));
     let (h, b) = get(addr(p), "/a.txt");
     assert_eq!(
         (h.status, String::from_utf8_lossy(&b).into_owned()),
         (200, "release two".to_string())
     );
+}
+
+/// Release folders (`a.txt` holding each body) and a `current` link to the
+/// first, served by one worker (each worker looks at the link on its own)
+/// with root = "current": the folder, the route's port, sluice.
+fn releases(name: &str, bodies: &[(&str, &str)]) -> (std::path::PathBuf, u16, Sluice) {
+    let dir = temp_dir(name);
+    for (r, body) in bodies {
+        std::fs::create_dir(dir.join(r)).unwrap();
+        std::fs::write(dir.join(r).join("a.txt"), body).unwrap();
+    }
+    swap_link(&dir, bodies[0].0);
+    let p = free_port();
+    let toml = format!(
+        "[global]\nlog_level = \"info\"\nworkers = 1\n{}",
+        route("w", p, "root = \"current\"")
+    );
+    let sl = Sluice::start_in(dir.clone(), &toml, &[]);
+    (dir, p, sl)
+}
+
+/// Point `current` in `dir` at `to` atomically, as `ln -sfn` does (a new
+/// link renamed over the old one).
+fn swap_link(dir: &Path, to: &str) {
+    std::os::unix::fs::symlink(to, dir.join("current.new")).unwrap();
+    std::fs::rename(dir.join("current.new"), dir.join("current")).unwrap();
 }

@@ -43,6 +43,34 @@ fn start(
     (Sluice::start_wrapped_in(dir, &toml, wrapper), www)
 }
 
+/// Bytes of the file the fault tests serve (`f.bin`, seed 7).
+const FAULT_FILE: u64 = 4 << 20;
+
+/// A raw route on `port` that sends `www/f.bin` with `strategy`, 64 KiB a
+/// turn.
+fn raw_file_route(port: u16, strategy: &str) -> String {
+    route(
+        "raw",
+        port,
+        &format!(
+            "file = \"www/f.bin\"\nprotocol = \"raw\"\n{}",
+            chunked(strategy)
+        ),
+    )
+}
+
+fn chunked(strategy: &str) -> String {
+    format!("strategy = \"{strategy}\"\nsend_chunk = \"64KiB\"")
+}
+
+/// `start` with `f.bin` under strace, which makes the `when`-th `call`
+/// fail with `errno`.
+fn start_faulted(name: &str, routes: &str, call: &str, errno: &str, when: &str) -> Sluice {
+    let wrapper = strace_fault_when(call, errno, when);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    start(name, routes, &wrapper, &[("f.bin", 7, FAULT_FILE)]).0
+}
+
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
@@ -386,31 +414,23 @@ fn splice_from_a_blocked_file_falls_back_to_sendfile() {
 /// the client got a clean FIN and the line blamed it (client_error).
 #[test]
 fn a_file_read_error_resets_the_client() {
-    let total = 4u64 << 20;
+    let total = FAULT_FILE;
     for (strategy, call, when) in [
         ("sendfile", "sendfile", "3"),
         ("copy", "pread64", "3"),
         ("splice", "splice", "1"),
     ] {
         let (raw, http, aport) = (free_port(), free_port(), free_port());
-        let body = format!("strategy = \"{strategy}\"\nsend_chunk = \"64KiB\"");
         let routes = format!(
             "\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n{}{}",
+            raw_file_route(raw, strategy),
             route(
-                "raw",
-                raw,
-                &format!("file = \"www/f.bin\"\nprotocol = \"raw\"\n{body}")
+                "web",
+                http,
+                &format!("root = \"www\"\n{}", chunked(strategy))
             ),
-            route("web", http, &format!("root = \"www\"\n{body}")),
         );
-        let wrapper = strace_fault_when(call, "EIO", when);
-        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-        let (sl, _www) = start(
-            &format!("sess-eio-{strategy}"),
-            &routes,
-            &wrapper,
-            &[("f.bin", 7, total)],
-        );
+        let sl = start_faulted(&format!("sess-eio-{strategy}"), &routes, call, "EIO", when);
         let mut c = small_buffer_client(addr(raw), 64 << 10);
         let (got, how) = read_to_end_how(&mut c);
         let a = sl.wait_access(1, Duration::from_secs(10));
@@ -519,31 +539,22 @@ fn a_blocked_pipelined_response_waits_for_idle_timeout() {
 /// error.
 #[test]
 fn a_socket_soft_error_is_not_a_file_error() {
-    let total = 4u64 << 20;
     for errno in ["ECONNREFUSED", "EPROTO"] {
         let raw = free_port();
-        let body = "strategy = \"sendfile\"\nsend_chunk = \"64KiB\"";
-        let routes = route(
-            "raw",
-            raw,
-            &format!("file = \"www/f.bin\"\nprotocol = \"raw\"\n{body}"),
-        );
-        let wrapper = strace_fault_when("sendfile", errno, "3");
-        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-        let (sl, _www) = start(
-            &format!("review-soft-{errno}"),
-            &routes,
-            &wrapper,
-            &[("f.bin", 7, total)],
+        let sl = start_faulted(
+            &format!("sess-soft-{errno}"),
+            &raw_file_route(raw, "sendfile"),
+            "sendfile",
+            errno,
+            "3",
         );
         let mut c = small_buffer_client(addr(raw), 64 << 10);
         let _ = read_to_end_how(&mut c);
         let a = sl.wait_access(1, Duration::from_secs(10));
-        assert_ne!(
-            a[0]["end"].as_str(),
-            "file_error",
-            "{errno}: {:?} {:?}",
-            a[0],
+        assert_eq!(a[0]["end"], "client_error", "{errno}: {:?}", a[0]);
+        assert!(
+            !sl.logs().iter().any(|l| l.contains("reading the file for")),
+            "{errno}: {:?}",
             sl.logs()
         );
     }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::admin::{get, scrape};
+use common::admin::{get, scrape, scrape_until};
 use common::*;
 
 fn addr(port: u16) -> SocketAddr {
@@ -137,32 +137,27 @@ fn shutdown_timeout_closes_what_is_left() {
 /// not sent a FIN that would make the cut upload look whole.
 #[test]
 fn shutdown_timeout_resets_the_backend_of_a_cut_upload() {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    let b = Backend::spawn(move |mut s| {
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let (got, how) = read_until_end(&mut s);
-        tx.lock().unwrap().send((got.len(), how)).unwrap();
-        String::new()
-    });
+    let b = Backend::reader();
     let (port, aport) = (free_port(), free_port());
     let mut sl = Sluice::start("drain-cut-upload", &config(port, aport, b.addr, "300ms"));
     let mut c = connect(addr(port));
     c.write_all(&[7u8; 1000]).unwrap();
     // Sluice has relayed the bytes before the stop.
-    let t = Instant::now();
-    while scrape(addr(aport)).get("sluice_route_bytes_in_total", &[("route", "r")]) < 1000.0 {
-        assert!(t.elapsed() < Duration::from_secs(5), "bytes never relayed");
-        thread::sleep(Duration::from_millis(10));
-    }
+    scrape_until(addr(aport), "1000 bytes relayed", |m| {
+        m.get("sluice_route_bytes_in_total", &[("route", "r")]) == 1000.0
+    });
     sl.signal("TERM");
-    let (n, how) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let backend = b.wait_results(1, Duration::from_secs(10));
     let (_, client_how) = read_until_end(&mut c);
     sl.wait_exit(Duration::from_secs(10)).expect("exits");
     let a = sl.access();
     assert_eq!(
-        (n, how.as_str(), client_how.as_str(), a[0]["end"].as_str()),
-        (1000, "ConnectionReset", "ConnectionReset", "shutdown")
+        (
+            backend[0].as_str(),
+            client_how.as_str(),
+            a[0]["end"].as_str()
+        ),
+        ("1000 ConnectionReset", "ConnectionReset", "shutdown")
     );
 }
 

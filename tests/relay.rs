@@ -308,14 +308,7 @@ fn idle_timeout_closes_a_silent_connection() {
 /// the cut upload look whole.
 #[test]
 fn idle_timeout_resets_a_backend_whose_upload_was_cut() {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    let b = Backend::spawn(move |mut s| {
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let (got, how) = read_until_end(&mut s);
-        tx.lock().unwrap().send((got.len(), how)).unwrap();
-        String::new()
-    });
+    let b = Backend::reader();
     let port = free_port();
     let sl = Sluice::start(
         "idle-cut-upload",
@@ -323,12 +316,16 @@ fn idle_timeout_resets_a_backend_whose_upload_was_cut() {
     );
     let mut c = connect(addr(port));
     c.write_all(&[7u8; 1000]).unwrap();
-    let (n, how) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let backend = b.wait_results(1, Duration::from_secs(10));
     let (_, client_how) = read_until_end(&mut c);
     let a = sl.wait_access(1, Duration::from_secs(5));
     assert_eq!(
-        (n, how.as_str(), client_how.as_str(), a[0]["end"].as_str()),
-        (1000, "ConnectionReset", "ConnectionReset", "idle_timeout")
+        (
+            backend[0].as_str(),
+            client_how.as_str(),
+            a[0]["end"].as_str()
+        ),
+        ("1000 ConnectionReset", "ConnectionReset", "idle_timeout")
     );
 }
 
@@ -340,16 +337,14 @@ fn idle_timeout_resets_a_backend_whose_upload_was_cut() {
 #[test]
 fn a_client_reset_while_its_bytes_wait_for_the_backend_ends_at_once() {
     for strategy in ["splice", "copy"] {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let tx = std::sync::Mutex::new(tx);
+        // It reads nothing until told to.
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let go_rx = std::sync::Mutex::new(go_rx);
         let b = Backend::spawn_on(small_mss_listener(), move |mut s| {
             go_rx.lock().unwrap().recv().unwrap();
             s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
             let (got, how) = read_until_end(&mut s);
-            tx.lock().unwrap().send((got.len(), how)).unwrap();
-            String::new()
+            format!("{} {how}", got.len())
         });
         let port = free_port();
         let sl = Sluice::start(
@@ -381,7 +376,9 @@ fn a_client_reset_while_its_bytes_wait_for_the_backend_ends_at_once() {
         let a = sl.wait_access(1, Duration::from_secs(10));
         assert_eq!(a[0]["end"], "client_reset", "{strategy}: {:?}", a[0]);
         go_tx.send(()).unwrap();
-        let (n, how) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        let got = b.wait_results(1, Duration::from_secs(20));
+        let (n, how) = got[0].split_once(' ').unwrap();
+        let n: usize = n.parse().unwrap();
         assert_eq!(how, "ConnectionReset", "{strategy}: {n} of {sent} bytes");
         assert!(n > 0 && n < sent, "{strategy}: {n} of {sent} bytes");
     }
@@ -1156,6 +1153,21 @@ fn a_reset_on_an_unwatched_backend_reaches_the_client() {
     }
 }
 
+/// A backend that refuses an upload: after its first KiB it answers
+/// "413 too large", half-closes, lets the upload fill every buffer on the
+/// way, then closes with it unread (its kernel resets the connection).
+fn refusing_backend() -> Backend {
+    Backend::spawn(|mut s| {
+        let mut first = [0u8; 1024];
+        s.read_exact(&mut first).unwrap();
+        s.write_all(b"413 too large\n").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        thread::sleep(Duration::from_millis(300));
+        drop(s);
+        String::new()
+    })
+}
+
 /// The backend refuses an upload: it answers and closes with the upload
 /// unread, so sluice's next write to it meets a reset. The answer is
 /// already delivered, so sluice waits for the client's FIN and drops what
@@ -1168,17 +1180,7 @@ fn a_reset_on_an_unwatched_backend_reaches_the_client() {
 #[test]
 fn an_upload_the_backend_refused_is_drained_to_the_end() {
     for strategy in ["splice", "copy"] {
-        let b = Backend::spawn(|mut s| {
-            let mut first = [0u8; 1024];
-            s.read_exact(&mut first).unwrap();
-            s.write_all(b"413 too large\n").unwrap();
-            s.shutdown(Shutdown::Write).unwrap();
-            // let the upload fill every buffer on the way, then close with
-            // it unread: the kernel resets the connection
-            thread::sleep(Duration::from_millis(300));
-            drop(s);
-            String::new()
-        });
+        let b = refusing_backend();
         let port = free_port();
         let sl = Sluice::start(
             &format!("refused-upload-{strategy}"),
@@ -1214,15 +1216,7 @@ fn an_upload_the_backend_refused_is_drained_to_the_end() {
 #[test]
 fn a_client_reset_while_its_upload_is_dropped_ends_as_client_reset() {
     for strategy in ["splice", "copy"] {
-        let b = Backend::spawn(|mut s| {
-            let mut first = [0u8; 1024];
-            s.read_exact(&mut first).unwrap();
-            s.write_all(b"413 too large\n").unwrap();
-            s.shutdown(Shutdown::Write).unwrap();
-            thread::sleep(Duration::from_millis(300));
-            drop(s);
-            String::new()
-        });
+        let b = refusing_backend();
         let port = free_port();
         let sl = Sluice::start(
             &format!("reset-dropped-upload-{strategy}"),

@@ -121,11 +121,15 @@ fn file_errno(e: &io::Error, file: &File, pos: u64) -> Option<i32> {
         | libc::ENETDOWN
         | libc::EHOSTDOWN => None,
         libc::EIO | libc::ESTALE | libc::EOVERFLOW | libc::ENXIO | libc::EBADMSG => Some(errno),
-        _ => match file.read_at(&mut [0u8; 1], pos) {
-            Err(f) => Some(f.raw_os_error().unwrap_or(libc::EIO)),
-            Ok(_) => None,
-        },
+        _ => unreadable_at(file, pos),
     }
+}
+
+/// The errno of reading one byte of `file` at `pos`, if that fails.
+fn unreadable_at(file: &File, pos: u64) -> Option<i32> {
+    file.read_at(&mut [0u8; 1], pos)
+        .err()
+        .map(|e| e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 enum Mode {
@@ -303,13 +307,9 @@ impl Body {
                         // file was truncated (no lease), or reading it
                         // failed (EIO, which a page fault reports so).
                         Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
-                            let mut probe = [0u8; 1];
-                            match self.file.read_at(&mut probe, self.pos) {
-                                Err(f) => {
-                                    let errno = f.raw_os_error().unwrap_or(libc::EIO);
-                                    return Ok((moved, Sent::FileError(errno)));
-                                }
-                                Ok(_) => Ok(None),
+                            match unreadable_at(&self.file, self.pos) {
+                                Some(errno) => return Ok((moved, Sent::FileError(errno))),
+                                None => Ok(None),
                             }
                         }
                         Err(e) => Err(e),

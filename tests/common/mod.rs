@@ -505,6 +505,17 @@ impl Backend {
         })
     }
 
+    /// A backend that reads each connection to its end; the result is
+    /// "BYTES HOW" (`read_until_end`: "eof" for a FIN, else the error's
+    /// kind, "ConnectionReset" for a reset).
+    pub fn reader() -> Backend {
+        Backend::spawn(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let (got, how) = read_until_end(&mut s);
+            format!("{} {how}", got.len())
+        })
+    }
+
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
