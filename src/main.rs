@@ -18,6 +18,7 @@ mod file_conn;
 mod handshake;
 mod health;
 mod http;
+mod idle_poll;
 mod keepalive;
 mod pipe_pool;
 mod proxy_proto;

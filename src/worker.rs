@@ -15,12 +15,12 @@
 //! Commands from the main thread (new generation, drain, stop) arrive on
 //! a channel with a mio `Waker`.
 //!
-//! With `busy_poll` set, a poll that found events starts a window during
-//! which the worker polls with a zero timeout instead of sleeping: events
-//! that come in quick succession then find it awake, and whoever sends
-//! them is spared waking it (an inter-processor interrupt, dear in a
-//! virtual machine). The window ends `busy_poll` after the last event,
-//! so an idle worker sleeps as before.
+//! A worker that runs out of work may poll with a zero timeout for a
+//! while before it sleeps, so events that come in quick succession find
+//! it awake and whoever sends them is spared waking it (an
+//! inter-processor interrupt, dear in a virtual machine). How long adapts
+//! to the gaps it sees, up to `busy_poll` (`idle_poll`), so an idle
+//! worker sleeps at once.
 //!
 //! A session that stopped only because its turn's budget ran out (a file
 //! session that sent `send_chunk`) says `wants_turn`; the worker keeps it
@@ -52,6 +52,7 @@ use crate::config::RouteKind;
 use crate::conn::{Ctx, End, ProxyConn, Side, token};
 use crate::file_conn::{FileConn, OpenFiles};
 use crate::handshake::{Accepted, Handshake, Step};
+use crate::idle_poll::IdlePoll;
 use crate::pipe_pool::{BufPool, PipeBudget, PipePool};
 use crate::pump::Pools;
 use crate::route::RouteRt;
@@ -238,6 +239,8 @@ pub struct Worker {
     /// while clients wait: the other workers must hear of it too.
     freed_here: bool,
     lease_signal: Option<Signals>,
+    /// How long to poll before sleeping (`busy_poll`, adaptive).
+    idle_poll: IdlePoll,
 }
 
 impl Worker {
@@ -271,6 +274,7 @@ impl Worker {
             slot_freed: false,
             freed_here: false,
             lease_signal: None,
+            idle_poll: IdlePoll::new(generation.busy_poll),
         };
         w.watch_lease_signal();
         w.load(generation)?;
@@ -286,6 +290,7 @@ impl Worker {
             generation.open_file_cache_inactive,
         );
         self.bufs.keep_sizes(generation.buffer_sizes());
+        self.idle_poll.set_max(generation.busy_poll);
         let socks = {
             let mut h = generation
                 .handoff
@@ -382,15 +387,16 @@ impl Worker {
             crate::pump::file::lease_watched();
         }
         let mut events = Events::with_capacity(1024);
-        // Until when an empty poll does not sleep (`busy_poll`).
-        let mut spin_until = Instant::now();
         loop {
             let now = Instant::now();
             let idle = self.backlog.is_empty()
                 && self.ready.is_empty()
                 && !self.freed_here
                 && !self.slot_freed;
-            let timeout = if idle && now >= spin_until {
+            if !idle {
+                self.idle_poll.busy();
+            }
+            let timeout = if idle && !self.idle_poll.keep_polling(now) {
                 self.next_wakeup().map(|t| t.saturating_duration_since(now))
             } else {
                 Some(Duration::ZERO)
@@ -406,8 +412,7 @@ impl Worker {
             }
             let now = Instant::now();
             if !events.is_empty() {
-                // Zero when busy_poll is off: then it never delays a sleep.
-                spin_until = now + self.generation.busy_poll;
+                self.idle_poll.woken(now);
             }
             for ev in events.iter() {
                 match ev.token() {

@@ -35,21 +35,21 @@ fn worker_ticks(sl: &Sluice) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
-/// One connection through the proxy: `EXCHANGES` small echoes, `GAP`
-/// apart; returns how often worker 0 slept meanwhile.
-fn spaced_exchanges(sl: &Sluice, port: u16) -> u64 {
+/// One connection through the proxy: `n` small echoes, `gap` apart;
+/// returns how often worker 0 slept meanwhile.
+fn spaced_exchanges(sl: &Sluice, port: u16, n: usize, gap: Duration) -> u64 {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.set_nodelay(true).unwrap();
     assert_eq!(read_line(&mut s), "b");
     let before = worker_sleeps(sl.pid(), 0);
-    for i in 0..EXCHANGES {
+    for i in 0..n {
         let msg = format!("exchange {i:04}\n");
         s.write_all(msg.as_bytes()).unwrap();
         let mut back = vec![0u8; msg.len()];
         s.read_exact(&mut back).unwrap();
         assert_eq!(back, msg.as_bytes(), "echo {i}");
-        thread::sleep(GAP);
+        thread::sleep(gap);
     }
     worker_sleeps(sl.pid(), 0) - before
 }
@@ -61,7 +61,7 @@ fn busy_poll_keeps_the_worker_awake_through_short_gaps_then_sleeps() {
     let mut sl = Sluice::start("busy-poll", &config(port, b.addr, "0"));
 
     // Off: every gap, and every wait for the backend's echo, is a sleep.
-    let off = spaced_exchanges(&sl, port);
+    let off = spaced_exchanges(&sl, port, EXCHANGES, GAP);
     assert!(
         off >= EXCHANGES as u64,
         "with busy_poll off the worker slept only {off} times in {EXCHANGES} spaced exchanges"
@@ -73,15 +73,14 @@ fn busy_poll_keeps_the_worker_awake_through_short_gaps_then_sleeps() {
 
     // On, with a window five times the gap: the worker stays awake. A
     // few sleeps are allowed for a gap stretched by the scheduler.
-    let on = spaced_exchanges(&sl, port);
+    let on = spaced_exchanges(&sl, port, EXCHANGES, GAP);
     assert!(
         on <= EXCHANGES as u64 / 4,
         "with busy_poll = 10ms the worker slept {on} times in {EXCHANGES} exchanges {GAP:?} apart \
          (off: {off})"
     );
 
-    // Idle again: the window ends 10 ms after the last event, so from
-    // 200 ms on the worker must be asleep, not spinning: over the next
+    // Idle again: the window is at most 10 ms, so from 200 ms on the worker must be asleep, not spinning: over the next
     // half second it may use a tick or two, where a spinning one uses
     // most of 50 (clock ticks, 10 ms at the usual 100 Hz).
     thread::sleep(Duration::from_millis(200));
@@ -94,4 +93,27 @@ fn busy_poll_keeps_the_worker_awake_through_short_gaps_then_sleeps() {
     );
     let woke = worker_sleeps(sl.pid(), 0) - sleeps;
     assert!(woke <= 1, "an idle worker woke up {woke} times");
+}
+
+#[test]
+fn busy_poll_stops_polling_when_the_gaps_outlast_it() {
+    // Gaps longer than busy_poll: no window would save a sleep, so the
+    // window shrinks to nothing instead of spinning 10 ms after each
+    // event (which would burn 300 ms of CPU, 30 ticks at 100 Hz, here).
+    const N: usize = 30;
+    let b = Backend::named("b");
+    let port = free_port();
+    let sl = Sluice::start("busy-poll-long", &config(port, b.addr, "10ms"));
+    let ticks = worker_ticks(&sl);
+    let slept = spaced_exchanges(&sl, port, N, Duration::from_millis(25));
+    let used = worker_ticks(&sl) - ticks;
+    assert!(
+        slept >= N as u64,
+        "with gaps of 25 ms, longer than busy_poll = 10ms, the worker slept only {slept} times \
+         in {N} exchanges"
+    );
+    assert!(
+        used <= 15,
+        "{N} exchanges 25 ms apart with busy_poll = 10ms used {used} ticks of worker CPU"
+    );
 }
