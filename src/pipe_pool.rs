@@ -10,6 +10,12 @@
 //! The cap (`global.max_pipes`) is process-wide, shared by all workers
 //! through one atomic counter touched once per burst, not per byte. Each
 //! worker keeps its own free list, so the hot path takes no lock.
+//!
+//! Idle pipes and buffers are kept for the next burst, not for good: what
+//! a free list held idle through a whole `DECAY` period (its low-water
+//! mark) was not needed, and goes at the period's end. A spike of
+//! connections therefore leaves its pipes and buffers behind for at most
+//! two periods, while a steady load keeps what it uses.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -25,10 +31,53 @@ use crate::sys;
 const MAX_IDLE_PIPES: usize = 256;
 /// Free buffers kept per worker and size.
 const MAX_IDLE_BUFS: usize = 256;
-/// Idle buffers kept of a size the loaded configuration no longer uses,
-/// and for how long after the last one came back.
+/// Idle buffers kept of a size the loaded configuration no longer uses.
 const MAX_IDLE_OLD: usize = 2;
-const OLD_IDLE: Duration = Duration::from_secs(10);
+/// The period over which a free list's low-water mark is taken.
+const DECAY: Duration = Duration::from_secs(10);
+
+/// The low-water mark of one free list over the current `DECAY` period.
+#[derive(Debug, Default)]
+struct Decay {
+    /// The fewest items the list held idle since the period began.
+    low: usize,
+    /// When the period ends; `None` while the list is empty.
+    due: Option<Instant>,
+}
+
+impl Decay {
+    /// The list holds `idle` items after one was taken or closed.
+    fn seen(&mut self, idle: usize) {
+        self.low = self.low.min(idle);
+        if idle == 0 {
+            self.due = None;
+        }
+    }
+
+    /// The list holds `idle` items after one was added at `now`: a
+    /// period starts if none runs.
+    fn added(&mut self, idle: usize, now: Instant) {
+        if self.due.is_none() {
+            self.due = Some(now + DECAY);
+            self.low = idle;
+        }
+    }
+
+    /// How many of the list's `idle` items to free at `now`: its
+    /// low-water mark when the period ended (and the next one starts),
+    /// else none.
+    fn expired(&mut self, idle: usize, now: Instant) -> usize {
+        match self.due {
+            Some(t) if now >= t => {
+                let n = self.low.min(idle);
+                self.low = idle - n;
+                self.due = (idle > n).then(|| now + DECAY);
+                n
+            }
+            _ => 0,
+        }
+    }
+}
 
 /// One pipe: read end, write end, and the capacity the kernel granted.
 pub struct Pipe {
@@ -109,6 +158,7 @@ pub struct PipePool {
     /// Free pipes, grouped by requested size.
     free: Vec<(usize, Vec<Pipe>)>,
     idle: usize,
+    decay: Decay,
 }
 
 impl PipePool {
@@ -117,6 +167,7 @@ impl PipePool {
             budget,
             free: Vec::new(),
             idle: 0,
+            decay: Decay::default(),
         }
     }
 
@@ -127,6 +178,7 @@ impl PipePool {
             && let Some(p) = list.pop()
         {
             self.idle -= 1;
+            self.decay.seen(self.idle);
             return Some(p);
         }
         if !self.budget.take() {
@@ -147,6 +199,7 @@ impl PipePool {
         let (_, list) = self.free.iter_mut().find(|(_, l)| !l.is_empty())?;
         let mut p = list.pop()?;
         self.idle -= 1;
+        self.decay.seen(self.idle);
         p.cap = sys::set_pipe_size(p.wr(), want).unwrap_or(p.cap);
         p.want = want;
         Some(p)
@@ -187,8 +240,21 @@ impl PipePool {
             self.free.swap_remove(i);
         }
         self.idle -= 1;
+        self.decay.seen(self.idle);
         self.budget.give();
         true
+    }
+
+    /// When `sweep` may have idle pipes to close (None: none idle).
+    pub fn next_sweep(&self) -> Option<Instant> {
+        self.decay.due
+    }
+
+    /// Close the idle pipes that were not needed through a whole period.
+    pub fn sweep(&mut self, now: Instant) {
+        for _ in 0..self.decay.expired(self.idle, now) {
+            self.close_idle();
+        }
     }
 
     /// Give a pipe back. `empty` must be true only when every byte written
@@ -200,6 +266,7 @@ impl PipePool {
             return;
         }
         self.idle += 1;
+        self.decay.added(self.idle, Instant::now());
         match self.free.iter_mut().find(|(w, _)| *w == pipe.want) {
             Some((_, list)) => list.push(pipe),
             None => self.free.push((pipe.want, vec![pipe])),
@@ -218,51 +285,47 @@ impl Drop for PipePool {
 /// One worker's pool of copy buffers, grouped by size.
 #[derive(Default)]
 pub struct BufPool {
-    free: Vec<(usize, Vec<Box<[u8]>>)>,
-    /// The sizes the current configuration uses: only those are kept
-    /// for good (`None` until `keep_sizes`: all).
+    free: Vec<BufList>,
+    /// The sizes the current configuration uses: of other sizes only
+    /// `MAX_IDLE_OLD` are kept (`None` until `keep_sizes`: all sizes).
     sizes: Option<Vec<usize>>,
-    /// When the idle buffers of other sizes go (`OLD_IDLE` after the last
-    /// one came back): a copy that older connections still run finds one
-    /// meanwhile instead of allocating for every fill.
-    old_until: Option<Instant>,
+}
+
+/// The idle buffers of one size.
+struct BufList {
+    size: usize,
+    bufs: Vec<Box<[u8]>>,
+    decay: Decay,
 }
 
 impl BufPool {
     /// A (re)loaded configuration uses these buffer sizes: of any other
-    /// size keep only `MAX_IDLE_OLD` idle buffers, and only until
-    /// `OLD_IDLE` after the last one came back, for the connections of
-    /// older configurations still copying (a reload that changed
-    /// `buffer_size` would otherwise keep up to `MAX_IDLE_BUFS` of the old
-    /// size for good).
+    /// size keep only `MAX_IDLE_OLD` idle buffers, for the connections of
+    /// older configurations still copying; they go as the decay frees
+    /// them once no such connection needs them.
     pub fn keep_sizes(&mut self, sizes: Vec<usize>) {
-        for (s, list) in &mut self.free {
-            if !sizes.contains(s) {
-                list.truncate(MAX_IDLE_OLD);
+        for l in &mut self.free {
+            if !sizes.contains(&l.size) {
+                l.bufs.truncate(MAX_IDLE_OLD);
+                l.decay.seen(l.bufs.len());
             }
         }
-        self.free.retain(|(_, list)| !list.is_empty());
-        let old = self.free.iter().any(|(s, _)| !sizes.contains(s));
-        self.old_until = old.then(|| Instant::now() + OLD_IDLE);
+        self.free.retain(|l| !l.bufs.is_empty());
         self.sizes = Some(sizes);
     }
 
-    /// When `sweep` has old buffers to free (None: nothing to do).
+    /// When `sweep` may have idle buffers to free (None: none idle).
     pub fn next_sweep(&self) -> Option<Instant> {
-        self.old_until
+        self.free.iter().filter_map(|l| l.decay.due).min()
     }
 
-    /// Free the idle buffers of sizes no longer configured once
-    /// `OLD_IDLE` passed without one coming back.
+    /// Free the idle buffers that were not needed through a whole period.
     pub fn sweep(&mut self, now: Instant) {
-        if self.old_until.is_some_and(|t| now >= t) {
-            let sizes = self.sizes.take();
-            if let Some(k) = &sizes {
-                self.free.retain(|(s, _)| k.contains(s));
-            }
-            self.sizes = sizes;
-            self.old_until = None;
+        for l in &mut self.free {
+            let n = l.decay.expired(l.bufs.len(), now);
+            l.bufs.truncate(l.bufs.len() - n);
         }
+        self.free.retain(|l| !l.bufs.is_empty());
     }
 
     /// How many idle buffers of `size` are kept.
@@ -274,9 +337,10 @@ impl BufPool {
     }
 
     pub fn get(&mut self, size: usize) -> Box<[u8]> {
-        if let Some((_, list)) = self.free.iter_mut().find(|(s, _)| *s == size)
-            && let Some(b) = list.pop()
+        if let Some(l) = self.free.iter_mut().find(|l| l.size == size)
+            && let Some(b) = l.bufs.pop()
         {
+            l.decay.seen(l.bufs.len());
             return b;
         }
         vec![0u8; size].into_boxed_slice()
@@ -285,13 +349,21 @@ impl BufPool {
     pub fn put(&mut self, buf: Box<[u8]>) {
         let size = buf.len();
         let cap = self.cap(size);
-        if cap == MAX_IDLE_OLD {
-            self.old_until = Some(Instant::now() + OLD_IDLE);
-        }
-        match self.free.iter_mut().find(|(s, _)| *s == size) {
-            Some((_, list)) if list.len() < cap => list.push(buf),
-            Some(_) => {}
-            None => self.free.push((size, vec![buf])),
+        let i = match self.free.iter().position(|l| l.size == size) {
+            Some(i) => i,
+            None => {
+                self.free.push(BufList {
+                    size,
+                    bufs: Vec::new(),
+                    decay: Decay::default(),
+                });
+                self.free.len() - 1
+            }
+        };
+        let l = &mut self.free[i];
+        if l.bufs.len() < cap {
+            l.bufs.push(buf);
+            l.decay.added(l.bufs.len(), Instant::now());
         }
     }
 }
@@ -299,6 +371,10 @@ impl BufPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn idle(p: &BufPool) -> Vec<(usize, usize)> {
+        p.free.iter().map(|l| (l.size, l.bufs.len())).collect()
+    }
 
     #[test]
     fn buffers_of_sizes_no_longer_used_are_not_kept() {
@@ -311,22 +387,80 @@ mod tests {
             pool.put(vec![0u8; 4096].into_boxed_slice());
         }
         pool.keep_sizes(vec![8192]);
-        let idle = |p: &BufPool| -> Vec<(usize, usize)> {
-            p.free.iter().map(|(s, l)| (*s, l.len())).collect()
-        };
         assert_eq!(idle(&pool), [(4096, 2), (8192, 1)]);
         for _ in 0..3 {
             pool.put(vec![0u8; 4096].into_boxed_slice());
             pool.put(vec![0u8; 8192].into_boxed_slice());
         }
         assert_eq!(idle(&pool), [(4096, 2), (8192, 4)]);
-        // The old size goes once nothing came back for OLD_IDLE.
-        let due = pool.next_sweep().expect("old buffers to free");
+        // Nothing is taken: within two periods both lists are gone (the
+        // first period began with the first buffer given back, so only
+        // that one sat idle through all of it).
+        let due = pool.next_sweep().expect("idle buffers");
         pool.sweep(due - Duration::from_millis(1));
         assert_eq!(idle(&pool), [(4096, 2), (8192, 4)]);
+        // (Each list's period began with its own first buffer.)
+        pool.sweep(due + Duration::from_secs(1));
+        assert_eq!(idle(&pool), [(4096, 1), (8192, 3)]);
+        pool.sweep(pool.next_sweep().expect("the next period"));
+        assert_eq!((idle(&pool), pool.next_sweep()), (vec![], None));
+    }
+
+    #[test]
+    fn idle_buffers_decay_to_what_the_load_uses() {
+        let mut pool = BufPool::default();
+        let t0 = Instant::now();
+        // A steady load of 3 buffers at a time.
+        let steady = |pool: &mut BufPool| {
+            for _ in 0..5 {
+                let held: Vec<_> = (0..3).map(|_| pool.get(4096)).collect();
+                for b in held {
+                    pool.put(b);
+                }
+            }
+        };
+        // A spike of 10 buffers at once, all given back: the period
+        // starts with the first, the only one idle through all of it.
+        let spike: Vec<_> = (0..10).map(|_| pool.get(4096)).collect();
+        for b in spike {
+            pool.put(b);
+        }
+        steady(&mut pool);
+        assert_eq!(idle(&pool), [(4096, 10)]);
+        let due = pool.next_sweep().expect("a period runs");
+        assert!(due >= t0 + DECAY);
         pool.sweep(due);
-        assert_eq!(idle(&pool), [(8192, 4)]);
-        assert_eq!(pool.next_sweep(), None);
+        assert_eq!(idle(&pool), [(4096, 9)]);
+        // Through the next period the load keeps using 3: the 6 it never
+        // touched go, the 3 stay.
+        steady(&mut pool);
+        pool.sweep(pool.next_sweep().expect("the next period"));
+        assert_eq!(idle(&pool), [(4096, 3)]);
+        // Unused through a period, they go too, and nothing is due.
+        pool.sweep(pool.next_sweep().expect("a third period"));
+        assert_eq!((idle(&pool), pool.next_sweep()), (vec![], None));
+    }
+
+    #[test]
+    fn idle_pipes_decay_and_give_their_budget_back() {
+        let budget = PipeBudget::new(16, 1);
+        let mut a = with_idle(&budget, 6);
+        let due = a.next_sweep().expect("a period runs");
+        a.sweep(due - Duration::from_millis(1));
+        assert_eq!(budget.used(), 6);
+        // The period began with the first pipe given back.
+        a.sweep(due);
+        assert_eq!(budget.used(), 5);
+        // Through the next one, 2 are taken and given back: of the 5, the
+        // 3 that stayed idle close.
+        let p = a.get(65536).expect("pipe");
+        let q = a.get(65536).expect("pipe");
+        a.put(p, true);
+        a.put(q, true);
+        a.sweep(a.next_sweep().expect("the next period"));
+        assert_eq!(budget.used(), 2);
+        a.sweep(a.next_sweep().expect("a third period"));
+        assert_eq!((budget.used(), a.next_sweep()), (0, None));
     }
 
     #[test]

@@ -444,6 +444,7 @@ impl Worker {
             self.fire_timers(now);
             self.files.sweep(now);
             self.bufs.sweep(now);
+            self.pipes.sweep(now);
             if let Some(deadline) = self.drain {
                 if self.slab.is_empty() {
                     log::debug!("worker {}: drained", self.id);
@@ -500,7 +501,8 @@ impl Worker {
         let d = self.drain;
         let f = self.files.next_sweep();
         let b = self.bufs.next_sweep();
-        [t, p, d, f, b].into_iter().flatten().min()
+        let q = self.pipes.next_sweep();
+        [t, p, d, f, b, q].into_iter().flatten().min()
     }
 
     fn accept_backlog(&mut self, now: Instant) {

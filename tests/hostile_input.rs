@@ -1631,12 +1631,6 @@ fn run_all(cases: &[Case], addrs: [SocketAddr; 3], k: &Known) -> Vec<Result<Outc
 // Process-level checks
 // ---------------------------------------------------------------------------
 
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
 /// The descriptor count once it holds still for 100 ms.
 fn settled_fds(pid: u32) -> usize {
     let mut last = fd_count(pid);

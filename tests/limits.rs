@@ -485,15 +485,6 @@ fn longest_accepted_settings_run() {
     assert_eq!(sl.count_log("panicked"), 0, "{}", sl.logs().join("\n"));
 }
 
-/// Pipe descriptors of process `pid` (splice pipes, and a few of its own).
-fn pipe_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|l| l.to_string_lossy().starts_with("pipe:"))
-        .count()
-}
-
 /// Pipes pooled after a burst of spliced connections hold descriptors: when
 /// the process runs out, sluice gives half of the idle ones back (as it
 /// does with cached files) and goes on serving, instead of resting the

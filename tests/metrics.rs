@@ -13,7 +13,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::admin::{Metrics, scrape, scrape_until};
+use common::admin::{Metrics, scrape, scrape_until, scrape_within};
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -151,6 +151,58 @@ fn refused_connections_are_counted_by_cause() {
     let active = |r| route_metric(&m, "sluice_route_connections_active", r);
     assert_eq!([active("lim"), active("perip")], [1.0, 2.0]);
     drop(held);
+}
+
+/// Pipes a burst of splice downloads leaves idle in the pool close once
+/// no transfer needed them through a whole decay period (10 s; within
+/// two of them): the gauge returns to 0 and the descriptors are given
+/// back, where before they stayed pooled for good.
+#[test]
+fn idle_pipes_close_after_a_burst() {
+    const N: usize = 4;
+    let (p, aport) = (free_port(), free_port());
+    let routes = route("spl", p, "root = \"www\"\nstrategy = \"splice\"");
+    let mut big = None;
+    let sl = start("metrics-pipe-decay", &config("", aport, &routes), |www| {
+        big = Some(gen_file(&www.join("big.bin"), 3, 8 * MIB));
+    });
+    // N downloads stalled at once: each holds a pipe.
+    let mut readers = Vec::new();
+    for _ in 0..N {
+        let mut c = small_buffer_client(addr(p), 64 * 1024);
+        c.write_all(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let mut r = BufReader::new(c);
+        let h = read_head(&mut r).unwrap();
+        assert_eq!(h.content_length(), 8 * MIB);
+        readers.push(r);
+    }
+    scrape_until(addr(aport), "a pipe per stalled download", |m| {
+        m.get("sluice_pipes_in_use", &[]) == N as f64
+    });
+    let pipes_lent = pipe_fds(sl.pid());
+    // Each read to its end: the pipe comes back empty and is pooled.
+    for mut r in readers {
+        let body = read_body(&mut r, 8 * MIB);
+        assert_eq!(Some(digest_of(&body)), big);
+    }
+    let a = wait_route(&sl, "spl", N);
+    assert!(a.iter().all(|l| l["end"] == "ok"), "{a:?}");
+    let m = scrape(addr(aport));
+    assert_eq!(m.get("sluice_pipes_in_use", &[]), N as f64, "pooled");
+    let m = scrape_within(
+        addr(aport),
+        "the idle pipes closed",
+        Duration::from_secs(30),
+        |m| m.get("sluice_pipes_in_use", &[]) == 0.0,
+    );
+    assert_eq!(m.get("sluice_connections_active", &[]), 0.0);
+    let pipes = pipe_fds(sl.pid());
+    assert_eq!(
+        pipes + 2 * N,
+        pipes_lent,
+        "pipe descriptors after the pipes closed, against while {N} were lent"
+    );
 }
 
 /// A splice file route with a budget of one pipe: a stalled download

@@ -86,7 +86,17 @@ pub fn scrape(addr: SocketAddr) -> Metrics {
 /// after the client sees the close), failing after 10 s with the last
 /// scrape; returns the scrape that held.
 pub fn scrape_until(addr: SocketAddr, what: &str, f: impl Fn(&Metrics) -> bool) -> Metrics {
-    let end = std::time::Instant::now() + Duration::from_secs(10);
+    scrape_within(addr, what, Duration::from_secs(10), f)
+}
+
+/// `scrape_until` with a time limit of its own.
+pub fn scrape_within(
+    addr: SocketAddr,
+    what: &str,
+    limit: Duration,
+    f: impl Fn(&Metrics) -> bool,
+) -> Metrics {
+    let end = std::time::Instant::now() + limit;
     loop {
         let m = scrape(addr);
         if f(&m) {

@@ -1066,3 +1066,19 @@ pub fn worker_sleeps(pid: u32, n: usize) -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .expect("voluntary_ctxt_switches in /proc/PID/task/TID/status")
 }
+
+/// Open descriptors of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Pipe descriptors of process `pid` (splice pipes, and a few of its own).
+pub fn pipe_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
