@@ -15,7 +15,10 @@
 //! `[route.health]` table by opening a TCP connection (and, with
 //! `http_path`, sending a GET and reading its status line), on its own timer,
 //! with non-blocking connects registered in the main thread's poll — one
-//! poll for all probes, never a thread per backend. Results land in the
+//! poll for all probes, never a thread per backend. On a `send_proxy`
+//! route every probe opens with a PROXY header of its own (v1 `UNKNOWN`,
+//! v2 `LOCAL`, as HAProxy's `check-send-proxy` does), since such backends
+//! refuse connections without one. Results land in the
 //! shared `BackendRt` (`up`, `fails`, `rises`, `last_check`), where
 //! balancing and /metrics read them.
 
@@ -28,7 +31,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
-use crate::config::Health;
+use crate::config::{Health, ProxyVersion};
 use crate::route::{BackendRt, RouteRt};
 
 /// Milliseconds since the process started, as a cheap shared clock.
@@ -179,6 +182,9 @@ struct Target {
     name: String,
     backend: Arc<BackendRt>,
     health: Health,
+    /// The route's `send_proxy`: its backends expect a PROXY header on
+    /// every connection, the checker's too.
+    send_proxy: Option<ProxyVersion>,
     /// When the next probe starts.
     due: Instant,
     /// A probe is in flight.
@@ -192,8 +198,13 @@ struct Probe {
     stream: TcpStream,
     deadline: Instant,
     timeout: Duration,
-    /// HTTP checks: the request, and how much of it is written.
+    /// HTTP checks: the request (behind the PROXY header, if the route
+    /// sends one), and how much of it is written.
     request: Option<(Vec<u8>, usize)>,
+    /// TCP checks of a `send_proxy` route: the PROXY header written once
+    /// connected, before the close, so the backend sees a well-formed
+    /// connection rather than a broken header.
+    hello: Option<Vec<u8>>,
     /// The connect completed.
     connected: bool,
     /// HTTP checks: the answer so far (at most `MAX_ANSWER` bytes).
@@ -289,6 +300,7 @@ impl Checker {
                     name: r.backend_name(i).to_string(),
                     backend: b.clone(),
                     health: p.health.clone(),
+                    send_proxy: p.send_proxy,
                     due: old
                         .map(|t| t.due.min(now + p.health.interval))
                         .unwrap_or(first),
@@ -359,11 +371,15 @@ impl Checker {
             t.due = now + t.health.interval;
             let addr = t.backend.addr;
             let timeout = t.health.timeout;
-            let request = t
-                .health
-                .http_path
-                .as_deref()
-                .map(|path| (check_request(path, &t.name), 0));
+            let header = t.send_proxy.map(crate::proxy_proto::build_local);
+            let (request, hello) = match t.health.http_path.as_deref() {
+                Some(path) => {
+                    let mut req = header.unwrap_or_default();
+                    req.extend_from_slice(&check_request(path, &t.name));
+                    (Some((req, 0)), None)
+                }
+                None => (None, header),
+            };
             let started = TcpStream::connect(addr).and_then(|mut stream| {
                 let entry = self.probes.vacant_entry();
                 registry.register(
@@ -377,6 +393,7 @@ impl Checker {
                     deadline: now + timeout,
                     timeout,
                     request,
+                    hello,
                     connected: false,
                     answer: Vec::new(),
                 });
@@ -419,6 +436,13 @@ impl Checker {
                 },
             };
             if connected.is_err() || p.request.is_none() {
+                if connected.is_ok()
+                    && let Some(h) = &p.hello
+                {
+                    // A few bytes into a new connection's empty buffer;
+                    // the check's verdict is the connect either way.
+                    let _ = io::Write::write(&mut p.stream, h);
+                }
                 self.finish(k, connected, registry);
                 return;
             }

@@ -213,6 +213,24 @@ pub fn build(version: ProxyVersion, src: SocketAddr, dst: SocketAddr) -> Vec<u8>
     }
 }
 
+/// The header a connection of sluice's own sends a backend that expects
+/// one (a health check): v1 `UNKNOWN`, v2 `LOCAL`, which tell the backend
+/// to take the connection's own addresses, as the protocol's
+/// specification recommends for health checks.
+pub fn build_local(version: ProxyVersion) -> Vec<u8> {
+    match version {
+        ProxyVersion::V1 => ppp::v1::Addresses::Unknown.to_string().into_bytes(),
+        ProxyVersion::V2 => v2::Builder::with_addresses(
+            v2::Version::Two | v2::Command::Local,
+            v2::Protocol::Unspecified,
+            v2::Addresses::Unspecified,
+        )
+        .build()
+        // No payload: cannot fail.
+        .unwrap_or_default(),
+    }
+}
+
 /// Both addresses in one family, as PROXY headers need: IPv4-mapped IPv6
 /// pairs become IPv4; a mixed pair maps its IPv4 side into IPv6.
 fn same_family(src: SocketAddr, dst: SocketAddr) -> (SocketAddr, SocketAddr) {
@@ -253,6 +271,25 @@ mod tests {
                 assert_eq!(r.version, v);
                 assert_eq!(r.addrs, Some((sa(s), sa(d))));
             }
+        }
+    }
+
+    #[test]
+    fn local_headers_parse_as_local() {
+        assert_eq!(build_local(ProxyVersion::V1), b"PROXY UNKNOWN\r\n");
+        let v2 = build_local(ProxyVersion::V2);
+        assert_eq!(
+            v2.len(),
+            16,
+            "signature, version and command, family, length 0"
+        );
+        let h = v2::Header::try_from(v2.as_slice()).unwrap();
+        assert_eq!(h.command, v2::Command::Local);
+        assert_eq!(h.addresses, v2::Addresses::Unspecified);
+        // And sluice's own parser takes both as "use the socket's".
+        for b in [build_local(ProxyVersion::V1), v2] {
+            let r = parse(&b).unwrap().unwrap();
+            assert_eq!((r.len, r.addrs), (b.len(), None), "{b:?}");
         }
     }
 

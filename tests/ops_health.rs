@@ -445,3 +445,92 @@ fn a_check_sluice_cannot_start_is_not_held_against_the_backend() {
     let mut c = connect(addr(port));
     assert_eq!(read_line(&mut c), "b");
 }
+
+/// A route that sends PROXY headers has backends that refuse connections
+/// without one (nginx `listen ... proxy_protocol`, sluice's own
+/// `accept_proxy`): its checks send one too, v1 `UNKNOWN` or v2 `LOCAL`
+/// (take the connection's own addresses), ahead of the HTTP check's GET or
+/// before a TCP check closes. So the backend stays up, while clients'
+/// connections still carry the clients' addresses.
+#[test]
+fn checks_on_a_send_proxy_route_send_a_local_header() {
+    use std::io::{Read, Write};
+    for (version, http, local) in [
+        ("v1", true, "UNKNOWN"),
+        ("v2", true, "LOCAL"),
+        ("v1", false, "UNKNOWN"),
+        ("v2", false, "LOCAL"),
+    ] {
+        let b = Backend::spawn(|mut s| {
+            let h = match read_proxy_header(&mut s) {
+                Ok(h) => h,
+                Err(e) => return format!("ERR {e}"),
+            };
+            let first = match read_request(&mut s) {
+                Some(req) => {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                    req.lines().next().unwrap_or("").to_string()
+                }
+                None => "EOF".to_string(),
+            };
+            format!("{} {} {:?} {first}", h.version, h.kind, h.src)
+        });
+        let (port, aport) = (free_port(), free_port());
+        let path = if http {
+            "http_path = \"/health\"\n"
+        } else {
+            ""
+        };
+        let toml = format!(
+            "[global]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n\
+             [[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nbackends = [\"{}\"]\n\
+             send_proxy = \"{version}\"\n\
+             [route.health]\ninterval = \"50ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 2\n{path}",
+            b.addr
+        );
+        let sl = Sluice::start(&format!("check-send-proxy-{version}-{http}"), &toml);
+        let ok = |m: &Metrics| {
+            m.sum(
+                "sluice_backend_health_checks_total",
+                &[("address", &b.addr.to_string()), ("result", "ok")],
+            )
+        };
+        common::admin::scrape_until(addr(aport), "4 good checks", |m| ok(m) >= 4.0);
+        let m = scrape(addr(aport));
+        assert_eq!(up(&m, b.addr), 1.0, "{version} http={http}");
+        assert_eq!(
+            m.sum(
+                "sluice_backend_health_checks_total",
+                &[("address", &b.addr.to_string()), ("result", "failed")],
+            ),
+            0.0,
+            "{version} http={http}: {:?}",
+            b.results()
+        );
+        // A client's connection carries the client's address.
+        let mut c = connect(addr(port));
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        assert!(got.ends_with(b"\r\n\r\nok"), "{got:?}");
+        let client = format!("{:?}", Some(c.local_addr().unwrap()));
+        drop(sl);
+        let results = b.results();
+        let want_check = if http {
+            format!("{version} {local} None GET /health HTTP/1.0")
+        } else {
+            format!("{version} {local} None EOF")
+        };
+        let checks = results.iter().filter(|r| **r == want_check).count();
+        assert!(checks >= 4, "{version} http={http}: {results:?}");
+        let proxied = if version == "v1" { "TCP4" } else { "PROXY" };
+        let want_client = format!("{version} {proxied} {client} GET / HTTP/1.1");
+        assert!(
+            results
+                .iter()
+                .all(|r| *r == want_check || *r == want_client)
+                && results.contains(&want_client),
+            "{version} http={http}: {results:?}"
+        );
+    }
+}
