@@ -416,6 +416,11 @@ impl FileConn {
                     Step::Cut(why) => return Some(self.cut(why, ctx)),
                     Step::Failed(end) => {
                         if let Some(r) = self.resp.take() {
+                            // A body cut short ends with a reset, never a
+                            // FIN that would make it look whole (a raw
+                            // route, HTTP/1.0); a socket that really failed
+                            // loses nothing by it.
+                            self.cut_short = true;
                             self.log_resp(r, end.as_str(), ctx);
                         }
                         return Some(end);

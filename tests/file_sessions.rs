@@ -412,13 +412,18 @@ fn splice_from_a_blocked_file_falls_back_to_sendfile() {
 /// client reset, on a raw route (no length to check a short file against)
 /// and on HTTP, with end=file_error, a warning, and the counter. Before,
 /// the client got a clean FIN and the line blamed it (client_error).
+/// sendfile's ENOMEM ("insufficient memory to read from in_fd") and EINVAL
+/// (no mmap-like reading of in_fd) are the file's side too, as its manual
+/// says.
 #[test]
 fn a_file_read_error_resets_the_client() {
     let total = FAULT_FILE;
-    for (strategy, call, when) in [
-        ("sendfile", "sendfile", "3"),
-        ("copy", "pread64", "3"),
-        ("splice", "splice", "1"),
+    for (strategy, call, when, errno) in [
+        ("sendfile", "sendfile", "3", "EIO"),
+        ("sendfile", "sendfile", "3", "ENOMEM"),
+        ("sendfile", "sendfile", "3", "EINVAL"),
+        ("copy", "pread64", "3", "EIO"),
+        ("splice", "splice", "1", "EIO"),
     ] {
         let (raw, http, aport) = (free_port(), free_port(), free_port());
         let routes = format!(
@@ -430,7 +435,13 @@ fn a_file_read_error_resets_the_client() {
                 &format!("root = \"www\"\n{}", chunked(strategy))
             ),
         );
-        let sl = start_faulted(&format!("sess-eio-{strategy}"), &routes, call, "EIO", when);
+        let sl = start_faulted(
+            &format!("sess-{errno}-{strategy}"),
+            &routes,
+            call,
+            errno,
+            when,
+        );
         let mut c = small_buffer_client(addr(raw), 64 << 10);
         let (got, how) = read_to_end_how(&mut c);
         let a = sl.wait_access(1, Duration::from_secs(10));
@@ -536,7 +547,9 @@ fn a_blocked_pipelined_response_waits_for_idle_timeout() {
 /// sk_err_soft ?: ETIMEDOUT): ECONNREFUSED from a firewall's
 /// port-unreachable, EPROTO. sendfile returns it (injected by strace
 /// here); the file still reads, so it is the client's error, not a file
-/// error.
+/// error. The body is cut all the same: the client gets a reset, never a
+/// FIN that would make a short raw file look whole (a socket that really
+/// failed loses nothing by it).
 #[test]
 fn a_socket_soft_error_is_not_a_file_error() {
     for errno in ["ECONNREFUSED", "EPROTO"] {
@@ -549,9 +562,16 @@ fn a_socket_soft_error_is_not_a_file_error() {
             "3",
         );
         let mut c = small_buffer_client(addr(raw), 64 << 10);
-        let _ = read_to_end_how(&mut c);
+        let (got, how) = read_to_end_how(&mut c);
         let a = sl.wait_access(1, Duration::from_secs(10));
         assert_eq!(a[0]["end"], "client_error", "{errno}: {:?}", a[0]);
+        assert_eq!(
+            how,
+            Some(std::io::ErrorKind::ConnectionReset),
+            "{errno}: after {} bytes",
+            got.len()
+        );
+        assert!((got.len() as u64) < FAULT_FILE, "{errno}");
         assert!(
             !sl.logs().iter().any(|l| l.contains("reading the file for")),
             "{errno}: {:?}",

@@ -120,7 +120,15 @@ fn file_errno(e: &io::Error, file: &File, pos: u64) -> Option<i32> {
         | libc::ENETUNREACH
         | libc::ENETDOWN
         | libc::EHOSTDOWN => None,
-        libc::EIO | libc::ESTALE | libc::EOVERFLOW | libc::ENXIO | libc::EBADMSG => Some(errno),
+        // sendfile(2): ENOMEM "insufficient memory to read from in_fd",
+        // EINVAL "an mmap(2)-like operation is not available for in_fd".
+        libc::EIO
+        | libc::ESTALE
+        | libc::EOVERFLOW
+        | libc::ENXIO
+        | libc::EBADMSG
+        | libc::ENOMEM
+        | libc::EINVAL => Some(errno),
         _ => unreadable_at(file, pos),
     }
 }
