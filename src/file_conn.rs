@@ -566,6 +566,9 @@ impl FileConn {
             return Step::Done;
         };
         let fallback = body.fallback;
+        // The strategy that moves this call's bytes: a switch to sendfile
+        // (file_blocked) ends the call, so it is the one before it.
+        let strategy = body.strategy();
         let res = body.send(&self.sock, *budget);
         if body.fallback != fallback && body.fallback == Some(BodyFallback::FileBlocked) {
             Counters::inc(&c.fallback_file_blocked);
@@ -575,7 +578,7 @@ impl FileConn {
                 self.peer
             );
         }
-        let strategy_bytes = match body.strategy() {
+        let strategy_bytes = match strategy {
             "mmap" => &c.bytes_mmap,
             "splice" => &c.bytes_splice,
             "copy" => &c.bytes_copy,

@@ -353,57 +353,73 @@ fn response_head_is_sent_with_msg_more() {
     assert!(seen.contains(&"splice".to_string()), "{seen:?}");
 }
 
-/// splice from a file that keeps answering EAGAIN (injected by strace
-/// into every splice call) must not spin: the body goes on with sendfile,
-/// byte-exact, logged as fallback=file_blocked and counted.
+/// splice from a file that answers EAGAIN (injected by strace into every
+/// splice call, or only from the third on, after one pipe-full went) must
+/// not spin: the body goes on with sendfile, byte-exact, logged as
+/// fallback=file_blocked and counted; what was spliced before the switch
+/// counts as spliced.
 #[test]
 fn splice_from_a_blocked_file_falls_back_to_sendfile() {
-    let (p, aport) = (free_port(), free_port());
-    let routes = format!(
-        "\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n{}",
-        route(
-            "spl",
-            p,
-            "root = \"www\"\nstrategy = \"splice\"\nidle_timeout = \"5s\""
-        )
-    );
-    let wrapper = strace_fault("splice", "EAGAIN");
-    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let (sl, _www) = start("sess-eagain", &routes, &wrapper, &[("f.bin", 5, 1 << 20)]);
-    let (h, body) = get(addr(p), "/f.bin");
-    assert_eq!(h.status, 200);
-    assert_eq!(
-        digest_of(&body),
-        send_data(&mut std::io::sink(), 5, 1 << 20)
-    );
-    let a = sl.wait_access(1, Duration::from_secs(10));
-    assert_eq!(
-        (
-            a[0]["strategy"].as_str(),
-            a[0]["fallback"].as_str(),
-            a[0]["end"].as_str()
-        ),
-        ("sendfile", "file_blocked", "ok"),
-        "{:?}",
-        a[0]
-    );
-    let m = common::admin::scrape(addr(aport));
-    let r = |reason| [("route", "spl"), ("reason", reason)];
-    assert_eq!(
-        m.get("sluice_route_splice_fallbacks_total", &r("file_blocked")),
-        1.0
-    );
-    assert_eq!(
-        m.get("sluice_route_splice_fallbacks_total", &r("no_pipe")),
-        0.0
-    );
-    assert_eq!(
-        m.get(
-            "sluice_route_strategy_bytes_total",
-            &[("route", "spl"), ("strategy", "sendfile")]
-        ),
-        (1 << 20) as f64
-    );
+    for when in [None, Some("3")] {
+        let (p, aport) = (free_port(), free_port());
+        let routes = format!(
+            "\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n{}",
+            route(
+                "spl",
+                p,
+                "root = \"www\"\nstrategy = \"splice\"\nidle_timeout = \"5s\"\n\
+                 pipe_size = \"64KiB\""
+            )
+        );
+        let wrapper = match when {
+            None => strace_fault("splice", "EAGAIN"),
+            Some(w) => strace_fault_when("splice", "EAGAIN", &format!("{w}+")),
+        };
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        let name = format!("sess-eagain-{}", when.unwrap_or("all"));
+        let (sl, _www) = start(&name, &routes, &wrapper, &[("f.bin", 5, 1 << 20)]);
+        let (h, body) = get(addr(p), "/f.bin");
+        assert_eq!(h.status, 200);
+        assert_eq!(
+            digest_of(&body),
+            send_data(&mut std::io::sink(), 5, 1 << 20)
+        );
+        let a = sl.wait_access(1, Duration::from_secs(10));
+        assert_eq!(
+            (
+                a[0]["strategy"].as_str(),
+                a[0]["fallback"].as_str(),
+                a[0]["end"].as_str()
+            ),
+            ("sendfile", "file_blocked", "ok"),
+            "{when:?}: {:?}",
+            a[0]
+        );
+        let m = common::admin::scrape(addr(aport));
+        let r = |reason| [("route", "spl"), ("reason", reason)];
+        assert_eq!(
+            m.get("sluice_route_splice_fallbacks_total", &r("file_blocked")),
+            1.0
+        );
+        assert_eq!(
+            m.get("sluice_route_splice_fallbacks_total", &r("no_pipe")),
+            0.0
+        );
+        let bytes = |s| {
+            m.get(
+                "sluice_route_strategy_bytes_total",
+                &[("route", "spl"), ("strategy", s)],
+            )
+        };
+        // From the third call: one pipe-full went by splice (file to pipe,
+        // pipe to socket) before the file blocked.
+        let spliced = if when.is_some() { 65536.0 } else { 0.0 };
+        assert_eq!(
+            (bytes("splice"), bytes("sendfile")),
+            (spliced, (1 << 20) as f64 - spliced),
+            "{when:?}"
+        );
+    }
 }
 
 /// Reading the file fails (EIO, injected by strace into the strategy's

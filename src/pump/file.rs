@@ -347,7 +347,10 @@ impl Body {
                                 self.parked = slot.take();
                                 self.fallback = Some(BodyFallback::FileBlocked);
                                 self.mode = Mode::Sendfile;
-                                continue;
+                                // Back to the caller, which counts what
+                                // went so far as spliced; the next turn
+                                // goes on with sendfile.
+                                return Ok((moved, Sent::Budget));
                             }
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                             Err(e) => {
