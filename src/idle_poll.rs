@@ -8,19 +8,27 @@
 //! longer finds them awake and spares the sender that cost; when they do
 //! not, polling is CPU thrown away.
 //!
-//! So the window adapts, the way Linux's `cpuidle-haltpoll` governor
-//! adapts a virtual CPU's halt polling: an idle period longer than the
-//! window but within `busy_poll` (the most it may be) doubles the window,
-//! one longer than `busy_poll` halves it (down to nothing), and one the
-//! window covered leaves it as it is. A worker whose events come far
-//! apart, or not at all, soon polls for nothing and sleeps at once; one
-//! under a steady stream of events polls through the gaps.
+//! So the window adapts, much as Linux's `cpuidle-haltpoll` governor
+//! adapts a virtual CPU's halt polling, learning only from idle periods
+//! that ended in a sleep: one within `busy_poll` (the most the window may
+//! be) grows the window to cover it (the next power of two of its
+//! length, so a 50 µs gap costs 64 µs of polling, not a fixed share of
+//! `busy_poll`); one longer than `busy_poll` halves it, down to nothing
+//! below `FLOOR`. An event the polling caught leaves the window as it is.
+//! So a worker whose events come far apart, or not at all, soon sleeps at
+//! once; one under a steady stream of events polls through the gaps; and
+//! request/response traffic with long pauses polls about as long as the
+//! backend takes to answer, then sleeps through the pause.
 //!
 //! The worker calls [`IdlePoll::keep_polling`] each time it finds nothing
 //! to do (a zero-timeout poll while it says yes, a sleep after) and
-//! [`IdlePoll::woken`] when a poll returns events.
+//! [`IdlePoll::woken`] when a poll returns events, saying whether that
+//! poll could sleep.
 
 use std::time::{Duration, Instant};
+
+/// The shortest window: below it, polling is not worth a syscall.
+const FLOOR: Duration = Duration::from_micros(1);
 
 /// The adaptive polling window of one worker.
 #[derive(Debug)]
@@ -62,33 +70,35 @@ impl IdlePoll {
         self.idle_since = None;
     }
 
-    /// A poll returned events at `now`: the idle period, if one was
-    /// running, ends here and sizes the next window.
-    pub fn woken(&mut self, now: Instant) {
-        if let Some(since) = self.idle_since.take() {
+    /// A poll returned events at `now`; `slept`: it was allowed to block
+    /// (the window had passed). The idle period, if one was running, ends
+    /// here, and one that ended in a sleep sizes the next window.
+    pub fn woken(&mut self, now: Instant, slept: bool) {
+        if let Some(since) = self.idle_since.take()
+            && slept
+        {
             self.adapt(now.saturating_duration_since(since));
         }
     }
 
     fn adapt(&mut self, idle: Duration) {
-        if idle <= self.window {
-            // The poll caught the event: the window is right.
-        } else if idle <= self.max {
-            // A sleep that a longer window would have saved.
-            self.window = (self.window * 2).max(self.grow_start()).min(self.max);
+        if self.max < FLOOR {
+            return;
+        }
+        if idle <= self.max {
+            // A sleep that a window this long would have saved.
+            let cover = u64::try_from(idle.as_nanos())
+                .unwrap_or(u64::MAX)
+                .checked_next_power_of_two()
+                .map_or(self.max, Duration::from_nanos);
+            self.window = self.window.max(cover).clamp(FLOOR, self.max);
         } else {
             // A sleep no allowed window would have saved.
             self.window /= 2;
-            if self.window < self.grow_start() {
+            if self.window < FLOOR {
                 self.window = Duration::ZERO;
             }
         }
-    }
-
-    /// The first window after none: a quarter of the most, as the
-    /// haltpoll governor's defaults have it (50 of 200 µs).
-    fn grow_start(&self) -> Duration {
-        self.max / 4
     }
 
     #[cfg(test)]
@@ -104,16 +114,13 @@ mod tests {
     const US: Duration = Duration::from_micros(1);
 
     /// Runs one idle period of `idle` and returns whether the worker
-    /// would have slept in it, and the window after.
+    /// slept in it, and the window after.
     fn idle_for(p: &mut IdlePoll, t: &mut Instant, idle: Duration) -> (bool, Duration) {
-        let mut slept = false;
         // The worker polls while told to; the event arrives at t + idle.
         let start = *t;
-        if !p.keep_polling(start) || !p.keep_polling(start + idle) {
-            slept = true;
-        }
+        let slept = !p.keep_polling(start) || !p.keep_polling(start + idle);
         *t = start + idle;
-        p.woken(*t);
+        p.woken(*t, slept);
         (slept, p.window())
     }
 
@@ -127,46 +134,63 @@ mod tests {
     }
 
     #[test]
-    fn short_gaps_grow_the_window_until_it_covers_them() {
-        let mut p = IdlePoll::new(20 * US);
+    fn a_short_sleep_grows_the_window_to_cover_it() {
+        let mut p = IdlePoll::new(Duration::from_millis(10));
         let mut t = Instant::now();
-        // 5, 10, then 20 µs (capped): a 12 µs gap is covered from the third.
-        assert_eq!(idle_for(&mut p, &mut t, 12 * US), (true, 5 * US));
-        assert_eq!(idle_for(&mut p, &mut t, 12 * US), (true, 10 * US));
-        assert_eq!(idle_for(&mut p, &mut t, 12 * US), (true, 20 * US));
+        // 12 µs: the next power of two of 12,000 ns is 16,384 ns.
+        assert_eq!(
+            idle_for(&mut p, &mut t, 12 * US),
+            (true, Duration::from_nanos(16_384))
+        );
         for _ in 0..5 {
-            assert_eq!(idle_for(&mut p, &mut t, 12 * US), (false, 20 * US));
+            assert_eq!(
+                idle_for(&mut p, &mut t, 12 * US),
+                (false, Duration::from_nanos(16_384))
+            );
         }
+        // A longer one within busy_poll grows it again; never past it.
+        let (slept, w) = idle_for(&mut p, &mut t, Duration::from_millis(9));
+        assert_eq!((slept, w), (true, Duration::from_millis(10)));
     }
 
     #[test]
     fn long_gaps_shrink_it_to_nothing() {
         let mut p = IdlePoll::new(20 * US);
         let mut t = Instant::now();
-        for _ in 0..3 {
-            idle_for(&mut p, &mut t, 15 * US);
-        }
-        assert_eq!(p.window(), 20 * US);
-        // Idle periods beyond the most: 10, then 5, then 2.5 < 5 = none.
+        idle_for(&mut p, &mut t, 15 * US);
+        assert_eq!(p.window(), Duration::from_nanos(16_384));
+        // Idle periods beyond the most halve it: 8,192 ns ... below 1 µs,
+        // none.
         let ms = Duration::from_millis(1);
-        assert_eq!(idle_for(&mut p, &mut t, ms), (true, 10 * US));
-        assert_eq!(idle_for(&mut p, &mut t, ms), (true, 5 * US));
-        assert_eq!(idle_for(&mut p, &mut t, ms), (true, Duration::ZERO));
-        assert_eq!(idle_for(&mut p, &mut t, ms), (true, Duration::ZERO));
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            seen.push(idle_for(&mut p, &mut t, ms).1.as_nanos());
+        }
+        assert_eq!(seen, [8192, 4096, 2048, 1024, 0, 0]);
+    }
+
+    #[test]
+    fn a_period_that_never_slept_teaches_nothing() {
+        // The event was already queued when the worker polled (no sleep):
+        // the window stays as it is, so request/response traffic with long
+        // pauses does not learn a window from its quick turns.
+        let mut p = IdlePoll::new(Duration::from_millis(10));
+        let t = Instant::now();
+        assert!(!p.keep_polling(t));
+        p.woken(t + 3 * US, false);
+        assert_eq!(p.window(), Duration::ZERO);
     }
 
     #[test]
     fn work_without_idling_ends_no_period_and_a_lower_max_caps_the_window() {
         let mut p = IdlePoll::new(40 * US);
         let mut t = Instant::now();
-        for _ in 0..4 {
-            idle_for(&mut p, &mut t, 30 * US);
-        }
-        assert_eq!(p.window(), 40 * US);
+        idle_for(&mut p, &mut t, 30 * US);
+        assert_eq!(p.window(), Duration::from_nanos(32_768));
         // Busy without an idle period: nothing to learn.
         p.busy();
-        p.woken(t + Duration::from_secs(1));
-        assert_eq!(p.window(), 40 * US);
+        p.woken(t + Duration::from_secs(1), true);
+        assert_eq!(p.window(), Duration::from_nanos(32_768));
         p.set_max(8 * US);
         assert_eq!(p.window(), 8 * US);
         p.set_max(Duration::ZERO);

@@ -19,8 +19,8 @@
 //! while before it sleeps, so events that come in quick succession find
 //! it awake and whoever sends them is spared waking it (an
 //! inter-processor interrupt, dear in a virtual machine). How long adapts
-//! to the gaps it sees, up to `busy_poll` (`idle_poll`), so an idle
-//! worker sleeps at once.
+//! to the gaps it slept through, up to `busy_poll` (`idle_poll`), so a
+//! worker whose events come further apart soon sleeps at once.
 //!
 //! A session that stopped only because its turn's budget ran out (a file
 //! session that sent `send_chunk`) says `wants_turn`; the worker keeps it
@@ -85,8 +85,8 @@ pub struct Generation {
     /// Size of each worker's open-file cache (`file_conn::OpenFiles`).
     pub open_file_cache: usize,
     pub open_file_cache_inactive: Duration,
-    /// `busy_poll`: how long the worker keeps polling without sleeping
-    /// after a poll that found events.
+    /// `busy_poll`: the most a worker that ran out of work polls before
+    /// it sleeps (`idle_poll`).
     pub busy_poll: Duration,
     /// Each worker's own descriptors of `listeners`, in their order, made
     /// by the main thread before the generation was announced (so a
@@ -412,7 +412,7 @@ impl Worker {
             }
             let now = Instant::now();
             if !events.is_empty() {
-                self.idle_poll.woken(now);
+                self.idle_poll.woken(now, timeout != Some(Duration::ZERO));
             }
             for ev in events.iter() {
                 match ev.token() {
