@@ -398,9 +398,10 @@ impl ProxyConn {
                         token(self.key, Side::Backend),
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
-                        self.give_back(i, ctx);
-                        self.connect_failed(i, e, ctx);
-                        continue;
+                        // epoll refused the socket (ENOMEM, ENOSPC past
+                        // fs.epoll.max_user_watches): a limit of this
+                        // machine, not the backend's fault.
+                        return Some(Err(self.local_failure(i, e, ctx)));
                     }
                     self.stop_waiting(ctx.now);
                     self.connect_began.get_or_insert(ctx.now);
@@ -419,18 +420,7 @@ impl ProxyConn {
                     return Some(Ok(()));
                 }
                 Err(e) if local_exhaustion(&e) => {
-                    self.give_back(i, ctx);
-                    // Out of descriptors or memory here, not a backend
-                    // fault: no passive-health blame, no point trying the
-                    // others now.
-                    log::warn!(
-                        "route {}: cannot open a socket to a backend for client {}: {e}",
-                        self.route.cfg.name,
-                        self.peer
-                    );
-                    self.last_err = Some(e);
-                    self.stop_waiting(ctx.now);
-                    return Some(Err(End::ConnectFailed));
+                    return Some(Err(self.local_failure(i, e, ctx)));
                 }
                 Err(e) => {
                     self.give_back(i, ctx);
@@ -439,6 +429,22 @@ impl ProxyConn {
             }
         }
         None
+    }
+
+    /// No socket to backend `i` could be opened or watched because this
+    /// process or machine ran out of something (descriptors, memory, epoll
+    /// watches): not a backend fault, so no passive-health blame, and no
+    /// point trying the others now.
+    fn local_failure(&mut self, i: usize, e: io::Error, ctx: &mut Ctx) -> End {
+        self.give_back(i, ctx);
+        log::warn!(
+            "route {}: cannot open a socket to a backend for client {}: {e}",
+            self.route.cfg.name,
+            self.peer
+        );
+        self.last_err = Some(e);
+        self.stop_waiting(ctx.now);
+        End::ConnectFailed
     }
 
     /// Begin waiting for a slot, until `queue_timeout` after the first
@@ -1212,6 +1218,7 @@ fn unspecified(a: SocketAddr) -> std::net::IpAddr {
 pub fn local_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        // ENOSPC: epoll_ctl past fs.epoll.max_user_watches.
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ENOSPC)
     )
 }

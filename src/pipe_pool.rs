@@ -20,7 +20,7 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::sys;
@@ -33,6 +33,9 @@ const MAX_IDLE_PIPES: usize = 256;
 const MAX_IDLE_BUFS: usize = 256;
 /// Idle buffers kept of a size the loaded configuration no longer uses.
 const MAX_IDLE_OLD: usize = 2;
+/// A pipe came out smaller than asked for, and the log said so (once).
+static SMALL_PIPE_TOLD: AtomicBool = AtomicBool::new(false);
+
 /// The period over which a free list's low-water mark is taken.
 const DECAY: Duration = Duration::from_secs(10);
 
@@ -208,6 +211,16 @@ impl PipePool {
     fn make(want: usize) -> io::Result<Pipe> {
         let (rd, wr) = sys::pipe()?;
         let cap = sys::set_pipe_size(wr.as_fd(), want)?;
+        if cap < want && !SMALL_PIPE_TOLD.swap(true, Ordering::Relaxed) {
+            // Still correct, only slower: each splice moves at most `cap`.
+            log::warn!(
+                "the kernel gave a pipe of {cap} bytes, not the {want} pipe_size asks for; \
+                 splice goes on in smaller steps. Over fs.pipe-max-size, or past \
+                 fs.pipe-user-pages-soft (all pipes of this user, in pages), the kernel \
+                 refuses larger pipes to processes without CAP_SYS_RESOURCE: raise those \
+                 sysctls or lower pipe_size (said once)"
+            );
+        }
         Ok(Pipe { rd, wr, cap, want })
     }
 

@@ -116,7 +116,14 @@ impl std::fmt::Display for StartError {
 }
 
 impl Server {
-    pub fn start(path: PathBuf, cfg: Config, env_log: bool) -> Result<Server, StartError> {
+    /// Start serving `cfg`; `signals` were installed before it was read
+    /// (see `main`).
+    pub fn start(
+        path: PathBuf,
+        cfg: Config,
+        env_log: bool,
+        mut signals: Signals,
+    ) -> Result<Server, StartError> {
         match crate::sys::raise_nofile_limit() {
             Ok(n) => log::debug!("file descriptor limit: {n}"),
             Err(e) => log::warn!("cannot raise the file descriptor limit: {e}"),
@@ -142,10 +149,8 @@ impl Server {
         .map_err(StartError)?;
         let generation = Arc::new(generation);
         let poll = Poll::new().map_err(|e| StartError(format!("cannot create a poll: {e}")))?;
-        // Handlers go in before anything can tell the world we started: a
-        // SIGHUP that came before them would kill the process.
-        let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])
-            .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
+        // Signals that came since `main` installed the handlers wait in
+        // their pipe, and are heard on the first poll.
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(|e| StartError(format!("cannot watch signals: {e}")))?;
@@ -864,6 +869,17 @@ fn notify(state: &[sd_notify::NotifyState]) {
 
 /// `sluice run`: load, start, serve. Returns the exit code.
 pub fn main(path: &Path) -> i32 {
+    // Handlers first: the configuration may take seconds to read (host
+    // names to resolve), and a SIGHUP meanwhile (a deploy script's
+    // reload) would end the process, whose default action that is. Now it
+    // waits, and is heard once the server runs: a reload, or a stop.
+    let signals = match Signals::new([SIGHUP, SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sluice: cannot install signal handlers: {e}");
+            return 1;
+        }
+    };
     let cfg = match config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -888,7 +904,7 @@ pub fn main(path: &Path) -> i32 {
     if !env_log {
         log::set_max_level(cfg.global.log_level);
     }
-    match Server::start(path.to_path_buf(), cfg, env_log) {
+    match Server::start(path.to_path_buf(), cfg, env_log, signals) {
         Ok(s) => s.run(),
         Err(e) => {
             log::error!("{e}");

@@ -625,3 +625,66 @@ fn a_quiet_worker_does_not_wake_for_the_timers_of_ended_connections() {
          {due:?}, came due"
     );
 }
+
+/// Without CAP_SYS_RESOURCE (as the shipped unit runs it), the kernel
+/// refuses pipes larger than fs.pipe-max-size, and any growth once the
+/// user's pipes pass fs.pipe-user-pages-soft. Relaying still works, in
+/// smaller steps, and the log says so once, with what to change, instead
+/// of nothing. Here root runs sluice with that capability dropped from its
+/// bounding set and asks for pipes of twice pipe-max-size.
+#[test]
+fn pipes_smaller_than_asked_for_are_said_once_and_still_relay() {
+    use std::io::Read;
+    let max: usize = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let b = Backend::named("b");
+    let port = free_port();
+    let want = 2 * max;
+    let toml = config(
+        "log_level = \"info\"",
+        &[route(
+            "r",
+            port,
+            &[b.addr],
+            &format!("strategy = \"splice\"\npipe_size = {want}"),
+        )],
+    );
+    let sl = Sluice::start_wrapped(
+        "small-pipes",
+        &toml,
+        &["setpriv", "--bounding-set=-sys_resource", "--"],
+    );
+    for i in 0..2u64 {
+        let mut c = connect(v4(port));
+        assert_eq!(read_line(&mut c), "b");
+        let mut w = c.try_clone().unwrap();
+        let len = 4 << 20;
+        let writer = thread::spawn(move || {
+            let d = send_data(&mut w, 40 + i, len);
+            w.shutdown(Shutdown::Write).unwrap();
+            d
+        });
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        assert_eq!(
+            Some(digest_of(&back)),
+            Some(writer.join().unwrap()),
+            "echo {i}"
+        );
+    }
+    let a = sl.wait_access(2, Duration::from_secs(10));
+    assert!(a.iter().all(|l| l["up_strategy"] == "splice"), "{a:?}");
+    let told: Vec<String> = sl
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("the kernel gave a pipe of"))
+        .collect();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(
+        told[0].contains(&format!("not the {want} pipe_size asks for")),
+        "{told:?}"
+    );
+}

@@ -678,24 +678,7 @@ fn a_listener_a_worker_cannot_watch_is_tried_again() {
         "reload-unwatched",
         &format!("[global]\nworkers = 2\n\n{}", route("r", port, b.addr)),
     );
-    let task = worker_task(sl.pid(), 0);
-    let tid = task.file_name().unwrap().to_str().unwrap();
-    let out = sl.dir.join("strace.txt");
-    let mut strace = std::process::Command::new("strace")
-        .args(["-p", tid, "-e", "trace=epoll_ctl"])
-        .args(["-e", "inject=epoll_ctl:error=ENOMEM:when=2", "-o"])
-        .arg(&out)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("strace is required for this test (.ci/run installs it)");
-    let mut err = std::io::BufReader::new(strace.stderr.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
-    assert!(
-        line.contains("attached"),
-        "strace could not attach to the worker thread (it needs ptrace rights over \
-         another process: root, or kernel.yama.ptrace_scope=0): {line}"
-    );
+    let strace = ThreadTrace::attach(&sl, 0, "epoll_ctl", "epoll_ctl:error=ENOMEM:when=2");
 
     sl.signal("HUP");
     sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
@@ -703,11 +686,7 @@ fn a_listener_a_worker_cannot_watch_is_tried_again() {
         &format!("worker 0: watching 127.0.0.1:{port} now"),
         Duration::from_secs(5),
     );
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &strace.id().to_string()])
-        .status();
-    let _ = strace.wait();
-    let trace = std::fs::read_to_string(&out).unwrap();
+    let trace = strace.finish();
     assert!(
         trace.contains("EPOLL_CTL_ADD")
             && trace.contains("ENOMEM (Cannot allocate memory) (INJECTED)"),
@@ -733,4 +712,54 @@ fn a_listener_a_worker_cannot_watch_is_tried_again() {
             "worker {w} served none of {n}: {lines:?}"
         );
     }
+}
+
+/// A SIGHUP while sluice still reads its configuration (here a FIFO the
+/// test has not written yet; in life, host names that take seconds to
+/// resolve) waits for the server and then reloads it. Before, the
+/// handlers went in after the read, and SIGHUP's default action ended
+/// the process.
+#[test]
+fn a_sighup_while_starting_is_a_reload_not_the_end() {
+    let dir = temp_dir("sighup-at-start");
+    let config = dir.join("sluice.toml");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&config)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let b = Backend::named("b");
+    let port = free_port();
+    let toml = format!(
+        "[global]\nworkers = 1\n\n[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\n\
+         backends = [\"{}\"]\n",
+        b.addr
+    );
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info");
+    let mut sl = Sluice::launch(dir, config.clone(), cmd);
+    // sluice now waits in the FIFO's open for a writer.
+    thread::sleep(Duration::from_millis(300));
+    let st = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(sl.child_pid().to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(
+        sl.wait_exit(Duration::from_millis(300)),
+        None,
+        "a SIGHUP before the configuration was read ended sluice"
+    );
+    std::fs::write(&config, &toml).unwrap();
+    sl.wait_started();
+    // The SIGHUP that waited: a reload, which reads the FIFO again.
+    let (cfg2, toml2) = (config.clone(), toml.clone());
+    thread::spawn(move || std::fs::write(cfg2, toml2));
+    sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
+    let mut c = connect(SocketAddr::from(([127, 0, 0, 1], port)));
+    assert_eq!(read_line(&mut c), "b");
 }

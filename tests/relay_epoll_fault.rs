@@ -1,6 +1,6 @@
-//! One relay test that injects a kernel fault by counting syscalls
-//! (strace `when=`): in a file of its own, so its test binary runs alone
-//! and no other test's load reorders the calls it counts.
+//! Relay tests that inject a kernel fault by counting syscalls (strace
+//! `when=`): in a file of their own, so their test binary runs alone and
+//! no other test's load reorders the calls they count.
 
 mod common;
 
@@ -127,5 +127,63 @@ fn a_socket_that_cannot_be_watched_again_ends_its_connection() {
     panic!(
         "in {} attempts the injected failure never hit the re-watch",
         whens.len()
+    );
+}
+
+/// epoll refuses a new backend socket (ENOSPC: past
+/// fs.epoll.max_user_watches; injected by strace, attached to the worker
+/// thread alone, into its second epoll_ctl: the first client's, then its
+/// backend's): that is this machine's limit, not the backend's fault. The
+/// client is closed (end=connect_failed), the backend gets no failure
+/// against it, and the next client is served by it. Before, the failure
+/// counted against the backend and, repeated `fall` times, took a healthy
+/// one out.
+#[test]
+fn a_backend_socket_epoll_refuses_is_not_held_against_the_backend() {
+    let b = Backend::named("b");
+    let (port, aport) = (free_port(), free_port());
+    let cfg = format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n",
+        proxy_config(port, &[b.addr.to_string()], "")
+    )
+    .replacen("[global]\n", "[global]\nworkers = 1\n", 1);
+    let sl = Sluice::start("epoll-enospc", &cfg);
+    let strace = ThreadTrace::attach(&sl, 0, "epoll_ctl", "epoll_ctl:error=ENOSPC:when=2");
+    let mut c = connect(addr(port));
+    assert_eq!(
+        read_to_close(&mut c),
+        b"",
+        "the first client is closed unserved"
+    );
+    let a = sl.wait_access(1, Duration::from_secs(10));
+    assert_eq!(a[0]["end"], "connect_failed", "{:?}", a[0]);
+    let mut c = connect(addr(port));
+    assert_eq!(read_line(&mut c), "b", "the next client is served");
+    let text = strace.finish();
+    let injected = text.lines().find(|l| l.contains("INJECTED")).unwrap_or("");
+    assert!(
+        injected.contains("EPOLL_CTL_ADD") && injected.contains("u32=1,"),
+        "the fault hit another call: {injected:?}"
+    );
+    let m = common::admin::scrape(addr(aport));
+    let ab = b.addr.to_string();
+    let labels = [
+        ("route", "r"),
+        ("backend", ab.as_str()),
+        ("address", ab.as_str()),
+    ];
+    assert_eq!(
+        (
+            m.get("sluice_backend_connect_failures_total", &labels),
+            m.get("sluice_backend_up", &labels)
+        ),
+        (0.0, 1.0)
+    );
+    assert!(
+        sl.logs()
+            .iter()
+            .any(|l| l.contains("cannot open a socket to a backend") && l.contains("No space")),
+        "{:?}",
+        sl.logs()
     );
 }

@@ -153,6 +153,12 @@ impl Sluice {
         }
     }
 
+    /// The process the harness spawned (sluice itself, without a wrapper),
+    /// before it said it started.
+    pub fn child_pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Wait for sluice's "started (pid N)" line and remember N (the
     /// process a wrapper such as systemd-socket-activate started).
     pub fn wait_started(&mut self) {
@@ -572,6 +578,50 @@ pub fn strace_fault_when(syscall: &str, errno: &str, when: &str) -> Vec<String> 
     v.push(format!("inject={syscall}:error={errno}:when={when}"));
     v.push("--".into());
     v
+}
+
+/// strace attached to one worker thread of a running sluice (its calls
+/// alone are counted, so `when=N` is that thread's Nth call), tracing one
+/// syscall and injecting a fault as `-e inject=` takes it (e.g.
+/// "epoll_ctl:error=ENOMEM:when=2").
+pub struct ThreadTrace {
+    child: Child,
+    out: PathBuf,
+}
+
+impl ThreadTrace {
+    /// Attach to worker `worker` of `sl`; returns once strace is attached.
+    pub fn attach(sl: &Sluice, worker: usize, syscall: &str, inject: &str) -> ThreadTrace {
+        require_strace();
+        let task = worker_task(sl.pid(), worker);
+        let tid = task.file_name().unwrap().to_str().unwrap().to_string();
+        let out = sl.dir.join(format!("strace-{tid}.txt"));
+        let mut child = Command::new("strace")
+            .args(["-p", &tid, "-e", &format!("trace={syscall}")])
+            .args(["-e", &format!("inject={inject}"), "-o"])
+            .arg(&out)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("strace");
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        assert!(
+            line.contains("attached"),
+            "strace could not attach to the worker thread (it needs ptrace rights over \
+             another process: root, or kernel.yama.ptrace_scope=0): {line}"
+        );
+        ThreadTrace { child, out }
+    }
+
+    /// Detach and return what strace wrote.
+    pub fn finish(mut self) -> String {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.out).unwrap()
+    }
 }
 
 /// Fail the test, not skip it, when strace is missing: `.ci/run`
