@@ -329,11 +329,14 @@ impl ProxyConn {
         &self.route
     }
 
-    /// Whether opening a backend socket failed for want of descriptors
-    /// (or memory) in this process (a relayed connection's error, kept
+    /// What this process ran short of, if opening or watching a backend
+    /// socket failed for want of it (a relayed connection's error, kept
     /// for the access line, says nothing about that).
-    pub fn out_of_descriptors(&self) -> bool {
-        self.backend.is_none() && self.last_err.as_ref().is_some_and(local_exhaustion)
+    pub fn shortage(&self) -> Option<Shortage> {
+        if self.backend.is_some() {
+            return None;
+        }
+        self.last_err.as_ref().and_then(shortage)
     }
 
     /// Try backends in balance order until a non-blocking connect starts;
@@ -1216,9 +1219,36 @@ fn unspecified(a: SocketAddr) -> std::net::IpAddr {
 
 /// Errors that say this process is out of descriptors or memory.
 pub fn local_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        // ENOSPC: epoll_ctl past fs.epoll.max_user_watches.
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ENOSPC)
-    )
+    shortage(e).is_some()
+}
+
+/// What a local errno says this process or machine ran short of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shortage {
+    /// EMFILE, ENFILE.
+    Descriptors,
+    /// ENOMEM, ENOBUFS.
+    Memory,
+    /// ENOSPC from epoll_ctl: past fs.epoll.max_user_watches.
+    EpollWatches,
+}
+
+impl Shortage {
+    /// For the log: what ran out.
+    pub fn what(self) -> &'static str {
+        match self {
+            Shortage::Descriptors => "out of file descriptors",
+            Shortage::Memory => "out of kernel memory",
+            Shortage::EpollWatches => "out of epoll watches (fs.epoll.max_user_watches)",
+        }
+    }
+}
+
+pub fn shortage(e: &io::Error) -> Option<Shortage> {
+    match e.raw_os_error()? {
+        libc::EMFILE | libc::ENFILE => Some(Shortage::Descriptors),
+        libc::ENOMEM | libc::ENOBUFS => Some(Shortage::Memory),
+        libc::ENOSPC => Some(Shortage::EpollWatches),
+        _ => None,
+    }
 }

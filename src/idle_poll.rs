@@ -10,11 +10,13 @@
 //!
 //! So the window adapts, much as Linux's `cpuidle-haltpoll` governor
 //! adapts a virtual CPU's halt polling, learning only from idle periods
-//! that ended in a sleep: one within `busy_poll` (the most the window may
-//! be) grows the window to cover it (the next power of two of its
-//! length, so a 50 µs gap costs 64 µs of polling, not a fixed share of
-//! `busy_poll`); one longer than `busy_poll` halves it, down to nothing
-//! below `FLOOR`. An event the polling caught leaves the window as it is.
+//! that ended in a poll allowed to sleep: one within `busy_poll` (the
+//! most the window may be) grows the window to cover it (the next power
+//! of two of its length, so a 50 µs gap costs 64 µs of polling, and an
+//! event already queued when the worker went to sleep a microsecond or
+//! two, not a fixed share of `busy_poll`); one longer than `busy_poll`
+//! halves it, down to nothing below `FLOOR`. An event the polling caught
+//! leaves the window as it is.
 //! So a worker whose events come far apart, or not at all, soon sleeps at
 //! once; one under a steady stream of events polls through the gaps; and
 //! request/response traffic with long pauses polls about as long as the
@@ -170,15 +172,27 @@ mod tests {
     }
 
     #[test]
-    fn a_period_that_never_slept_teaches_nothing() {
-        // The event was already queued when the worker polled (no sleep):
-        // the window stays as it is, so request/response traffic with long
-        // pauses does not learn a window from its quick turns.
+    fn an_event_caught_while_polling_teaches_nothing() {
+        let mut p = IdlePoll::new(Duration::from_millis(10));
+        let mut t = Instant::now();
+        idle_for(&mut p, &mut t, 40 * US);
+        assert_eq!(p.window(), Duration::from_nanos(65_536));
+        // Caught by a zero-timeout poll inside the window: no change.
+        assert!(p.keep_polling(t));
+        p.woken(t + 3 * US, false);
+        assert_eq!(p.window(), Duration::from_nanos(65_536));
+    }
+
+    #[test]
+    fn an_event_already_queued_teaches_only_its_few_microseconds() {
+        // With no window the worker goes to sleep and finds an event
+        // already queued: that idle period (3 µs) is what a window would
+        // have had to cover, not a share of busy_poll.
         let mut p = IdlePoll::new(Duration::from_millis(10));
         let t = Instant::now();
         assert!(!p.keep_polling(t));
-        p.woken(t + 3 * US, false);
-        assert_eq!(p.window(), Duration::ZERO);
+        p.woken(t + 3 * US, true);
+        assert_eq!(p.window(), Duration::from_nanos(4_096));
     }
 
     #[test]

@@ -150,7 +150,14 @@ impl Server {
         let generation = Arc::new(generation);
         let poll = Poll::new().map_err(|e| StartError(format!("cannot create a poll: {e}")))?;
         // Signals that came since `main` installed the handlers wait in
-        // their pipe, and are heard on the first poll.
+        // their pipe, and are heard on the first poll. The stop signals
+        // join only now: until here one ends the process at once (as it
+        // should while the configuration may still take long to read).
+        for sig in [SIGTERM, SIGINT] {
+            signals
+                .add_signal(sig)
+                .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
+        }
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(|e| StartError(format!("cannot watch signals: {e}")))?;
@@ -873,7 +880,7 @@ pub fn main(path: &Path) -> i32 {
     // names to resolve), and a SIGHUP meanwhile (a deploy script's
     // reload) would end the process, whose default action that is. Now it
     // waits, and is heard once the server runs: a reload, or a stop.
-    let signals = match Signals::new([SIGHUP, SIGTERM, SIGINT]) {
+    let signals = match Signals::new([SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("sluice: cannot install signal handlers: {e}");

@@ -49,7 +49,7 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use crate::config::RouteKind;
-use crate::conn::{Ctx, End, ProxyConn, Side, token};
+use crate::conn::{Ctx, End, ProxyConn, Shortage, Side, token};
 use crate::file_conn::{FileConn, OpenFiles};
 use crate::handshake::{Accepted, Handshake, Step};
 use crate::idle_poll::IdlePoll;
@@ -1078,7 +1078,10 @@ impl Worker {
                 }
             }
         }
-        let starved = matches!(&entry.sess, Session::Proxy(c) if c.out_of_descriptors());
+        let starved = match &entry.sess {
+            Session::Proxy(c) => c.shortage(),
+            _ => None,
+        };
         let fallback = matches!(end, End::ConnectFailed | End::NoBackend | End::QueueTimeout)
             && route.proxy().is_some_and(|p| p.fallback_file.is_some());
         let key = self.slab.vacant_key();
@@ -1103,8 +1106,8 @@ impl Worker {
                     Some(fend) => self.close(entry, fend, now),
                     None => self.insert_new(key, entry),
                 }
-                if starved {
-                    self.after_close(true, now);
+                if starved.is_some() {
+                    self.after_close(starved, now);
                 }
                 return;
             }
@@ -1118,25 +1121,29 @@ impl Worker {
 
     /// A closed session gave its descriptors back, so listeners resting
     /// after EMFILE may accept again now rather than at their timer —
-    /// unless the session ended for want of a descriptor itself: then
-    /// every listener rests, and queued clients wait in the backlog
-    /// instead of being accepted only to be dropped (as HAProxy and nginx
-    /// do on EMFILE).
-    fn after_close(&mut self, starved: bool, now: Instant) {
-        if starved {
+    /// unless the session ended for want of something local itself
+    /// (descriptors, kernel memory, epoll watches): then every listener
+    /// rests, and queued clients wait in the backlog instead of being
+    /// accepted only to be dropped (as HAProxy and nginx do on EMFILE).
+    fn after_close(&mut self, starved: Option<Shortage>, now: Instant) {
+        if let Some(short) = starved {
             log::warn!(
-                "worker {}: out of file descriptors; pausing accepts for {ACCEPT_PAUSE:?}",
-                self.id
+                "worker {}: {}; pausing accepts for {ACCEPT_PAUSE:?}",
+                self.id,
+                short.what()
             );
-            // Connections come before cached files and idle pipes.
-            self.files.shed();
-            self.pipes.shed();
+            if short != Shortage::EpollWatches {
+                // Connections come before cached files and idle pipes,
+                // which hold descriptors and memory (not epoll watches).
+                self.files.shed();
+                self.pipes.shed();
+            }
         }
         for (i, l) in self.listeners.iter_mut().enumerate() {
             if !l.watched {
                 continue; // rests until its next try to be watched
             }
-            if starved {
+            if starved.is_some() {
                 l.paused_until.get_or_insert(now + ACCEPT_PAUSE);
             } else if l.paused_until.take().is_some() && !self.backlog.contains(&i) {
                 self.backlog.push(i);

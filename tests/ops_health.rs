@@ -514,8 +514,18 @@ fn checks_on_a_send_proxy_route_send_a_local_header() {
         c.read_to_end(&mut got).unwrap();
         assert!(got.ends_with(b"\r\n\r\nok"), "{got:?}");
         let client = format!("{:?}", Some(c.local_addr().unwrap()));
-        drop(sl);
+        let proxied = if version == "v1" { "TCP4" } else { "PROXY" };
+        let want_client = format!("{version} {proxied} {client} GET / HTTP/1.1");
+        // The backend notes the client once its handler returns, a moment
+        // after the client saw the close. sluice runs on meanwhile, so no
+        // probe is cut before its header (stopping it could).
+        let end = Instant::now() + Duration::from_secs(5);
+        while !b.results().contains(&want_client) {
+            assert!(Instant::now() < end, "{:?}", b.results());
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let results = b.results();
+        drop(sl);
         let want_check = if http {
             format!("{version} {local} None GET /health HTTP/1.0")
         } else {
@@ -523,8 +533,6 @@ fn checks_on_a_send_proxy_route_send_a_local_header() {
         };
         let checks = results.iter().filter(|r| **r == want_check).count();
         assert!(checks >= 4, "{version} http={http}: {results:?}");
-        let proxied = if version == "v1" { "TCP4" } else { "PROXY" };
-        let want_client = format!("{version} {proxied} {client} GET / HTTP/1.1");
         assert!(
             results
                 .iter()

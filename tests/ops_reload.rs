@@ -714,6 +714,57 @@ fn a_listener_a_worker_cannot_watch_is_tried_again() {
     }
 }
 
+/// Wait until process `pid` sits in the open of a FIFO no one writes yet
+/// (its handlers, if it installs them first, are in by then).
+fn wait_in_fifo_open(pid: u32) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        if wchan.contains("wait_for_partner") || wchan.contains("fifo") {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "sluice never blocked in the FIFO: {wchan:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A SIGTERM (a service manager's stop) or SIGINT (Ctrl-C) while the
+/// configuration is still being read (a FIFO no one writes; in life, host
+/// names that take long to resolve, or a hung network filesystem) ends
+/// sluice at once: only SIGHUP waits for the server (found by review: the
+/// first version of the early handlers made the stop wait for the read,
+/// then start serving, then drain).
+#[test]
+fn a_stop_signal_while_starting_ends_sluice_at_once() {
+    for sig in ["TERM", "INT"] {
+        let dir = temp_dir(&format!("stop-at-start-{sig}"));
+        let config = dir.join("sluice.toml");
+        let st = std::process::Command::new("mkfifo")
+            .arg(&config)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.arg("run").arg("--config").arg(&config);
+        let mut sl = Sluice::launch(dir, config, cmd);
+        wait_in_fifo_open(sl.child_pid());
+        let st = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(sl.child_pid().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let st = sl.wait_exit(Duration::from_secs(3));
+        assert!(
+            st.is_some_and(|st| !st.success()),
+            "SIG{sig} while the configuration was read: {st:?}"
+        );
+    }
+}
+
 /// A SIGHUP while sluice still reads its configuration (here a FIFO the
 /// test has not written yet; in life, host names that take seconds to
 /// resolve) waits for the server and then reloads it. Before, the
@@ -741,8 +792,7 @@ fn a_sighup_while_starting_is_a_reload_not_the_end() {
         .arg(&config)
         .env("RUST_LOG", "info");
     let mut sl = Sluice::launch(dir, config.clone(), cmd);
-    // sluice now waits in the FIFO's open for a writer.
-    thread::sleep(Duration::from_millis(300));
+    wait_in_fifo_open(sl.child_pid());
     let st = std::process::Command::new("kill")
         .arg("-HUP")
         .arg(sl.child_pid().to_string())

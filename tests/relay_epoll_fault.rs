@@ -15,6 +15,10 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// The tests of this file take turns: each counts its own sluice's
+/// calls, which another test's load can reorder.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn proxy_config(port: u16, backends: &[String], extra: &str) -> String {
     let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     format!(
@@ -37,6 +41,7 @@ fn proxy_config(port: u16, backends: &[String], extra: &str) -> String {
 /// sixth to ninth call) if it was not that re-watch.
 #[test]
 fn a_socket_that_cannot_be_watched_again_ends_its_connection() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let len = 1 << 20;
     let b = Backend::spawn_on(small_mss_listener(), move |mut s| {
         s.set_nodelay(true).unwrap();
@@ -140,6 +145,7 @@ fn a_socket_that_cannot_be_watched_again_ends_its_connection() {
 /// one out.
 #[test]
 fn a_backend_socket_epoll_refuses_is_not_held_against_the_backend() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let b = Backend::named("b");
     let (port, aport) = (free_port(), free_port());
     let cfg = format!(
@@ -179,11 +185,17 @@ fn a_backend_socket_epoll_refuses_is_not_held_against_the_backend() {
         ),
         (0.0, 1.0)
     );
+    let logs = sl.logs();
     assert!(
-        sl.logs()
-            .iter()
+        logs.iter()
             .any(|l| l.contains("cannot open a socket to a backend") && l.contains("No space")),
-        "{:?}",
-        sl.logs()
+        "{logs:?}"
+    );
+    // The worker names what ran out, and rests its listeners a moment.
+    assert!(
+        logs.iter().any(|l| l.contains(
+            "worker 0: out of epoll watches (fs.epoll.max_user_watches); pausing accepts"
+        )) && !logs.iter().any(|l| l.contains("out of file descriptors")),
+        "{logs:?}"
     );
 }
