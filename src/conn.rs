@@ -1217,7 +1217,8 @@ fn unspecified(a: SocketAddr) -> std::net::IpAddr {
     }
 }
 
-/// Errors that say this process is out of descriptors or memory.
+/// Errors that say this process or machine ran short of something local
+/// (descriptors, memory, epoll watches): not a peer's fault.
 pub fn local_exhaustion(e: &io::Error) -> bool {
     shortage(e).is_some()
 }
@@ -1244,6 +1245,7 @@ impl Shortage {
     }
 }
 
+/// The shortage an errno reports, if it is a local one.
 pub fn shortage(e: &io::Error) -> Option<Shortage> {
     match e.raw_os_error()? {
         libc::EMFILE | libc::ENFILE => Some(Shortage::Descriptors),
