@@ -710,13 +710,30 @@ pub fn blackhole() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {
 /// sends piles up on the server's side as soon as the client stops
 /// reading. Reads time out after 60 s.
 pub fn small_buffer_client(addr: SocketAddr, rcvbuf: usize) -> TcpStream {
+    try_small_buffer_client(addr, rcvbuf).unwrap()
+}
+
+/// `small_buffer_client` for a server that may reset the connection at
+/// once: the reset can land before the connect is seen to complete, and
+/// the connect then fails with it.
+pub fn try_small_buffer_client(addr: SocketAddr, rcvbuf: usize) -> std::io::Result<TcpStream> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     s.set_recv_buffer_size(rcvbuf).unwrap();
-    s.connect_timeout(&addr.into(), Duration::from_secs(5))
-        .unwrap();
+    s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
     let s: TcpStream = s.into();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s
+    Ok(s)
+}
+
+/// Read a raw route's whole stream as `read_to_end_how` does; a reset
+/// that came before the connect completed reads as nothing, then the
+/// reset.
+pub fn read_raw_how(addr: SocketAddr, rcvbuf: usize) -> (Vec<u8>, Option<std::io::ErrorKind>) {
+    match try_small_buffer_client(addr, rcvbuf) {
+        Ok(mut c) => read_to_end_how(&mut c),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => (Vec::new(), Some(e.kind())),
+        Err(e) => panic!("connect to {addr}: {e}"),
+    }
 }
 
 /// Connect with a timeout and read/write timeouts so a broken proxy
