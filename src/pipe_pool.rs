@@ -57,11 +57,11 @@ impl Decay {
         }
     }
 
-    /// The list holds `idle` items after one was added at `now`: a
-    /// period starts if none runs.
-    fn added(&mut self, idle: usize, now: Instant) {
+    /// The list holds `idle` items after one was added: a period starts
+    /// if none runs (the clock is read only then, not per item).
+    fn added(&mut self, idle: usize) {
         if self.due.is_none() {
-            self.due = Some(now + DECAY);
+            self.due = Some(Instant::now() + DECAY);
             self.low = idle;
         }
     }
@@ -279,7 +279,7 @@ impl PipePool {
             return;
         }
         self.idle += 1;
-        self.decay.added(self.idle, Instant::now());
+        self.decay.added(self.idle);
         match self.free.iter_mut().find(|(w, _)| *w == pipe.want) {
             Some((_, list)) => list.push(pipe),
             None => self.free.push((pipe.want, vec![pipe])),
@@ -334,6 +334,12 @@ impl BufPool {
 
     /// Free the idle buffers that were not needed through a whole period.
     pub fn sweep(&mut self, now: Instant) {
+        // Called every loop turn: nothing to do until a period ends. Lists
+        // a burst emptied stay between sweeps, so giving a buffer back does
+        // not allocate a list again.
+        if self.next_sweep().is_none_or(|t| now < t) {
+            return;
+        }
         for l in &mut self.free {
             let n = l.decay.expired(l.bufs.len(), now);
             l.bufs.truncate(l.bufs.len() - n);
@@ -376,7 +382,7 @@ impl BufPool {
         let l = &mut self.free[i];
         if l.bufs.len() < cap {
             l.bufs.push(buf);
-            l.decay.added(l.bufs.len(), Instant::now());
+            l.decay.added(l.bufs.len());
         }
     }
 }

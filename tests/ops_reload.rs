@@ -714,14 +714,30 @@ fn a_listener_a_worker_cannot_watch_is_tried_again() {
     }
 }
 
-/// Wait until process `pid` sits in the open of a FIFO no one writes yet
-/// (its handlers, if it installs them first, are in by then).
-fn wait_in_fifo_open(pid: u32) {
+/// Start sluice on a configuration file that is a FIFO no one writes yet
+/// (in life: host names that take seconds to resolve, a hung network
+/// filesystem), and return once it sits in the FIFO's open (its handlers,
+/// if it installs them first, are in by then), with the FIFO's path.
+fn start_reading_a_fifo(name: &str) -> (Sluice, std::path::PathBuf) {
+    let dir = temp_dir(name);
+    let config = dir.join("sluice.toml");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&config)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info");
+    let sl = Sluice::launch(dir, config.clone(), cmd);
+    let pid = sl.child_pid();
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
         if wchan.contains("wait_for_partner") || wchan.contains("fifo") {
-            return;
+            return (sl, config);
         }
         assert!(
             Instant::now() < end,
@@ -729,6 +745,16 @@ fn wait_in_fifo_open(pid: u32) {
         );
         thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Send `sig` to a sluice that has not said it started yet.
+fn signal_child(sl: &Sluice, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(sl.child_pid().to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
 }
 
 /// A SIGTERM (a service manager's stop) or SIGINT (Ctrl-C) while the
@@ -740,23 +766,8 @@ fn wait_in_fifo_open(pid: u32) {
 #[test]
 fn a_stop_signal_while_starting_ends_sluice_at_once() {
     for sig in ["TERM", "INT"] {
-        let dir = temp_dir(&format!("stop-at-start-{sig}"));
-        let config = dir.join("sluice.toml");
-        let st = std::process::Command::new("mkfifo")
-            .arg(&config)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let mut cmd = std::process::Command::new(BIN);
-        cmd.arg("run").arg("--config").arg(&config);
-        let mut sl = Sluice::launch(dir, config, cmd);
-        wait_in_fifo_open(sl.child_pid());
-        let st = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(sl.child_pid().to_string())
-            .status()
-            .unwrap();
-        assert!(st.success());
+        let (mut sl, _) = start_reading_a_fifo(&format!("stop-at-start-{sig}"));
+        signal_child(&sl, sig);
         let st = sl.wait_exit(Duration::from_secs(3));
         assert!(
             st.is_some_and(|st| !st.success()),
@@ -772,13 +783,7 @@ fn a_stop_signal_while_starting_ends_sluice_at_once() {
 /// the process.
 #[test]
 fn a_sighup_while_starting_is_a_reload_not_the_end() {
-    let dir = temp_dir("sighup-at-start");
-    let config = dir.join("sluice.toml");
-    let st = std::process::Command::new("mkfifo")
-        .arg(&config)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let (mut sl, config) = start_reading_a_fifo("sighup-at-start");
     let b = Backend::named("b");
     let port = free_port();
     let toml = format!(
@@ -786,19 +791,7 @@ fn a_sighup_while_starting_is_a_reload_not_the_end() {
          backends = [\"{}\"]\n",
         b.addr
     );
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "info");
-    let mut sl = Sluice::launch(dir, config.clone(), cmd);
-    wait_in_fifo_open(sl.child_pid());
-    let st = std::process::Command::new("kill")
-        .arg("-HUP")
-        .arg(sl.child_pid().to_string())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    signal_child(&sl, "HUP");
     assert_eq!(
         sl.wait_exit(Duration::from_millis(300)),
         None,

@@ -1168,6 +1168,19 @@ fn refusing_backend() -> Backend {
     })
 }
 
+/// A client connected through sluice (`strategy`, small holders) to a
+/// `refusing_backend`; the backend must be kept alive.
+fn to_a_refusing_backend(name: &str, strategy: &str) -> (Backend, Sluice, TcpStream) {
+    let b = refusing_backend();
+    let port = free_port();
+    let sl = Sluice::start(
+        name,
+        &proxy_config(port, &[b.addr.to_string()], &small_holders(strategy)),
+    );
+    let c = connect(addr(port));
+    (b, sl, c)
+}
+
 /// The backend refuses an upload: it answers and closes with the upload
 /// unread, so sluice's next write to it meets a reset. The answer is
 /// already delivered, so sluice waits for the client's FIN and drops what
@@ -1180,13 +1193,7 @@ fn refusing_backend() -> Backend {
 #[test]
 fn an_upload_the_backend_refused_is_drained_to_the_end() {
     for strategy in ["splice", "copy"] {
-        let b = refusing_backend();
-        let port = free_port();
-        let sl = Sluice::start(
-            &format!("refused-upload-{strategy}"),
-            &proxy_config(port, &[b.addr.to_string()], &small_holders(strategy)),
-        );
-        let c = connect(addr(port));
+        let (_b, sl, c) = to_a_refusing_backend(&format!("refused-upload-{strategy}"), strategy);
         let mut w = c.try_clone().unwrap();
         let upload = 32 * MIB;
         let uploader = thread::spawn(move || {
@@ -1216,13 +1223,8 @@ fn an_upload_the_backend_refused_is_drained_to_the_end() {
 #[test]
 fn a_client_reset_while_its_upload_is_dropped_ends_as_client_reset() {
     for strategy in ["splice", "copy"] {
-        let b = refusing_backend();
-        let port = free_port();
-        let sl = Sluice::start(
-            &format!("reset-dropped-upload-{strategy}"),
-            &proxy_config(port, &[b.addr.to_string()], &small_holders(strategy)),
-        );
-        let c = connect(addr(port));
+        let (_b, sl, c) =
+            to_a_refusing_backend(&format!("reset-dropped-upload-{strategy}"), strategy);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (mut w, flag) = (c.try_clone().unwrap(), stop.clone());
         let uploader = thread::spawn(move || {
