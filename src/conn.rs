@@ -1104,6 +1104,7 @@ impl ProxyConn {
         match fallback {
             Some(Fallback::NoPipe) => Counters::inc(&c.fallback_no_pipe),
             Some(Fallback::Refused) => Counters::inc(&c.fallback_refused),
+            Some(Fallback::Memory) => Counters::inc(&c.fallback_memory),
             None => {}
         }
         if matches!(end, End::ConnectFailed | End::NoBackend | End::QueueTimeout) {

@@ -112,6 +112,8 @@ pub struct Counters {
     /// Connections that wanted to splice but had to copy, by reason.
     pub fallback_no_pipe: AtomicU64,
     pub fallback_refused: AtomicU64,
+    /// splice(2) from a socket said ENOMEM, so a chunk was copied.
+    pub fallback_memory: AtomicU64,
     /// File routes: splice bodies whose file would not fill the pipe
     /// (EAGAIN) and went on with sendfile.
     pub fallback_file_blocked: AtomicU64,

@@ -199,3 +199,68 @@ fn a_backend_socket_epoll_refuses_is_not_held_against_the_backend() {
         "{logs:?}"
     );
 }
+
+/// A splice from a socket that says ENOMEM (the kernel short of memory
+/// for a moment) loses nothing. strace makes the worker thread's first
+/// two splice calls fail with ENOMEM; both are reads from the backend
+/// into an empty pipe (the client sends nothing, and nothing is written
+/// before it was read). Each time that chunk is copied through a buffer
+/// and the next one is spliced again: the client gets every byte and then
+/// the FIN, the access line says `fallback=memory` with bytes both
+/// spliced and copied, and the metric counts one connection. Before, the
+/// first ENOMEM ended the connection with a read error.
+#[test]
+fn a_splice_short_of_memory_copies_that_chunk_and_loses_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let data: Vec<u8> = (0..4usize << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let want = digest_of(&data);
+    let b = Backend::spawn(move |mut s| {
+        if s.write_all(&data).is_err() {
+            return "cut".to_string();
+        }
+        "sent".to_string()
+    });
+    let (port, aport) = (free_port(), free_port());
+    let cfg = format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n",
+        proxy_config(port, &[b.addr.to_string()], "strategy = \"splice\"")
+    )
+    .replacen("[global]\n", "[global]\nworkers = 1\n", 1);
+    let sl = Sluice::start("splice-enomem", &cfg);
+    let strace = ThreadTrace::attach(&sl, 0, "splice", "splice:error=ENOMEM:when=1..2");
+    let mut c = connect(addr(port));
+    let got = read_to_close(&mut c);
+    assert_eq!((got.len(), digest_of(&got)), (4 << 20, want));
+    drop(c);
+    let a = sl.wait_access(1, Duration::from_secs(10));
+    let text = strace.finish();
+    let injected: Vec<&str> = text.lines().filter(|l| l.contains("INJECTED")).collect();
+    assert_eq!(injected.len(), 2, "{text}");
+    let (spliced, copied): (u64, u64) = (
+        a[0]["spliced"].parse().unwrap(),
+        a[0]["copied"].parse().unwrap(),
+    );
+    assert_eq!(
+        (
+            a[0]["end"].as_str(),
+            a[0]["fallback"].as_str(),
+            a[0]["bytes_out"].as_str()
+        ),
+        ("backend_closed", "memory", "4194304"),
+        "{:?}",
+        a[0]
+    );
+    assert!(
+        spliced > 0 && copied > 0 && spliced + copied == 4 << 20,
+        "{:?}",
+        a[0]
+    );
+    let m = common::admin::scrape(addr(aport));
+    assert_eq!(
+        m.get(
+            "sluice_route_splice_fallbacks_total",
+            &[("route", "r"), ("reason", "memory")]
+        ),
+        1.0
+    );
+}

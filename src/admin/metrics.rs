@@ -198,6 +198,7 @@ pub fn render(v: &View) -> String {
         &[
             ("no_pipe", |c| &c.fallback_no_pipe),
             ("refused", |c| &c.fallback_refused),
+            ("memory", |c| &c.fallback_memory),
             ("file_blocked", |c| &c.fallback_file_blocked),
         ],
     );

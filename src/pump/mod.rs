@@ -80,6 +80,9 @@ pub enum Fallback {
     NoPipe,
     /// splice(2) returned EINVAL/ENOSYS for this socket.
     Refused,
+    /// splice(2) from the socket said ENOMEM: the kernel was short of
+    /// memory for a moment. That chunk is copied; the next one splices.
+    Memory,
 }
 
 impl Fallback {
@@ -87,6 +90,7 @@ impl Fallback {
         match self {
             Fallback::NoPipe => "no_pipe",
             Fallback::Refused => "splice_refused",
+            Fallback::Memory => "memory",
         }
     }
 }
@@ -136,6 +140,9 @@ pub struct Flow {
     pub shut: bool,
     /// splice was refused for this socket pair: copy from now on.
     splice_refused: bool,
+    /// splice(2) into an empty pipe said ENOMEM: the next holder is a
+    /// copy buffer, and splicing resumes once it is given back.
+    copy_once: bool,
     /// `auto`: a read filled a whole buffer, so this is a bulk transfer.
     bulk: bool,
     /// splice said EAGAIN while the pipe held bytes: maybe the pipe is
@@ -182,6 +189,7 @@ impl Flow {
             eof: false,
             shut: false,
             splice_refused: false,
+            copy_once: false,
             bulk: false,
             pipe_maybe_full: false,
             spliced: 0,
@@ -469,6 +477,8 @@ impl Flow {
         if wants_splice {
             if self.splice_refused {
                 self.fallback.get_or_insert(Fallback::Refused);
+            } else if std::mem::take(&mut self.copy_once) {
+                self.fallback.get_or_insert(Fallback::Memory);
             } else if let Some(pipe) = pools.pipes.get(self.params.pipe_size) {
                 return Held::Splice(SplicePump { pipe, len: 0 });
             } else {
@@ -539,6 +549,21 @@ impl Flow {
                 self.splice_refused = true;
                 self.release(pools);
                 Ok(true)
+            }
+            Err(e) if is_splice && e.raw_os_error() == Some(libc::ENOMEM) => {
+                // The kernel could not get memory for this splice just now
+                // (pipe buffers, socket pages): nothing was lost, the bytes
+                // are still in the socket. An empty pipe goes back, and
+                // this chunk is copied through a buffer; bytes held are
+                // written out first, then the read is tried again.
+                if spliced_before == 0 {
+                    self.copy_once = true;
+                    self.release(pools);
+                    Ok(true)
+                } else {
+                    self.pipe_maybe_full = true;
+                    Ok(false)
+                }
             }
             Err(e) => Err(e),
         }
