@@ -27,6 +27,16 @@ fn proxy_config(port: u16, backends: &[String], extra: &str) -> String {
     )
 }
 
+/// One worker (so one thread to trace) relaying route "r" on `port` to
+/// `b`, with the admin endpoint on `aport`.
+fn one_worker(port: u16, aport: u16, b: &Backend, extra: &str) -> String {
+    format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n",
+        proxy_config(port, &[b.addr.to_string()], extra)
+    )
+    .replacen("[global]\n", "[global]\nworkers = 1\n", 1)
+}
+
 /// When the kernel refuses to watch a socket again (epoll_ctl fails after
 /// sluice stopped watching it for readable), the connection could wait
 /// forever: sluice must end it, reset both peers (both streams are cut),
@@ -148,12 +158,7 @@ fn a_backend_socket_epoll_refuses_is_not_held_against_the_backend() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let b = Backend::named("b");
     let (port, aport) = (free_port(), free_port());
-    let cfg = format!(
-        "{}\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n",
-        proxy_config(port, &[b.addr.to_string()], "")
-    )
-    .replacen("[global]\n", "[global]\nworkers = 1\n", 1);
-    let sl = Sluice::start("epoll-enospc", &cfg);
+    let sl = Sluice::start("epoll-enospc", &one_worker(port, aport, &b, ""));
     let strace = ThreadTrace::attach(&sl, 0, "epoll_ctl", "epoll_ctl:error=ENOSPC:when=2");
     let mut c = connect(addr(port));
     assert_eq!(
@@ -221,12 +226,10 @@ fn a_splice_short_of_memory_copies_that_chunk_and_loses_nothing() {
         "sent".to_string()
     });
     let (port, aport) = (free_port(), free_port());
-    let cfg = format!(
-        "{}\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n",
-        proxy_config(port, &[b.addr.to_string()], "strategy = \"splice\"")
-    )
-    .replacen("[global]\n", "[global]\nworkers = 1\n", 1);
-    let sl = Sluice::start("splice-enomem", &cfg);
+    let sl = Sluice::start(
+        "splice-enomem",
+        &one_worker(port, aport, &b, "strategy = \"splice\""),
+    );
     let strace = ThreadTrace::attach(&sl, 0, "splice", "splice:error=ENOMEM:when=1..2");
     let mut c = connect(addr(port));
     let got = read_to_close(&mut c);
