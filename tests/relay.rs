@@ -739,6 +739,70 @@ fn a_backend_reset_met_by_a_write_still_resets_the_client() {
     }
 }
 
+/// A client that resets while sluice is waiting to write to it. The
+/// backend sends a 1 MiB answer and then reads the upload; the client,
+/// with a small receive buffer, sends its upload, reads one byte and
+/// closes with the answer unread: its kernel resets. sluice, holding
+/// answer bytes and waiting for the client to take them, must pass the
+/// reset on: the backend has nothing left unread on sluice's side, so
+/// only sluice decides how it ends, and it must end on a reset, never on
+/// a FIN that makes the client's stream look complete.
+#[test]
+fn a_client_reset_while_its_answer_waits_resets_the_backend() {
+    let b = Backend::spawn(move |mut s| {
+        send_data(&mut s, 24, 1 << 20);
+        let (me, peer) = (
+            s.local_addr().unwrap().port(),
+            s.peer_addr().unwrap().port(),
+        );
+        let (got, how) = read_until_end(&mut s);
+        let state = tcp4_state(me, peer);
+        let mut want = vec![0u8; got.len()];
+        DataGen::new(25).fill(&mut want);
+        format!(
+            "whole_prefix={} ended_by_reset={} ({} bytes, {how}, state {state:?})",
+            got == want,
+            how == "ConnectionReset" || (how == "eof" && state.is_none()),
+            got.len()
+        )
+    });
+    let mut finished = 0;
+    for strategy in ["splice", "copy"] {
+        for round in 0..5 {
+            let port = free_port();
+            let sl = Sluice::start(
+                "client-reset-on-write",
+                &proxy_config(
+                    port,
+                    &[b.addr.to_string()],
+                    &format!("strategy = \"{strategy}\""),
+                ),
+            );
+            let mut c = small_buffer_client(addr(port), 16 * 1024);
+            send_data(&mut c, 25, 64 * 1024);
+            let mut first = [0u8; 1];
+            c.read_exact(&mut first).unwrap();
+            // Let the upload reach the backend, then close with the answer
+            // unread: a reset, no FIN.
+            thread::sleep(Duration::from_millis(100));
+            drop(c);
+            finished += 1;
+            let done = b.wait_results(finished, Duration::from_secs(20));
+            let last = done.last().unwrap();
+            assert!(
+                last.starts_with("whole_prefix=true ended_by_reset=true"),
+                "{strategy} round {round}: the backend saw {last}"
+            );
+            let a = sl.wait_access(1, Duration::from_secs(10));
+            assert_eq!(
+                a[0]["end"], "client_reset",
+                "{strategy} round {round}: {:?}",
+                a[0]
+            );
+        }
+    }
+}
+
 /// The other order: the backend sends its whole answer and its FIN, waits,
 /// and closes with the upload unread, while the client has not read yet.
 /// sluice's next write meets the reset as EPIPE (Linux's error for a reset
