@@ -491,15 +491,20 @@ fn longest_accepted_settings_run() {
 /// listener again and again with nothing to free.
 #[test]
 fn idle_pipes_give_descriptors_back_when_they_run_out() {
-    // Echoes after a pause, with a small receive buffer, so every flow of
-    // the burst holds a pipe with bytes at the same time.
-    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    l.set_recv_buffer_size(4096).unwrap();
-    l.bind(&v4(0).into()).unwrap();
-    l.listen(64).unwrap();
-    let b = Backend::spawn_on(l.into(), |mut s| {
-        thread::sleep(Duration::from_millis(300));
-        echo(&mut s);
+    // The first clients take a download without reading it at first: each
+    // answer waits in a pipe with bytes, so the burst holds 24 pipes at
+    // once; read out, they all go to the pool. (A pipe goes back the
+    // moment it is empty, so a burst that never stalls would reuse one.)
+    // Later clients send a line and get it echoed back.
+    let b = Backend::spawn(|mut s| {
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(&mut s, &mut first).unwrap();
+        if first[0] == b'D' {
+            send_data(&mut s, 100, 8 << 20);
+        } else {
+            s.write_all(&first).unwrap();
+            echo(&mut s);
+        }
         String::new()
     });
     let port = free_port();
@@ -517,14 +522,26 @@ fn idle_pipes_give_descriptors_back_when_they_run_out() {
     );
     let pid = sl.pid();
     let before = pipe_fds(pid);
-    let burst: Vec<_> = (0..24u64)
-        .map(|i| thread::spawn(move || assert_echo(connect(v4(port)), 100 + i, 1 << 20)))
+    let mut stalled: Vec<TcpStream> = (0..24)
+        .map(|_| {
+            let mut c = small_buffer_client(v4(port), 4096);
+            c.write_all(b"D").unwrap();
+            c
+        })
         .collect();
-    for t in burst {
-        t.join().unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while pipe_fds(pid) < before + 48 && Instant::now() < until {
+        thread::sleep(Duration::from_millis(10));
     }
+    let mut want = vec![0u8; 8 << 20];
+    DataGen::new(100).fill(&mut want);
+    for c in &mut stalled {
+        let got = read_to_close(c);
+        assert!(got == want, "a download differs ({} bytes)", got.len());
+    }
+    drop(stalled);
     sl.wait_access(24, Duration::from_secs(20));
-    // Usually 40 to 48; a few are enough for the client below.
+    // Usually 48; a few are enough for the client below.
     let pooled = pipe_fds(pid) - before;
     assert!(
         pooled >= 4,

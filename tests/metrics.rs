@@ -205,6 +205,61 @@ fn idle_pipes_close_after_a_burst() {
     );
 }
 
+/// A connection that goes idle gives its pipes back. Two echo
+/// connections exchange a line each and stay open, idle, with a budget
+/// of two pipes: a third connection's 1 MiB echo still splices both ways
+/// with the pooled ones. (An idle connection used to keep an empty pipe
+/// in each direction until its next byte: the third copied, no_pipe, with
+/// pipes_in_use at 2 and none of them pooled.)
+#[test]
+fn idle_connections_hold_no_pipes() {
+    let b = Backend::spawn(|mut s| {
+        echo(&mut s);
+        String::new()
+    });
+    let (p, aport) = (free_port(), free_port());
+    let routes = route(
+        "r",
+        p,
+        &format!(
+            "backends = [\"{}\"]\nstrategy = \"splice\"\npipe_size = \"64KiB\"",
+            b.addr
+        ),
+    );
+    let sl = start(
+        "metrics-idle-pipes",
+        &config("max_pipes = 2", aport, &routes),
+        |_| {},
+    );
+    let idle: Vec<TcpStream> = (0..2)
+        .map(|i| {
+            let mut c = connect(addr(p));
+            let line = format!("hello {i}");
+            c.write_all(format!("{line}\n").as_bytes()).unwrap();
+            assert_eq!(read_line(&mut c), line);
+            c
+        })
+        .collect();
+    let m = scrape(addr(aport));
+    assert_eq!(m.get("sluice_connections_active", &[]), 2.0);
+    assert_echo(connect(addr(p)), 7, 1 << 20);
+    let a = sl.wait_access(1, Duration::from_secs(10));
+    assert_eq!(
+        (
+            a[0]["strategy"].as_str(),
+            a[0]["fallback"].as_str(),
+            a[0]["spliced"].as_str()
+        ),
+        ("splice", "-", "2097152"),
+        "{:?}",
+        a[0]
+    );
+    let m = scrape(addr(aport));
+    assert_eq!(fallbacks(&m, "r", "no_pipe"), 0.0);
+    assert!(m.get("sluice_pipes_in_use", &[]) <= 2.0);
+    drop(idle);
+}
+
 /// A splice file route with a budget of one pipe: a stalled download
 /// holds it (pipes_in_use 1), so a second download goes with sendfile and
 /// counts one no_pipe fallback.

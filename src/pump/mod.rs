@@ -536,6 +536,13 @@ impl Flow {
                     self.pipe_maybe_full = true;
                 } else {
                     sr.read = false;
+                    // The source is drained: an empty holder goes back
+                    // now, or an idle connection would keep a pipe (or a
+                    // buffer) until its next byte, out of the pool's reach
+                    // and counted against `max_pipes`.
+                    if self.pending() == 0 {
+                        self.release(pools);
+                    }
                 }
                 Ok(false)
             }
