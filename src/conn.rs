@@ -1100,12 +1100,13 @@ impl ProxyConn {
         }
         self.report(ctx.worker);
         let c = self.route.shared.stats.slot(ctx.worker);
-        let fallback = self.up.fallback.or(self.down.fallback);
-        match fallback {
-            Some(Fallback::NoPipe) => Counters::inc(&c.fallback_no_pipe),
-            Some(Fallback::Refused) => Counters::inc(&c.fallback_refused),
-            Some(Fallback::Memory) => Counters::inc(&c.fallback_memory),
-            None => {}
+        let fallbacks = Fallback::both(self.up.fallback, self.down.fallback);
+        for f in &fallbacks {
+            Counters::inc(match f {
+                Fallback::NoPipe => &c.fallback_no_pipe,
+                Fallback::Refused => &c.fallback_refused,
+                Fallback::Memory => &c.fallback_memory,
+            });
         }
         if matches!(end, End::ConnectFailed | End::NoBackend | End::QueueTimeout) {
             Counters::inc(&c.no_backend);
@@ -1146,7 +1147,10 @@ impl ProxyConn {
                 self.down.spliced + self.down.copied,
                 self.up.spliced + self.down.spliced,
                 self.up.copied + self.down.copied,
-                fallback.map(Fallback::as_str).unwrap_or("-"),
+                match fallbacks.as_slice() {
+                    [] => "-".to_string(),
+                    f => f.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(","),
+                },
                 self.queue_ms(ctx.now),
                 match (self.connect_began, self.connected_at) {
                     (Some(began), Some(at)) => {

@@ -86,6 +86,15 @@ pub enum Fallback {
 }
 
 impl Fallback {
+    /// Why a connection's two flows copied: each direction's reason, once
+    /// (two different reasons both count, the same one once).
+    pub fn both(up: Option<Fallback>, down: Option<Fallback>) -> Vec<Fallback> {
+        match (up, down) {
+            (Some(u), Some(d)) if u != d => vec![u, d],
+            (u, d) => u.or(d).into_iter().collect(),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Fallback::NoPipe => "no_pipe",
@@ -628,6 +637,19 @@ mod tests {
     /// in memory), and the pipe has one slot, so a read ahead to the FIN
     /// stops on the pipe after one segment. One `run` must still deliver
     /// everything and the FIN: no event would come to resume it.
+    #[test]
+    fn a_connection_counts_each_reason_its_flows_copied_for_once() {
+        use Fallback::*;
+        assert_eq!(Fallback::both(None, None), vec![]);
+        assert_eq!(Fallback::both(Some(NoPipe), None), vec![NoPipe]);
+        assert_eq!(Fallback::both(None, Some(Memory)), vec![Memory]);
+        assert_eq!(Fallback::both(Some(NoPipe), Some(NoPipe)), vec![NoPipe]);
+        assert_eq!(
+            Fallback::both(Some(NoPipe), Some(Memory)),
+            vec![NoPipe, Memory]
+        );
+    }
+
     #[test]
     fn reading_ahead_to_a_fin_never_strands_held_bytes() {
         let (mut peer, src) = pair();
