@@ -270,6 +270,11 @@ impl PipePool {
         }
     }
 
+    /// Whether an empty pipe given back now would be pooled (not closed).
+    pub fn would_pool(&self) -> bool {
+        self.idle < self.budget.idle_share.load(Ordering::Relaxed)
+    }
+
     /// Give a pipe back. `empty` must be true only when every byte written
     /// into it was read out again; otherwise it is closed, never reused.
     pub fn put(&mut self, pipe: Pipe, empty: bool) {

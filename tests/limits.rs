@@ -500,7 +500,7 @@ fn idle_pipes_give_descriptors_back_when_they_run_out() {
         let mut first = [0u8; 1];
         std::io::Read::read_exact(&mut s, &mut first).unwrap();
         if first[0] == b'D' {
-            send_data(&mut s, 100, 8 << 20);
+            send_data(&mut s, 100, 2 << 20);
         } else {
             s.write_all(&first).unwrap();
             echo(&mut s);
@@ -522,18 +522,25 @@ fn idle_pipes_give_descriptors_back_when_they_run_out() {
     );
     let pid = sl.pid();
     let before = pipe_fds(pid);
+    // A small window (and MSS) keeps sluice's send buffer to each client
+    // far below 2 MiB, whatever the kernel's tcp_wmem and cached metrics.
     let mut stalled: Vec<TcpStream> = (0..24)
         .map(|_| {
-            let mut c = small_buffer_client(v4(port), 4096);
+            let mut c = small_window_client(port);
             c.write_all(b"D").unwrap();
             c
         })
         .collect();
     let until = Instant::now() + Duration::from_secs(10);
-    while pipe_fds(pid) < before + 48 && Instant::now() < until {
+    while pipe_fds(pid) < before + 48 {
+        assert!(
+            Instant::now() < until,
+            "the stalled downloads hold {} pipe descriptors, not 48",
+            pipe_fds(pid) - before
+        );
         thread::sleep(Duration::from_millis(10));
     }
-    let mut want = vec![0u8; 8 << 20];
+    let mut want = vec![0u8; 2 << 20];
     DataGen::new(100).fill(&mut want);
     for c in &mut stalled {
         let got = read_to_close(c);

@@ -739,18 +739,20 @@ fn a_backend_reset_met_by_a_write_still_resets_the_client() {
     }
 }
 
-/// A client that resets while sluice is waiting to write to it. The
-/// backend sends a 1 MiB answer and then reads the upload; the client,
-/// with a small receive buffer, sends its upload, reads one byte and
-/// closes with the answer unread: its kernel resets. sluice, holding
-/// answer bytes and waiting for the client to take them, must pass the
-/// reset on: the backend has nothing left unread on sluice's side, so
-/// only sluice decides how it ends, and it must end on a reset, never on
-/// a FIN that makes the client's stream look complete.
+/// A client that resets with an answer on its way to it. The backend
+/// sends a 256 KiB answer, which sluice takes whole (into its pipe or
+/// buffer, 1 MiB, and its socket to the client), and then reads the
+/// upload; the client, with a small window, sends its upload, reads one
+/// byte and closes with the answer unread: its kernel resets. Nothing is
+/// left unread on sluice's side of the backend's socket (that alone would
+/// make closing it a reset), so only sluice decides how the backend's
+/// stream ends: with a reset, never a FIN that makes the client's stream
+/// look complete. (Seen to fail when sluice closes it with a FIN.)
 #[test]
 fn a_client_reset_while_its_answer_waits_resets_the_backend() {
+    let answer: usize = 256 * 1024;
     let b = Backend::spawn(move |mut s| {
-        send_data(&mut s, 24, 1 << 20);
+        let _ = s.write_all(&vec![9u8; answer]);
         let (me, peer) = (
             s.local_addr().unwrap().port(),
             s.peer_addr().unwrap().port(),
@@ -775,10 +777,12 @@ fn a_client_reset_while_its_answer_waits_resets_the_backend() {
                 &proxy_config(
                     port,
                     &[b.addr.to_string()],
-                    &format!("strategy = \"{strategy}\""),
+                    &format!(
+                        "strategy = \"{strategy}\"\npipe_size = \"1MiB\"\nbuffer_size = \"1MiB\""
+                    ),
                 ),
             );
-            let mut c = small_buffer_client(addr(port), 16 * 1024);
+            let mut c = small_window_client(port);
             send_data(&mut c, 25, 64 * 1024);
             let mut first = [0u8; 1];
             c.read_exact(&mut first).unwrap();

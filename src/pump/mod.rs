@@ -548,8 +548,11 @@ impl Flow {
                     // The source is drained: an empty holder goes back
                     // now, or an idle connection would keep a pipe (or a
                     // buffer) until its next byte, out of the pool's reach
-                    // and counted against `max_pipes`.
-                    if self.pending() == 0 {
+                    // and counted against `max_pipes`. Not a pipe the
+                    // pool would close (its idle share is full, or none
+                    // with fewer pipes than workers): a transfer whose
+                    // socket drains often would make a pipe each time.
+                    if self.pending() == 0 && (!is_splice || pools.pipes.would_pool()) {
                         self.release(pools);
                     }
                 }
@@ -632,11 +635,7 @@ mod tests {
         (a, TcpStream::from_std(b))
     }
 
-    /// The source's FIN is queued behind small segments (each its own
-    /// fragment: a byte to another socket between writes keeps them apart
-    /// in memory), and the pipe has one slot, so a read ahead to the FIN
-    /// stops on the pipe after one segment. One `run` must still deliver
-    /// everything and the FIN: no event would come to resume it.
+    /// A connection whose flows both copied counts each reason once.
     #[test]
     fn a_connection_counts_each_reason_its_flows_copied_for_once() {
         use Fallback::*;
@@ -650,6 +649,11 @@ mod tests {
         );
     }
 
+    /// The source's FIN is queued behind small segments (each its own
+    /// fragment: a byte to another socket between writes keeps them apart
+    /// in memory), and the pipe has one slot, so a read ahead to the FIN
+    /// stops on the pipe after one segment. One `run` must still deliver
+    /// everything and the FIN: no event would come to resume it.
     #[test]
     fn reading_ahead_to_a_fin_never_strands_held_bytes() {
         let (mut peer, src) = pair();
