@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -35,7 +35,7 @@ use crate::health::Checker;
 use crate::keepalive;
 use crate::pipe_pool::PipeBudget;
 use crate::route::{Kept, RouteRt};
-use crate::worker::{self, Cmd, Generation, Shared, SharedListener, Worker};
+use crate::worker::{self, Cmd, Generation, Handoff, Shared, SharedListener, Worker};
 
 const SIGNALS: Token = Token(0);
 const ADMIN: Token = Token(1);
@@ -66,8 +66,13 @@ struct Loader {
 }
 
 const LOADER_TICK: Duration = Duration::from_millis(10);
+/// How often the main thread looks whether retiring workers are done.
+const RETIRE_TICK: Duration = Duration::from_millis(500);
 
 struct WorkerHandle {
+    /// Unique for the life of the process (a reload that adds workers
+    /// gives them new ids): log lines, access lines and stats slots.
+    id: usize,
     tx: Sender<Cmd>,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
@@ -91,7 +96,13 @@ pub struct Server {
     /// Route and backend state of past generations that connections may
     /// still hold (`route::Kept`).
     kept: Kept,
+    /// The workers serving the listeners, in handoff order.
     workers: Vec<WorkerHandle>,
+    /// Workers a reload that lowered `workers` retired: they accept
+    /// nothing and finish their connections (up to `shutdown_timeout`).
+    retiring: Vec<WorkerHandle>,
+    /// The id the next started worker gets.
+    next_worker_id: usize,
     pub stats: Arc<ProcessStats>,
     /// RUST_LOG set: logging stays as it started (RUST_LOG over the start
     /// `log_level`); a reload that changes `log_level` only warns.
@@ -132,14 +143,15 @@ impl Server {
             active: AtomicUsize::new(0),
             pipes: PipeBudget::new(cfg.global.max_pipes, cfg.global.workers),
             draining: AtomicBool::new(false),
-            wakers: OnceLock::new(),
+            wakers: RwLock::new(Vec::new()),
         });
         let activated = activated_sockets(&cfg);
         let mut sockets = HashMap::new();
         let mut keepalive = HashMap::new();
+        let ids: Vec<usize> = (0..cfg.global.workers).collect();
         let generation = build_generation(
             &cfg,
-            cfg.global.workers,
+            &ids,
             1,
             None,
             &mut sockets,
@@ -178,31 +190,8 @@ impl Server {
         checker.follow(&generation.routes, poll.registry(), Instant::now());
         // Every worker's poll and waker first: each worker may wake the
         // others (see `Shared::wakers`).
-        let mut polls = Vec::new();
-        for _ in 0..cfg.global.workers {
-            let poll = Poll::new().map_err(|e| StartError(format!("cannot create a poll: {e}")))?;
-            let waker = worker::waker(&poll)
-                .map_err(|e| StartError(format!("cannot create a waker: {e}")))?;
-            polls.push((poll, Arc::new(waker)));
-        }
-        let _ = shared
-            .wakers
-            .set(polls.iter().map(|(_, w)| w.clone()).collect());
-        let mut workers = Vec::new();
-        for (id, (poll, waker)) in polls.into_iter().enumerate() {
-            let (tx, rx) = mpsc::channel();
-            let w = Worker::new(id, poll, rx, shared.clone(), generation.clone())
-                .map_err(|e| StartError(format!("worker {id}: {e}")))?;
-            let thread = std::thread::Builder::new()
-                .name(format!("sluice-w{id}"))
-                .spawn(move || w.run())
-                .map_err(|e| StartError(format!("cannot start worker {id}: {e}")))?;
-            workers.push(WorkerHandle {
-                tx,
-                waker,
-                thread: Some(thread),
-            });
-        }
+        let polls = make_polls(&ids).map_err(StartError)?;
+        let workers = start_workers(polls, &shared, &generation).map_err(StartError)?;
         log::info!(
             "sluice {} started (pid {}): {} routes, {} listeners, {} workers, pipe budget {}",
             env!("CARGO_PKG_VERSION"),
@@ -222,6 +211,8 @@ impl Server {
             activated,
             kept: Kept::default(),
             workers,
+            retiring: Vec::new(),
+            next_worker_id: ids.len(),
             stats: Arc::new(ProcessStats::default()),
             env_log,
             poll,
@@ -248,6 +239,7 @@ impl Server {
             let tick = match (stopping, &self.loader.pending) {
                 (Some(_), _) => Some(Duration::from_millis(50)),
                 (None, Some(_)) => Some(LOADER_TICK),
+                (None, None) if !self.retiring.is_empty() => Some(RETIRE_TICK),
                 (None, None) => None,
             };
             let timeout = match (wake, tick) {
@@ -271,6 +263,7 @@ impl Server {
                         shared: &self.shared,
                         process: &self.stats,
                         workers: self.workers.len(),
+                        retiring: self.retiring.len(),
                         started: self.started,
                     };
                     self.admin.on_event(token, self.poll.registry(), &view, now);
@@ -297,12 +290,13 @@ impl Server {
                 }
             }
             self.loaded();
+            self.reap_retired();
             let now = Instant::now();
             self.admin.expire(self.poll.registry(), now);
             self.checker.run(self.poll.registry(), now);
             if self.checker.changed() {
                 // Clients waiting for a backend slot may find one now.
-                for w in &self.workers {
+                for w in self.workers.iter().chain(&self.retiring) {
                     let _ = w.waker.wake();
                 }
             }
@@ -319,7 +313,7 @@ impl Server {
     /// looks complete; access lines and counters written), wait a moment
     /// for them, and exit.
     fn stop_now(&mut self) -> i32 {
-        self.send(|| Cmd::Drain(Instant::now()));
+        self.send_all(|| Cmd::Drain(Instant::now()));
         let end = Instant::now() + Duration::from_secs(2);
         while Instant::now() < end && !self.workers_finished() {
             std::thread::sleep(Duration::from_millis(5));
@@ -328,28 +322,51 @@ impl Server {
         0
     }
 
-    /// Every worker thread has returned.
+    /// Every worker thread has returned, retiring ones included.
     fn workers_finished(&self) -> bool {
         self.workers
             .iter()
+            .chain(&self.retiring)
             .all(|w| w.thread.as_ref().is_none_or(|t| t.is_finished()))
     }
 
     /// Join the worker threads that have returned.
     fn join_finished(&mut self) {
-        for w in &mut self.workers {
+        for w in self.workers.iter_mut().chain(&mut self.retiring) {
             if let Some(t) = w.thread.take_if(|t| t.is_finished()) {
                 let _ = t.join();
             }
         }
     }
 
+    /// Forget the retired workers that finished their connections: join
+    /// their threads, and take their wakers off the list the others wake.
+    fn reap_retired(&mut self) {
+        let shared = &self.shared;
+        self.retiring.retain_mut(|w| {
+            let Some(t) = w.thread.take_if(|t| t.is_finished()) else {
+                return true;
+            };
+            let _ = t.join();
+            shared
+                .wakers
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|(id, _)| *id != w.id);
+            log::info!("worker {} retired: its connections are finished", w.id);
+            false
+        });
+    }
+
+    /// To the workers serving the listeners.
     fn send(&self, make: impl Fn() -> Cmd) {
-        for w in &self.workers {
-            if w.tx.send(make()).is_ok() {
-                let _ = w.waker.wake();
-            }
-        }
+        send_to(&self.workers, make);
+    }
+
+    /// To every worker, retiring ones included.
+    fn send_all(&self, make: impl Fn() -> Cmd) {
+        send_to(&self.workers, &make);
+        send_to(&self.retiring, &make);
     }
 
     /// SIGHUP: start reading the file on a thread of its own (`loaded`
@@ -425,27 +442,33 @@ impl Server {
                 None if self.admin.addr().is_some() => Some(None),
                 _ => None,
             };
-            // The worker count is fixed for the life of the process:
-            // size socket groups and counters for the running workers.
-            let workers = &self.workers;
+            // The workers that serve the new generation: the running ones,
+            // less those a lower `workers` retires, plus new ones, whose
+            // polls come first so that a reload that cannot make them
+            // fails whole.
+            let (want, have) = (cfg.global.workers, self.workers.len());
+            let mut ids: Vec<usize> = self.workers.iter().take(want).map(|w| w.id).collect();
+            ids.extend(self.next_worker_id..self.next_worker_id + want.saturating_sub(have));
+            let polls = make_polls(&ids[have.min(want)..])?;
+            let (workers, retiring) = (&self.workers, &self.retiring);
             self.kept.remember(&self.generation.routes);
             let running = Running {
-                empty_file_caches: &|| empty_file_caches(workers),
+                empty_file_caches: &|| empty_file_caches(workers) + empty_file_caches(retiring),
                 kept: &self.kept,
             };
             let generation = build_generation(
                 &cfg,
-                workers.len(),
+                &ids,
                 self.generation.id + 1,
                 Some(running),
                 &mut self.sockets,
                 &mut self.keepalive,
                 &self.activated,
             )?;
-            Ok((cfg, generation, admin))
+            Ok((cfg, generation, admin, polls))
         });
         match result {
-            Ok((cfg, generation, admin)) => {
+            Ok((cfg, generation, admin, polls)) => {
                 if let Some(new) = admin {
                     let addr = new.as_ref().map(|(a, _)| *a);
                     if let Err(e) = self.admin.set_listener(self.poll.registry(), new) {
@@ -453,9 +476,6 @@ impl Server {
                     } else if addr.is_none() {
                         log::info!("admin: listener closed (no [admin] table any more)");
                     }
-                }
-                if cfg.global.workers != self.cfg.global.workers {
-                    log::warn!("reload: `workers` changed; it takes effect on restart only");
                 }
                 if !self.env_log {
                     log::set_max_level(cfg.global.log_level);
@@ -473,10 +493,11 @@ impl Server {
                         cfg.global.max_pipes,
                         pipes.used()
                     );
-                    pipes.set_cap(cfg.global.max_pipes, self.workers.len());
                 }
+                // Each worker's share of idle pipes follows the count too.
+                pipes.set_cap(cfg.global.max_pipes, cfg.global.workers);
                 let generation = Arc::new(generation);
-                self.send(|| Cmd::Load(generation.clone()));
+                self.resize_workers(&cfg, polls, &generation);
                 // Sockets no route listens on any more: close ours; the
                 // workers drop their duplicates as they load the new set.
                 let keep: Vec<SocketAddr> = generation.listeners.iter().map(|l| l.addr).collect();
@@ -507,6 +528,59 @@ impl Server {
         notify(&[sd_notify::NotifyState::Ready]);
     }
 
+    /// Put a reload's generation in place and bring the worker count to
+    /// `workers`: the workers that stay load it; those past the new count
+    /// stop accepting and finish their connections (their listening
+    /// sockets stay open, served by the others: see `duplicate_listeners`);
+    /// new ones start with it. `polls` are the new workers' (`make_polls`).
+    fn resize_workers(
+        &mut self,
+        cfg: &Config,
+        polls: Vec<(usize, Poll, Arc<Waker>)>,
+        generation: &Arc<Generation>,
+    ) {
+        let before = self.workers.len();
+        let stay = cfg.global.workers.min(before);
+        let retired: Vec<WorkerHandle> = self.workers.drain(stay..).collect();
+        self.send(|| Cmd::Load(generation.clone()));
+        if !retired.is_empty() {
+            let deadline = Instant::now() + cfg.global.shutdown_timeout;
+            send_to(&retired, || Cmd::Drain(deadline));
+            let ids: Vec<String> = retired.iter().map(|w| w.id.to_string()).collect();
+            log::info!(
+                "reload: workers {before} -> {}: worker(s) {} accept no more and finish their \
+                 connections (up to shutdown_timeout, {:?})",
+                cfg.global.workers,
+                ids.join(", "),
+                cfg.global.shutdown_timeout
+            );
+            self.retiring.extend(retired);
+        }
+        if polls.is_empty() {
+            return;
+        }
+        let last = polls.iter().map(|(id, _, _)| *id).max().unwrap_or(0);
+        match start_workers(polls, &self.shared, generation) {
+            Ok(new) => {
+                let ids: Vec<String> = new.iter().map(|w| w.id.to_string()).collect();
+                log::info!(
+                    "reload: workers {before} -> {}: started worker(s) {}",
+                    cfg.global.workers,
+                    ids.join(", ")
+                );
+                self.workers.extend(new);
+                self.next_worker_id = last + 1;
+            }
+            Err(e) => {
+                // Its share of every listening socket would go unserved
+                // while the process looks healthy: end it all, as a worker
+                // whose poll fails does, so the service manager restarts it.
+                log::error!("reload: {e}; aborting");
+                std::process::abort();
+            }
+        }
+    }
+
     /// SIGTERM/SIGINT: stop accepting and let connections finish.
     fn drain(&mut self) -> Instant {
         notify(&[sd_notify::NotifyState::Stopping]);
@@ -531,11 +605,11 @@ impl Server {
             open_file_cache: g.open_file_cache,
             open_file_cache_inactive: g.open_file_cache_inactive,
             busy_poll: g.busy_poll,
-            handoff: Mutex::new((0..self.workers.len()).map(|_| Vec::new()).collect()),
+            handoff: Mutex::new(self.workers.iter().map(|w| (w.id, Vec::new())).collect()),
         });
         self.send(|| Cmd::Load(closed.clone()));
         self.generation = closed;
-        self.send(|| Cmd::Drain(deadline));
+        self.send_all(|| Cmd::Drain(deadline));
         self.sockets.clear();
         deadline
     }
@@ -573,13 +647,33 @@ struct Running<'a> {
 /// address and route state of routes with the same name.
 fn build_generation(
     cfg: &Config,
-    workers: usize,
+    ids: &[usize],
     id: u64,
     running: Option<Running<'_>>,
     sockets: &mut HashMap<SocketAddr, Group>,
     keepalive: &mut HashMap<SocketAddr, keepalive::Untouched>,
     activated: &Activated,
 ) -> Result<Generation, String> {
+    // Groups grown for more workers are put back if the reload fails: a
+    // socket no worker watches would keep the clients the kernel gives it.
+    let before = sockets.clone();
+    let built = build_generation_in(cfg, ids, id, running, sockets, keepalive, activated);
+    if built.is_err() {
+        *sockets = before;
+    }
+    built
+}
+
+fn build_generation_in(
+    cfg: &Config,
+    ids: &[usize],
+    id: u64,
+    running: Option<Running<'_>>,
+    sockets: &mut HashMap<SocketAddr, Group>,
+    keepalive: &mut HashMap<SocketAddr, keepalive::Untouched>,
+    activated: &Activated,
+) -> Result<Generation, String> {
+    let workers = ids.len();
     let none = Kept::default();
     let kept = running.as_ref().map_or(&none, |r| r.kept);
     let mut routes = Vec::new();
@@ -596,6 +690,11 @@ fn build_generation(
         routes.push(Arc::new(rt));
         for addr in &r.listen {
             let sock = match sockets.get(addr) {
+                Some(s) if s.len() > 1 && s.len() < workers => {
+                    let grown = grow_group(*addr, s, workers);
+                    sockets.insert(*addr, grown.clone());
+                    grown
+                }
                 Some(s) => s.clone(),
                 None => match activated
                     .get(&(r.name.clone(), *addr))
@@ -650,7 +749,7 @@ fn build_generation(
     // the old listeners while the log says the reload went well.
     // Files the workers keep open for file routes come back first (a
     // reload empties those caches anyway).
-    let handoff = match duplicate_listeners(&listeners, workers) {
+    let handoff = match duplicate_listeners(&listeners, ids) {
         Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
             match running.as_ref().map_or(0, |r| (r.empty_file_caches)()) {
                 0 => Err(e),
@@ -659,7 +758,7 @@ fn build_generation(
                         "out of file descriptors for the listeners: closed the {n} files the \
                      workers had cached, trying again"
                     );
-                    duplicate_listeners(&listeners, workers)
+                    duplicate_listeners(&listeners, ids)
                 }
             }
         }
@@ -743,21 +842,108 @@ fn empty_file_caches(workers: &[WorkerHandle]) -> usize {
     closed
 }
 
-/// One duplicate of each listener's socket for each worker (its own
-/// socket of the group with SO_REUSEPORT, else the one shared socket), in
-/// listener order; all or nothing.
-fn duplicate_listeners(
-    listeners: &[SharedListener],
-    workers: usize,
-) -> io::Result<Vec<Vec<std::net::TcpListener>>> {
-    (0..workers)
-        .map(|w| {
-            listeners
-                .iter()
-                .map(|l| l.socks[w % l.socks.len()].try_clone())
-                .collect()
+/// Each worker's own descriptors of the listening sockets, as (listener
+/// index, socket) pairs, by worker id; all or nothing. With M workers and
+/// a group of G sockets (SO_REUSEPORT), the worker at position p takes
+/// every socket i with i % M == p when G >= M, so a group bound for more
+/// workers than now run keeps every socket served (the kernel goes on
+/// giving each its share of new clients); else socket p % G (fewer
+/// sockets than workers, or one shared socket: some workers share).
+fn duplicate_listeners(listeners: &[SharedListener], ids: &[usize]) -> io::Result<Handoff> {
+    let m = ids.len().max(1);
+    ids.iter()
+        .enumerate()
+        .map(|(p, &id)| {
+            let mut socks = Vec::new();
+            for (li, l) in listeners.iter().enumerate() {
+                let g = l.socks.len();
+                if g >= m {
+                    for i in (p..g).step_by(m) {
+                        socks.push((li, l.socks[i].try_clone()?));
+                    }
+                } else {
+                    socks.push((li, l.socks[p % g].try_clone()?));
+                }
+            }
+            Ok((id, socks))
         })
         .collect()
+}
+
+/// A reload raised `workers`: bind more sockets into an address's
+/// SO_REUSEPORT group, one per worker, so the kernel spreads new clients
+/// over all of them. A group bound without SO_REUSEPORT (one worker, or a
+/// socket systemd passed) cannot grow; nor can one whose new member fails
+/// to bind: then workers share sockets (`duplicate_listeners`).
+fn grow_group(addr: SocketAddr, group: &Group, workers: usize) -> Group {
+    let mut grown = group.clone();
+    while grown.len() < workers {
+        match listen(addr, true) {
+            Ok(s) => grown.push(Arc::new(s)),
+            Err(e) => {
+                log::warn!(
+                    "cannot add a listening socket on {addr} for the new workers: {e}; \
+                     they share the {} there are",
+                    grown.len()
+                );
+                break;
+            }
+        }
+    }
+    grown
+}
+
+/// A poll and a waker for each worker to start, by id.
+fn make_polls(ids: &[usize]) -> Result<Vec<(usize, Poll, Arc<Waker>)>, String> {
+    ids.iter()
+        .map(|&id| {
+            let poll =
+                Poll::new().map_err(|e| format!("cannot create a poll for worker {id}: {e}"))?;
+            let waker = worker::waker(&poll)
+                .map_err(|e| format!("cannot create a waker for worker {id}: {e}"))?;
+            Ok((id, poll, Arc::new(waker)))
+        })
+        .collect()
+}
+
+/// Start a worker thread for each poll, serving `generation` (each takes
+/// its listening sockets from the generation's handoff). Their wakers join
+/// `Shared::wakers` first: each worker may wake the others.
+fn start_workers(
+    polls: Vec<(usize, Poll, Arc<Waker>)>,
+    shared: &Arc<Shared>,
+    generation: &Arc<Generation>,
+) -> Result<Vec<WorkerHandle>, String> {
+    shared
+        .wakers
+        .write()
+        .unwrap_or_else(PoisonError::into_inner)
+        .extend(polls.iter().map(|(id, _, w)| (*id, w.clone())));
+    let mut workers = Vec::new();
+    for (id, poll, waker) in polls {
+        let (tx, rx) = mpsc::channel();
+        let w = Worker::new(id, poll, rx, shared.clone(), generation.clone())
+            .map_err(|e| format!("worker {id}: {e}"))?;
+        let thread = std::thread::Builder::new()
+            .name(format!("sluice-w{id}"))
+            .spawn(move || w.run())
+            .map_err(|e| format!("cannot start worker {id}: {e}"))?;
+        workers.push(WorkerHandle {
+            id,
+            tx,
+            waker,
+            thread: Some(thread),
+        });
+    }
+    Ok(workers)
+}
+
+fn send_to(workers: &[WorkerHandle], make: impl Fn() -> Cmd) {
+    for w in workers {
+        if w.tx.send(make()).is_ok() {
+            let _ = w.waker.wake();
+        }
+    }
 }
 
 /// Sockets systemd passed, keyed by (route name, address).

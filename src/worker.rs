@@ -39,7 +39,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
@@ -88,12 +88,18 @@ pub struct Generation {
     /// `busy_poll`: the most a worker that ran out of work polls before
     /// it sleeps (`idle_poll`).
     pub busy_poll: Duration,
-    /// Each worker's own descriptors of `listeners`, in their order, made
-    /// by the main thread before the generation was announced (so a
-    /// reload that cannot make them fails whole, see
-    /// `server::duplicate_listeners`); a worker takes its set as it loads.
-    pub handoff: Mutex<Vec<Vec<std::net::TcpListener>>>,
+    /// Each worker's own descriptors of `listeners`, made by the main
+    /// thread before the generation was announced (so a reload that
+    /// cannot make them fails whole, see `server::duplicate_listeners`); a
+    /// worker takes its set as it loads.
+    pub handoff: Mutex<Handoff>,
 }
+
+/// By worker id, that worker's listening sockets: (index in
+/// `Generation::listeners`, its own descriptor). A worker may have more
+/// than one socket of a listener (a reload lowered `workers`, and the
+/// group keeps the sockets it was bound with).
+pub type Handoff = Vec<(usize, Vec<(usize, std::net::TcpListener)>)>;
 
 impl Generation {
     /// The copy buffer sizes its routes use (`pipe_pool::BufPool`).
@@ -119,10 +125,11 @@ pub struct Shared {
     pub pipes: Arc<PipeBudget>,
     /// Set when a graceful stop begins (for /healthz).
     pub draining: AtomicBool,
-    /// Every worker's waker, by worker id (set once, before they start):
-    /// a connection that ends while clients of its route wait for a
-    /// backend slot wakes the other workers, whose clients may be waiting.
-    pub wakers: OnceLock<Vec<Arc<Waker>>>,
+    /// Every running worker's waker, with its id (a worker's is added
+    /// before it starts, and taken off once it retired): a connection that
+    /// ends while clients of its route wait for a backend slot wakes the
+    /// other workers, whose clients may be waiting.
+    pub wakers: RwLock<Vec<(usize, Arc<Waker>)>>,
 }
 
 pub enum Cmd {
@@ -296,19 +303,24 @@ impl Worker {
                 .handoff
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            h.get_mut(self.id).map(std::mem::take).unwrap_or_default()
+            h.iter_mut()
+                .find(|(id, _)| *id == self.id)
+                .map(|(_, s)| std::mem::take(s))
+                .unwrap_or_default()
         };
-        if socks.len() != generation.listeners.len() {
-            // Cannot happen: each worker loads a generation once.
+        if let Some(li) =
+            (0..generation.listeners.len()).find(|li| !socks.iter().any(|(i, _)| i == li))
+        {
+            // Cannot happen: each worker loads a generation once, and the
+            // main thread made a socket of each listener for every worker.
             return Err(io::Error::other(format!(
-                "generation {} holds {} listening sockets for this worker, not {}",
-                generation.id,
-                socks.len(),
-                generation.listeners.len()
+                "generation {} holds no socket of {} for this worker",
+                generation.id, generation.listeners[li].addr
             )));
         }
         self.unlisten();
-        for (l, sock) in generation.listeners.iter().zip(socks) {
+        for (li, sock) in socks {
+            let l = &generation.listeners[li];
             let mut sock = TcpListener::from_std(sock);
             let token = Token(LISTENER_BASE + self.listeners.len());
             let watched = match self
@@ -902,13 +914,16 @@ impl Worker {
     fn wake_others(&mut self) {
         self.freed_here = false;
         self.slot_freed = true;
-        if let Some(wakers) = self.shared.wakers.get() {
-            for (i, w) in wakers.iter().enumerate() {
-                if i != self.id
-                    && let Err(e) = w.wake()
-                {
-                    log::debug!("worker {}: cannot wake worker {i}: {e}", self.id);
-                }
+        let wakers = self
+            .shared
+            .wakers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (i, w) in wakers.iter() {
+            if *i != self.id
+                && let Err(e) = w.wake()
+            {
+                log::debug!("worker {}: cannot wake worker {i}: {e}", self.id);
             }
         }
     }

@@ -806,3 +806,199 @@ fn a_sighup_while_starting_is_a_reload_not_the_end() {
     let mut c = connect(SocketAddr::from(([127, 0, 0, 1], port)));
     assert_eq!(read_line(&mut c), "b");
 }
+
+/// The names of sluice's worker threads, sorted.
+fn worker_threads(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .filter(|c| c.starts_with("sluice-w"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Listening IPv4 sockets on `port` (state 0A in /proc/net/tcp).
+fn listening(port: u16) -> usize {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    text.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3
+                && f[3] == "0A"
+                && f[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|h| u16::from_str_radix(h, 16).ok())
+                    == Some(port)
+        })
+        .count()
+}
+
+/// `workers` and an admin listener, then `routes`.
+fn workers_config(workers: usize, aport: u16, routes: &str) -> String {
+    format!(
+        "[global]\nworkers = {workers}\nlog_level = \"info\"\n\n[admin]\nlisten = \"127.0.0.1:{aport}\"\n\n{routes}"
+    )
+}
+
+/// `n` clients of `port` each served the backend's greeting; the set of
+/// workers (access lines' `worker`) that served them.
+fn served_by(sl: &Sluice, port: u16, n: usize) -> std::collections::BTreeSet<String> {
+    let before = sl.access().len();
+    for _ in 0..n {
+        let mut c = connect(addr(port));
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(read_line(&mut c), "b", "port {port}");
+    }
+    let a = sl.wait_access(before + n, Duration::from_secs(10));
+    a[before..].iter().map(|l| l["worker"].clone()).collect()
+}
+
+/// A reload that raises `workers` starts the new workers at once, and the
+/// kernel spreads new clients over all of them: an address that already
+/// had a socket per worker (SO_REUSEPORT) gets one more per new worker,
+/// and an address the reload adds gets one per worker. 100 clients on
+/// each spread over the 4 workers (by connection hash: that one of the 4
+/// gets none of 100 is about 1 in 10^12).
+#[test]
+fn a_reload_that_raises_workers_starts_them_and_spreads_clients() {
+    let b = Backend::named("b");
+    let (p1, p2, aport) = (free_port(), free_port(), free_port());
+    let mut sl = Sluice::start(
+        "workers-up",
+        &workers_config(2, aport, &route("one", p1, b.addr)),
+    );
+    assert_eq!(worker_threads(sl.pid()), ["sluice-w0", "sluice-w1"]);
+    // A reload that fails (its new route's port is taken) leaves the
+    // workers and the sockets as they were: no socket joins the group
+    // that no worker would watch.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().port();
+    let routes = format!("{}{}", route("one", p1, b.addr), route("two", busy, b.addr));
+    std::fs::write(&sl.config, workers_config(4, aport, &routes)).unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload failed", Duration::from_secs(10));
+    assert_eq!(worker_threads(sl.pid()), ["sluice-w0", "sluice-w1"]);
+    assert_eq!(listening(p1), 2);
+    assert_eq!(served_by(&sl, p1, 40).len(), 2);
+    drop(taken);
+
+    let routes = format!("{}{}", route("one", p1, b.addr), route("two", p2, b.addr));
+    std::fs::write(&sl.config, workers_config(4, aport, &routes)).unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload ok", Duration::from_secs(10));
+    assert_eq!(
+        sl.count_log("reload: workers 2 -> 4: started worker(s) 2, 3"),
+        1
+    );
+    assert_eq!(
+        worker_threads(sl.pid()),
+        ["sluice-w0", "sluice-w1", "sluice-w2", "sluice-w3"]
+    );
+    // One listening socket per worker on both addresses.
+    assert_eq!((listening(p1), listening(p2)), (4, 4));
+    let all: Vec<&str> = vec!["0", "1", "2", "3"];
+    for port in [p1, p2] {
+        let by = served_by(&sl, port, 100);
+        assert_eq!(
+            by.iter().map(String::as_str).collect::<Vec<_>>(),
+            all,
+            "port {port}"
+        );
+    }
+    let m = scrape(addr(aport));
+    assert_eq!(
+        (
+            m.get("sluice_workers", &[]),
+            m.get("sluice_workers_retiring", &[])
+        ),
+        (4.0, 0.0)
+    );
+}
+
+/// A reload that lowers `workers` retires the extra workers as a stop
+/// would, without stopping anything else: they accept no more and finish
+/// their connections, which go on working (60 open ones, spread over 4
+/// workers, each echo a line after the reload); the worker that stays
+/// serves every socket of the address, its own and the retired ones'
+/// (the kernel goes on giving each its share of new clients: with one of
+/// them unwatched, about 3 in 4 of 60 new clients would hang). Once their
+/// clients are gone the retired workers end. A later reload that raises
+/// `workers` again starts workers with new ids.
+#[test]
+fn a_reload_that_lowers_workers_retires_them_gracefully() {
+    let b = Backend::named("b");
+    let (port, aport) = (free_port(), free_port());
+    let mut sl = Sluice::start(
+        "workers-down",
+        &workers_config(4, aport, &route("one", port, b.addr)),
+    );
+    let mut open: Vec<TcpStream> = (0..60)
+        .map(|_| {
+            let mut c = connect(addr(port));
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(read_line(&mut c), "b");
+            c
+        })
+        .collect();
+    std::fs::write(
+        &sl.config,
+        workers_config(1, aport, &route("one", port, b.addr)),
+    )
+    .unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload ok", Duration::from_secs(10));
+    assert_eq!(
+        sl.count_log("reload: workers 4 -> 1: worker(s) 1, 2, 3 accept no more"),
+        1
+    );
+    let m = scrape(addr(aport));
+    assert_eq!(
+        (
+            m.get("sluice_workers", &[]),
+            m.get("sluice_workers_retiring", &[])
+        ),
+        (1.0, 3.0)
+    );
+    assert_eq!(
+        served_by(&sl, port, 60).into_iter().collect::<Vec<_>>(),
+        ["0"]
+    );
+    for (i, c) in open.iter_mut().enumerate() {
+        let line = format!("still here {i}");
+        c.write_all(format!("{line}\n").as_bytes()).unwrap();
+        assert_eq!(read_line(c), line);
+    }
+    assert_eq!(
+        worker_threads(sl.pid()).len(),
+        4,
+        "the retired still serve theirs"
+    );
+    drop(open);
+    let until = Instant::now() + Duration::from_secs(10);
+    while worker_threads(sl.pid()).len() > 1 {
+        assert!(Instant::now() < until, "{:?}", worker_threads(sl.pid()));
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(worker_threads(sl.pid()), ["sluice-w0"]);
+    sl.wait_log("worker 3 retired", Duration::from_secs(5));
+    let m = scrape(addr(aport));
+    assert_eq!(m.get("sluice_workers_retiring", &[]), 0.0);
+
+    // Up again: the new worker gets a new id, and takes half the sockets.
+    std::fs::write(
+        &sl.config,
+        workers_config(2, aport, &route("one", port, b.addr)),
+    )
+    .unwrap();
+    sl.signal("HUP");
+    sl.wait_log("started worker(s) 4", Duration::from_secs(10));
+    assert_eq!(worker_threads(sl.pid()), ["sluice-w0", "sluice-w4"]);
+    assert_eq!(
+        served_by(&sl, port, 100).into_iter().collect::<Vec<_>>(),
+        ["0", "4"]
+    );
+}

@@ -293,6 +293,12 @@ fn process(o: &mut Out, v: &View) {
     o.family("sluice_workers", "gauge", "Worker threads.");
     o.sample("sluice_workers", &[], v.workers);
     o.family(
+        "sluice_workers_retiring",
+        "gauge",
+        "Worker threads a reload that lowered `workers` retired, still finishing their connections.",
+    );
+    o.sample("sluice_workers_retiring", &[], v.retiring);
+    o.family(
         "sluice_connections_active",
         "gauge",
         "Client connections open now, all routes together.",

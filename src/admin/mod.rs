@@ -48,6 +48,8 @@ pub struct View<'a> {
     pub shared: &'a Shared,
     pub process: &'a ProcessStats,
     pub workers: usize,
+    /// Workers a reload retired that still finish their connections.
+    pub retiring: usize,
     pub started: SystemTime,
 }
 

@@ -66,7 +66,7 @@ pub fn render(v: &View) -> String {
          <meta http-equiv=\"refresh\" content=\"5\">\
          <title>sluice status</title><style>{STYLE}</style></head><body>\n\
          <h1>sluice {}</h1>\n<p>up {}h{:02}m{:02}s · configuration generation {} · \
-         reloads {} ok, {} failed · {} workers · {} connections open · {} pipes in use</p>\n",
+         reloads {} ok, {} failed · {} workers{} · {} connections open · {} pipes in use</p>\n",
         env!("CARGO_PKG_VERSION"),
         uptime / 3600,
         uptime / 60 % 60,
@@ -75,6 +75,10 @@ pub fn render(v: &View) -> String {
         v.process.reloads_ok.load(Ordering::Relaxed),
         v.process.reloads_failed.load(Ordering::Relaxed),
         v.workers,
+        match v.retiring {
+            0 => String::new(),
+            n => format!(" (and {n} retiring)"),
+        },
         v.shared.active.load(Ordering::Relaxed),
         v.shared.pipes.used(),
     );
