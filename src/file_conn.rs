@@ -113,6 +113,9 @@ pub struct FileConn {
     in_request: bool,
     /// The process is stopping gracefully: close after this response.
     draining: bool,
+    /// A response went out whole on this connection (so, between requests,
+    /// it is an idle keep-alive connection, which a stop may close).
+    served: bool,
     /// Write side shut down; waiting for the client's FIN.
     lingering: bool,
     /// The response that ended the connection was cut short (file
@@ -249,6 +252,7 @@ impl FileConn {
             resp: None,
             in_request: false,
             draining: false,
+            served: false,
             lingering: false,
             cut_short: false,
             eof: false,
@@ -271,9 +275,13 @@ impl FileConn {
 
     /// A graceful stop began: finish the response in flight (if any), then
     /// close; an idle keep-alive connection closes now (FIN, not reset).
+    /// One that has not sent its first request yet may still send it
+    /// (within header_timeout, its deadline already): its client cannot
+    /// know of the stop, and its request is not one a closed idle
+    /// keep-alive connection lets a client retry.
     pub fn drain(&mut self, ctx: &mut Ctx) -> Option<End> {
         self.draining = true;
-        if self.resp.is_none() && !self.in_request {
+        if self.resp.is_none() && !self.in_request && self.served {
             self.start_linger(ctx);
             return self.drive(ctx);
         }
@@ -396,6 +404,7 @@ impl FileConn {
                         let keep = r.keep_alive;
                         self.log_resp(r, "ok", ctx);
                         responses += 1;
+                        self.served = true;
                         self.skip_blank_lines();
                         if !keep || self.draining {
                             self.start_linger(ctx);

@@ -1029,6 +1029,41 @@ fn graceful_stop_closes_idle_keep_alive_connections() {
     assert!(st.success(), "{st}");
 }
 
+/// A stop does not close a connection whose client has not sent its first
+/// request yet: the client cannot know of the stop, and a request sent
+/// just then would fail. It is answered (with `Connection: close`), then
+/// closed, and sluice exits. (Such connections were closed with the idle
+/// keep-alive ones, unanswered: under load, every stop or reload that
+/// retired a worker failed a few requests.)
+#[test]
+fn graceful_stop_answers_a_connection_that_has_not_sent_its_request_yet() {
+    let dir = temp_dir("files-drain-fresh");
+    std::fs::write(dir.join("a.txt"), b"abc").unwrap();
+    let p = free_port();
+    let toml = format!(
+        "[global]\nshutdown_timeout = \"60s\"\n{}",
+        route("d", p, "file = \"a.txt\"")
+    );
+    let mut sl = Sluice::start_in(dir, &toml, &[]);
+    let mut fresh = connect(addr(p));
+    // One exchange after it: the worker accepted the fresh one first.
+    let (h, body) = get(addr(p), "/");
+    assert_eq!((h.status, body.as_slice()), (200, &b"abc"[..]));
+    sl.signal("TERM");
+    sl.wait_log("stopping", Duration::from_secs(10));
+    thread::sleep(Duration::from_millis(300));
+    fresh
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(fresh);
+    let h = read_head(&mut r).expect("an answer, not a closed connection");
+    assert_eq!((h.status, h.get("connection")), (200, Some("close")));
+    assert_eq!(read_body(&mut r, h.content_length()), b"abc");
+    assert!(read_to_close(&mut r).is_empty());
+    let st = sl.wait_exit(Duration::from_secs(20)).expect("sluice exits");
+    assert!(st.success(), "{st}");
+}
+
 #[test]
 fn many_pipelined_requests_answered_in_order() {
     let dir = temp_dir("files-pipe");
