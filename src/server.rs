@@ -596,17 +596,10 @@ impl Server {
         // it and the old generation is gone, no descriptor of a listening
         // socket is left (ours go with `sockets`), so the kernel refuses
         // new clients instead of queueing them.
-        let g = &self.generation;
-        let closed = Arc::new(Generation {
-            id: g.id,
-            routes: g.routes.clone(),
-            listeners: Vec::new(),
-            max_connections: g.max_connections,
-            open_file_cache: g.open_file_cache,
-            open_file_cache_inactive: g.open_file_cache_inactive,
-            busy_poll: g.busy_poll,
-            handoff: Mutex::new(self.workers.iter().map(|w| (w.id, Vec::new())).collect()),
-        });
+        let closed = Arc::new(
+            self.generation
+                .without_listeners(self.workers.iter().map(|w| (w.id, Vec::new())).collect()),
+        );
         self.send(|| Cmd::Load(closed.clone()));
         self.generation = closed;
         self.send_all(|| Cmd::Drain(deadline));
@@ -679,6 +672,11 @@ fn build_generation_in(
     let mut routes = Vec::new();
     let mut listeners = Vec::new();
     let mut fresh: Vec<SocketAddr> = Vec::new();
+    // Sockets bound into a live group for new workers (`grow_group`): they
+    // listen only once the generation stands, since a listening one gets
+    // its share of clients at once, and closing it, if the reload failed,
+    // would reset them.
+    let mut unlistened: Group = Vec::new();
     for (ri, r) in cfg.routes.iter().enumerate() {
         let mut rt = RouteRt::new(r.clone(), workers, kept);
         if let Err(e) = rt.open_root() {
@@ -692,6 +690,7 @@ fn build_generation_in(
             let sock = match sockets.get(addr) {
                 Some(s) if s.len() > 1 && s.len() < workers => {
                     let grown = grow_group(*addr, s, workers);
+                    unlistened.extend(grown[s.len()..].iter().cloned());
                     sockets.insert(*addr, grown.clone());
                     grown
                 }
@@ -787,9 +786,18 @@ fn build_generation_in(
         }
     };
     // Only now that the generation stands: a reload that fails must not
-    // change the sockets the running one listens on. A socket sluice never
-    // set keepalive on keeps what it came with (a socket unit's
-    // KeepAlive=, say), and gets it back when a reload drops the key.
+    // change the sockets the running one listens on.
+    for s in &unlistened {
+        socket2::SockRef::from(&**s).listen(BACKLOG).map_err(|e| {
+            format!(
+                "{}: cannot listen for the new workers: {e}",
+                cfg.path.display()
+            )
+        })?;
+    }
+    // A socket sluice never set keepalive on keeps what it came with (a
+    // socket unit's KeepAlive=, say), and gets it back when a reload drops
+    // the key.
     for l in &listeners {
         let route = &routes[l.route].cfg;
         keepalive::set_listener(
@@ -878,7 +886,7 @@ fn duplicate_listeners(listeners: &[SharedListener], ids: &[usize]) -> io::Resul
 fn grow_group(addr: SocketAddr, group: &Group, workers: usize) -> Group {
     let mut grown = group.clone();
     while grown.len() < workers {
-        match listen(addr, true) {
+        match bind_only(addr, true) {
             Ok(s) => grown.push(Arc::new(s)),
             Err(e) => {
                 log::warn!(
@@ -1035,6 +1043,18 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    let sock = bind_only(addr, reuse_port)?;
+    socket2::SockRef::from(&sock).listen(BACKLOG)?;
+    Ok(sock)
+}
+
+/// As deep an accept queue as the system allows: the kernel caps the
+/// backlog at net.core.somaxconn, which an operator can raise for bursts.
+const BACKLOG: i32 = 65535;
+
+/// A non-blocking socket bound to `addr` with the options a proxy wants,
+/// not listening yet.
+fn bind_only(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     sock.set_reuse_address(true)?;
     if reuse_port {
@@ -1048,9 +1068,6 @@ fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListene
     // instead of one per connection.
     sock.set_tcp_nodelay(true)?;
     sock.bind(&addr.into())?;
-    // As deep an accept queue as the system allows: the kernel caps the
-    // backlog at net.core.somaxconn, which an operator can raise for bursts.
-    sock.listen(65535)?;
     Ok(sock.into())
 }
 

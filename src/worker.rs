@@ -102,6 +102,22 @@ pub struct Generation {
 pub type Handoff = Vec<(usize, Vec<(usize, std::net::TcpListener)>)>;
 
 impl Generation {
+    /// The same routes and settings without a listener: what a worker that
+    /// stops accepting holds on to, so that no listening socket stays open
+    /// (queueing clients nobody accepts) through it.
+    pub fn without_listeners(&self, handoff: Handoff) -> Generation {
+        Generation {
+            id: self.id,
+            routes: self.routes.clone(),
+            listeners: Vec::new(),
+            max_connections: self.max_connections,
+            open_file_cache: self.open_file_cache,
+            open_file_cache_inactive: self.open_file_cache_inactive,
+            busy_poll: self.busy_poll,
+            handoff: Mutex::new(handoff),
+        }
+    }
+
     /// The copy buffer sizes its routes use (`pipe_pool::BufPool`).
     pub fn buffer_sizes(&self) -> Vec<usize> {
         let mut sizes: Vec<usize> = self
@@ -486,6 +502,11 @@ impl Worker {
                 }
                 Cmd::Drain(deadline) => {
                     self.unlisten();
+                    // A worker a reload retired holds the generation it
+                    // last loaded: let go of its sockets too.
+                    if !self.generation.listeners.is_empty() {
+                        self.generation = Arc::new(self.generation.without_listeners(Vec::new()));
+                    }
                     self.drain = Some(deadline);
                     self.drain_sessions(now);
                     if now >= deadline {

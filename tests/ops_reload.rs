@@ -1002,3 +1002,155 @@ fn a_reload_that_lowers_workers_retires_them_gracefully() {
         ["0", "4"]
     );
 }
+
+/// "refused", "served", "closed", "reset" or "hangs" (the handshake done,
+/// nobody accepts): what a new client of `port` meets.
+fn probe(port: u16) -> &'static str {
+    match TcpStream::connect_timeout(&addr(port), Duration::from_secs(2)) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => "refused",
+        Err(e) => panic!("connect: {e}"),
+        Ok(mut c) => {
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut b = [0u8; 2];
+            match c.read(&mut b) {
+                Ok(n) if n > 0 => "served",
+                Ok(_) => "closed",
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    "hangs"
+                }
+                Err(_) => "reset",
+            }
+        }
+    }
+}
+
+/// `n` open connections to `port`, each greeted.
+fn greeted(port: u16, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut c = connect(addr(port));
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(read_line(&mut c), "b");
+            c
+        })
+        .collect()
+}
+
+/// Workers a reload retired hold no listening socket: a stop while they
+/// still finish their connections refuses new clients (none wait in a
+/// queue nobody accepts from), a route a reload drops while they retire
+/// stops listening, and one brought back listens again. (A retired
+/// worker kept the generation it last loaded, and with it the sockets:
+/// each case left 4 sockets listening that nobody accepted on, and
+/// bringing the route back failed with EADDRINUSE.)
+#[test]
+fn retired_workers_hold_no_listening_socket() {
+    let b = Backend::named("b");
+    let (p1, p2, aport) = (free_port(), free_port(), free_port());
+    let both = format!("{}{}", route("one", p1, b.addr), route("two", p2, b.addr));
+    let mut sl = Sluice::start("workers-retired-sockets", &workers_config(4, aport, &both));
+    let _open = greeted(p1, 40);
+    // Fewer workers and no route "two", in one reload.
+    std::fs::write(
+        &sl.config,
+        workers_config(1, aport, &route("one", p1, b.addr)),
+    )
+    .unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
+    assert_eq!(
+        sl.count_log("worker(s) 1, 2, 3 accept no more"),
+        1,
+        "the 40 connections keep the retired workers busy"
+    );
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!((listening(p2), probe(p2)), (0, "refused"));
+    // Back again while they still retire.
+    std::fs::write(&sl.config, workers_config(1, aport, &both)).unwrap();
+    sl.signal("HUP");
+    sl.wait_log("reload ok: generation 3", Duration::from_secs(10));
+    assert_eq!((listening(p2), probe(p2)), (1, "served"));
+    // A stop now leaves nothing listening.
+    sl.signal("TERM");
+    sl.wait_log("stopping", Duration::from_secs(10));
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!((listening(p1), probe(p1), listening(p2)), (0, "refused", 0));
+}
+
+/// A reload that would raise `workers` but fails (its last route's port is
+/// taken) resets no client of the running address. The sockets it binds
+/// for the new workers listen only once the generation stands: one that
+/// listened at once got its share of new clients, and closing it when the
+/// reload failed reset them (about 150 of a steady stream over 20 such
+/// reloads, with 40 routes before the failing one to widen the window).
+#[test]
+fn a_failed_reload_that_raises_workers_resets_no_client() {
+    let b = Backend::named("b");
+    let port = free_port();
+    let sl = Sluice::start(
+        "workers-failed-grow",
+        &format!(
+            "[global]\nworkers = 2\nlog_level = \"info\"\n\n{}",
+            route("one", port, b.addr)
+        ),
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().port();
+    let mut bad = route("one", port, b.addr);
+    for i in 0..40 {
+        bad.push_str(&route(&format!("x{i}"), free_port(), b.addr));
+    }
+    bad.push_str(&route("last", busy, b.addr));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, errs) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let (stop, ok, errs) = (stop.clone(), ok.clone(), errs.clone());
+            thread::spawn(move || {
+                let mut first = None;
+                while !stop.load(Ordering::Relaxed) {
+                    let r = (|| -> std::io::Result<()> {
+                        let mut c =
+                            TcpStream::connect_timeout(&addr(port), Duration::from_secs(5))?;
+                        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+                        let mut buf = [0u8; 2];
+                        c.read_exact(&mut buf)?;
+                        Ok(())
+                    })();
+                    match r {
+                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            first.get_or_insert(e.to_string());
+                            errs.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+                first
+            })
+        })
+        .collect();
+    std::fs::write(
+        &sl.config,
+        format!("[global]\nworkers = 8\nlog_level = \"info\"\n\n{bad}"),
+    )
+    .unwrap();
+    for n in 1..=20 {
+        sl.signal("HUP");
+        let until = Instant::now() + Duration::from_secs(10);
+        while sl.count_log("reload failed") < n {
+            assert!(Instant::now() < until, "reload {n} did not fail in time");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let firsts: Vec<_> = clients.into_iter().map(|t| t.join().unwrap()).collect();
+    drop(taken);
+    assert_eq!(listening(port), 2);
+    assert!(ok.load(Ordering::Relaxed) > 0);
+    assert_eq!(errs.load(Ordering::Relaxed), 0, "{firsts:?}");
+}
