@@ -6,7 +6,9 @@
 //! did not change), builds a `Generation` per configuration, and tells the
 //! workers about it over a channel. SIGHUP reloads (the file is read on a
 //! thread of its own, `Loader`, then applied here), SIGTERM/SIGINT drain
-//! (a second one closes what is left at once, with resets, and exits).
+//! (a second one closes what is left at once, with resets, and exits). A
+//! reload that changes `workers` starts workers, or retires the extra ones
+//! as a stop would (`resize_workers`).
 //!
 //! Its poll also serves the admin listener (`admin`) and runs the active
 //! health checks (`health::Checker`), both non-blocking and bounded, so
