@@ -4,7 +4,9 @@
 //! Pipes cost two file descriptors and up to `pipe_size` of kernel memory
 //! each, so sluice never holds one longer than a burst needs: a flow takes
 //! a pipe when it starts moving bytes and gives it back as soon as the pipe
-//! is empty again. A pipe that still holds bytes is never returned (it is
+//! is empty again (unless the pool, its idle share full, would close it:
+//! then the flow keeps it until its next byte rather than make a new pipe
+//! for every burst). A pipe that still holds bytes is never returned (it is
 //! closed instead), so no connection can ever receive another's data.
 //!
 //! The cap (`global.max_pipes`) is process-wide, shared by all workers

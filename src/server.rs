@@ -73,7 +73,8 @@ const RETIRE_TICK: Duration = Duration::from_millis(500);
 
 struct WorkerHandle {
     /// Unique for the life of the process (a reload that adds workers
-    /// gives them new ids): log lines, access lines and stats slots.
+    /// gives them new ids): log lines, access lines, and the stats slot
+    /// (`id % slots`).
     id: usize,
     tx: Sender<Cmd>,
     waker: Arc<Waker>,

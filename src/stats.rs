@@ -1,8 +1,10 @@
 //! Counters, aggregated without locks.
 //!
-//! Each route owns one `Stats`; inside it every worker has its own
-//! cache-line-aligned slot of atomics that only that worker writes, so the
-//! hot path never contends on a shared line. The admin page and the
+//! Each route owns one `Stats`; inside it each worker the route was built
+//! for has its own cache-line-aligned slot of atomics, so the hot path
+//! never contends on a shared line. Worker `id` writes slot `id % slots`:
+//! after a reload that changed `workers` some workers share a slot (still
+//! exact: every counter is atomic). The admin page and the
 //! Prometheus exporter sum the slots when they are read. Stats outlive
 //! reloads: a route that keeps its name keeps its counters.
 //!

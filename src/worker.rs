@@ -1,9 +1,10 @@
 //! A worker: one thread, one mio `Poll`, one slab of sessions.
 //!
 //! The worker accepts on every listener of the current configuration
-//! generation (each worker registers its own duplicate of the shared
-//! listening socket, so connections spread over workers and a reload
-//! never closes a listening socket), admits or refuses each client
+//! generation (each worker registers its own descriptors of each address's
+//! listening sockets: its socket of the SO_REUSEPORT group, several after
+//! a reload lowered `workers`, or the one shared socket; so connections
+//! spread over workers and a reload never closes a listening socket), admits or refuses each client
 //! (drain, allow/deny, limits — after the PROXY header when the route
 //! expects one, see `handshake`), and drives sessions on their events.
 //!

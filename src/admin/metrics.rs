@@ -290,7 +290,11 @@ fn process(o: &mut Out, v: &View) {
         &[("result", "failed")],
         p.reloads_failed.load(Ordering::Relaxed),
     );
-    o.family("sluice_workers", "gauge", "Worker threads.");
+    o.family(
+        "sluice_workers",
+        "gauge",
+        "Worker threads serving the listeners (retiring ones: sluice_workers_retiring).",
+    );
     o.sample("sluice_workers", &[], v.workers);
     o.family(
         "sluice_workers_retiring",

@@ -11,7 +11,9 @@
 //!
 //! Bytes live in at most one holder at a time; a flow only switches between
 //! splice and copy when the holder is empty, so order is always kept. The
-//! holder goes back to its pool the moment it is empty.
+//! holder goes back to its pool the moment it is empty (an empty pipe the
+//! worker's pool would close instead stays with its flow until the next
+//! byte: see `fill`).
 //!
 //! The strategies themselves (`splice`, `copy`) each implement the small
 //! `Pump` interface; file routes have their own in `file`.
