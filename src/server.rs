@@ -562,7 +562,6 @@ impl Server {
         if polls.is_empty() {
             return;
         }
-        let last = polls.iter().map(|(id, _, _)| *id).max().unwrap_or(0);
         match start_workers(polls, &self.shared, generation) {
             Ok(new) => {
                 let ids: Vec<String> = new.iter().map(|w| w.id.to_string()).collect();
@@ -571,8 +570,9 @@ impl Server {
                     cfg.global.workers,
                     ids.join(", ")
                 );
+                // Their ids were next_worker_id and on (see `apply`).
+                self.next_worker_id += new.len();
                 self.workers.extend(new);
-                self.next_worker_id = last + 1;
             }
             Err(e) => {
                 // Its share of every listening socket would go unserved
@@ -650,8 +650,9 @@ fn build_generation(
     keepalive: &mut HashMap<SocketAddr, keepalive::Untouched>,
     activated: &Activated,
 ) -> Result<Generation, String> {
-    // Groups grown for more workers are put back if the reload fails: a
-    // socket no worker watches would keep the clients the kernel gives it.
+    // A failed reload leaves the sockets as they were: what it bound is
+    // closed, and groups grown for more workers are put back (a socket no
+    // worker watches would keep the clients the kernel gives it).
     let before = sockets.clone();
     let built = build_generation_in(cfg, ids, id, running, sockets, keepalive, activated);
     if built.is_err() {
@@ -674,7 +675,6 @@ fn build_generation_in(
     let kept = running.as_ref().map_or(&none, |r| r.kept);
     let mut routes = Vec::new();
     let mut listeners = Vec::new();
-    let mut fresh: Vec<SocketAddr> = Vec::new();
     // Sockets bound into a live group for new workers (`grow_group`): they
     // listen only once the generation stands, since a listening one gets
     // its share of clients at once, and closing it, if the reload failed,
@@ -683,9 +683,6 @@ fn build_generation_in(
     for (ri, r) in cfg.routes.iter().enumerate() {
         let mut rt = RouteRt::new(r.clone(), workers, kept);
         if let Err(e) = rt.open_root() {
-            for a in &fresh {
-                sockets.remove(a);
-            }
             return Err(format!("{}: {e}", cfg.path.display()));
         }
         routes.push(Arc::new(rt));
@@ -705,15 +702,9 @@ fn build_generation_in(
                 {
                     Ok(s) => {
                         sockets.insert(*addr, s.clone());
-                        fresh.push(*addr);
                         s
                     }
                     Err(e) => {
-                        // Undo what this attempt bound, so a failed reload
-                        // leaves nothing behind.
-                        for a in &fresh {
-                            sockets.remove(a);
-                        }
                         // The running configuration holding the same port
                         // on another address (127.0.0.1:80 to 0.0.0.0:80)
                         // is the usual cause: say how to get there.
@@ -769,9 +760,6 @@ fn build_generation_in(
     let handoff = match handoff {
         Ok(h) => h,
         Err(e) => {
-            for a in &fresh {
-                sockets.remove(a);
-            }
             let hint = match e.raw_os_error() {
                 Some(libc::EMFILE) => {
                     " (this process is out of file descriptors: raise its limit, \

@@ -844,6 +844,25 @@ fn workers_config(workers: usize, aport: u16, routes: &str) -> String {
     )
 }
 
+/// `n` open connections to `port`, each greeted.
+fn greeted(port: u16, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut c = connect(addr(port));
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(read_line(&mut c), "b");
+            c
+        })
+        .collect()
+}
+
+/// Write `config` and reload; returns once the log says `wait_for`.
+fn reload(sl: &mut Sluice, config: &str, wait_for: &str) {
+    std::fs::write(&sl.config, config).unwrap();
+    sl.signal("HUP");
+    sl.wait_log(wait_for, Duration::from_secs(10));
+}
+
 /// `n` clients of `port` each served the backend's greeting; the set of
 /// workers (access lines' `worker`) that served them.
 fn served_by(sl: &Sluice, port: u16, n: usize) -> std::collections::BTreeSet<String> {
@@ -878,18 +897,14 @@ fn a_reload_that_raises_workers_starts_them_and_spreads_clients() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap().port();
     let routes = format!("{}{}", route("one", p1, b.addr), route("two", busy, b.addr));
-    std::fs::write(&sl.config, workers_config(4, aport, &routes)).unwrap();
-    sl.signal("HUP");
-    sl.wait_log("reload failed", Duration::from_secs(10));
+    reload(&mut sl, &workers_config(4, aport, &routes), "reload failed");
     assert_eq!(worker_threads(sl.pid()), ["sluice-w0", "sluice-w1"]);
     assert_eq!(listening(p1), 2);
     assert_eq!(served_by(&sl, p1, 40).len(), 2);
     drop(taken);
 
     let routes = format!("{}{}", route("one", p1, b.addr), route("two", p2, b.addr));
-    std::fs::write(&sl.config, workers_config(4, aport, &routes)).unwrap();
-    sl.signal("HUP");
-    sl.wait_log("reload ok", Duration::from_secs(10));
+    reload(&mut sl, &workers_config(4, aport, &routes), "reload ok");
     assert_eq!(
         sl.count_log("reload: workers 2 -> 4: started worker(s) 2, 3"),
         1
@@ -936,21 +951,12 @@ fn a_reload_that_lowers_workers_retires_them_gracefully() {
         "workers-down",
         &workers_config(4, aport, &route("one", port, b.addr)),
     );
-    let mut open: Vec<TcpStream> = (0..60)
-        .map(|_| {
-            let mut c = connect(addr(port));
-            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            assert_eq!(read_line(&mut c), "b");
-            c
-        })
-        .collect();
-    std::fs::write(
-        &sl.config,
-        workers_config(1, aport, &route("one", port, b.addr)),
-    )
-    .unwrap();
-    sl.signal("HUP");
-    sl.wait_log("reload ok", Duration::from_secs(10));
+    let mut open = greeted(port, 60);
+    reload(
+        &mut sl,
+        &workers_config(1, aport, &route("one", port, b.addr)),
+        "reload ok",
+    );
     assert_eq!(
         sl.count_log("reload: workers 4 -> 1: worker(s) 1, 2, 3 accept no more"),
         1
@@ -989,13 +995,11 @@ fn a_reload_that_lowers_workers_retires_them_gracefully() {
     assert_eq!(m.get("sluice_workers_retiring", &[]), 0.0);
 
     // Up again: the new worker gets a new id, and takes half the sockets.
-    std::fs::write(
-        &sl.config,
-        workers_config(2, aport, &route("one", port, b.addr)),
-    )
-    .unwrap();
-    sl.signal("HUP");
-    sl.wait_log("started worker(s) 4", Duration::from_secs(10));
+    reload(
+        &mut sl,
+        &workers_config(2, aport, &route("one", port, b.addr)),
+        "started worker(s) 4",
+    );
     assert_eq!(worker_threads(sl.pid()), ["sluice-w0", "sluice-w4"]);
     assert_eq!(
         served_by(&sl, port, 100).into_iter().collect::<Vec<_>>(),
@@ -1029,18 +1033,6 @@ fn probe(port: u16) -> &'static str {
     }
 }
 
-/// `n` open connections to `port`, each greeted.
-fn greeted(port: u16, n: usize) -> Vec<TcpStream> {
-    (0..n)
-        .map(|_| {
-            let mut c = connect(addr(port));
-            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            assert_eq!(read_line(&mut c), "b");
-            c
-        })
-        .collect()
-}
-
 /// Workers a reload retired hold no listening socket: a stop while they
 /// still finish their connections refuses new clients (none wait in a
 /// queue nobody accepts from), a route a reload drops while they retire
@@ -1056,13 +1048,11 @@ fn retired_workers_hold_no_listening_socket() {
     let mut sl = Sluice::start("workers-retired-sockets", &workers_config(4, aport, &both));
     let _open = greeted(p1, 40);
     // Fewer workers and no route "two", in one reload.
-    std::fs::write(
-        &sl.config,
-        workers_config(1, aport, &route("one", p1, b.addr)),
-    )
-    .unwrap();
-    sl.signal("HUP");
-    sl.wait_log("reload ok: generation 2", Duration::from_secs(10));
+    reload(
+        &mut sl,
+        &workers_config(1, aport, &route("one", p1, b.addr)),
+        "reload ok: generation 2",
+    );
     assert_eq!(
         sl.count_log("worker(s) 1, 2, 3 accept no more"),
         1,
@@ -1071,9 +1061,11 @@ fn retired_workers_hold_no_listening_socket() {
     thread::sleep(Duration::from_millis(300));
     assert_eq!((listening(p2), probe(p2)), (0, "refused"));
     // Back again while they still retire.
-    std::fs::write(&sl.config, workers_config(1, aport, &both)).unwrap();
-    sl.signal("HUP");
-    sl.wait_log("reload ok: generation 3", Duration::from_secs(10));
+    reload(
+        &mut sl,
+        &workers_config(1, aport, &both),
+        "reload ok: generation 3",
+    );
     assert_eq!((listening(p2), probe(p2)), (1, "served"));
     // A stop now leaves nothing listening.
     sl.signal("TERM");
